@@ -1,0 +1,60 @@
+"""Helpers shared by the commands: one-line errors, stderr console, human-number parsing."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+
+from uncomp_cli.errors import UncompError
+
+F = TypeVar("F", bound=Callable)
+
+#: Logs, progress bars and reports meant for people go to stderr; stdout carries results only.
+stderr_console = Console(stderr=True)
+
+EXIT_USAGE = 2
+
+
+def fail(message: str) -> typer.Exit:
+    """Print ``error: message`` on stderr and return the exit to raise (code 2)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(EXIT_USAGE)
+
+
+def handle_errors(command: F) -> F:
+    """Turn :class:`UncompError` into one line on stderr and exit 2 (``UNCOMP_DEBUG=1`` re-raises)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UncompError as exc:
+            if os.environ.get("UNCOMP_DEBUG"):
+                raise
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def configure_logging() -> None:
+    """uncomp's own log lines go to stderr; transformers' progress bars only with ``UNCOMP_DEBUG``."""
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=stderr_console, show_time=False, show_path=False, markup=False)
+    logger = logging.getLogger("uncomp_cli")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if os.environ.get("UNCOMP_DEBUG") else logging.INFO)
+    logger.propagate = False
+    if not os.environ.get("UNCOMP_DEBUG"):
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

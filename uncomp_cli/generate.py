@@ -1,0 +1,321 @@
+"""Prefill, decode one token, decode n tokens — with whatever cache a policy provides.
+
+The loop passes explicit ``position_ids`` everywhere: a compressed cache stores fewer tokens than it
+has seen, so positions are taken from the prompt's attention mask (left padding aware) and grow by
+one per step, never from a cache length.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from uncomp_cli.errors import UncompError
+from uncomp_cli.models import LoadedModel
+from uncomp_cli.policies.base import CachePolicy
+from uncomp_cli.policies.full import FullCachePolicy
+from uncomp_cli.prompting import build_prompt_ids, context_length, fit_to_context
+
+
+@dataclass
+class GenerationSettings:
+    """How to pick tokens. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UncompError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UncompError(f"--temperature must be 0 or more, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UncompError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's output and what it cost."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    decode_tokens_per_second: float
+    kv_cache_bytes: int
+    full_kv_cache_bytes: int
+    peak_memory_bytes: int
+    model: str
+    device: str
+    dtype: str
+    method: str
+    stats: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("token_ids")
+        stats = data.pop("stats")
+        return {**data, **stats}
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of a left-padded batch: [B, S] -> [B, S], 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+    """Run the prompt through the model into ``cache``. input_ids: [B, S] -> last logits [B, V]."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=prompt_positions(attention_mask),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1, :]
+
+
+@torch.inference_mode()
+def decode_one(model, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+               cache) -> torch.Tensor:
+    """Feed one token per row. tokens, positions: [B, 1]; attention_mask: [B, past + 1] -> [B, V]."""
+    out = model(
+        input_ids=tokens,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1, :]
+
+
+def pick_tokens(logits: torch.Tensor, settings: GenerationSettings,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy or temperature/top-p sampling. logits: [B, V] -> tokens [B]."""
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+    if settings.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > settings.top_p  # always keeps the top token
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class LoopOutput:
+    tokens: list[list[int]]
+    prefill_seconds: float
+    decode_seconds: float
+    kv_cache_bytes: int
+    full_kv_cache_bytes: int
+    stats: dict
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_ids(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: GenerationSettings,
+    eos_ids: Sequence[int],
+    policy: CachePolicy | None = None,
+    on_tokens: Callable[[torch.Tensor], None] | None = None,
+) -> LoopOutput:
+    """Generate for a left-padded batch. input_ids, attention_mask: [B, S].
+
+    Each row stops at its first end-of-sequence token (not included) or after
+    ``settings.max_new_tokens``; ``on_tokens`` sees each step's tokens [B] as they are chosen.
+    """
+    policy = policy or FullCachePolicy()
+    device = input_ids.device
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+    eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
+    batch = input_ids.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    next_position = attention_mask.long().sum(-1, keepdim=True)  # [B, 1]
+
+    with policy.attach(model, attention_mask) as cache:
+        _sync(device)
+        started = time.perf_counter()
+        logits = prefill(model, input_ids, attention_mask, cache)
+        tokens = pick_tokens(logits, settings, generator)
+        _sync(device)
+        prefill_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        for step in range(settings.max_new_tokens):
+            done |= torch.isin(tokens, eos)
+            for row in (~done).nonzero().flatten().tolist():
+                rows[row].append(int(tokens[row]))
+            if on_tokens is not None:
+                on_tokens(torch.where(done, -1, tokens))
+            if bool(done.all()) or step == settings.max_new_tokens - 1:
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+            logits = decode_one(model, tokens[:, None], attention_mask, next_position, cache)
+            next_position = next_position + 1
+            tokens = pick_tokens(logits, settings, generator)
+        _sync(device)
+        decode_seconds = time.perf_counter() - started
+        stats = dict(getattr(policy, "last_stats", {}) or {})
+        return LoopOutput(
+            tokens=rows,
+            prefill_seconds=prefill_seconds,
+            decode_seconds=decode_seconds,
+            kv_cache_bytes=kv_cache_bytes(cache),
+            full_kv_cache_bytes=full_kv_cache_bytes(model.config, batch, attention_mask.shape[-1], model.dtype),
+            stats=stats,
+        )
+
+
+# -- memory accounting ----------------------------------------------------------------------------
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes of key/value tensors the cache holds now (a compressed layer reports its own)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "nbytes"):
+            total += int(layer.nbytes())
+        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+            total += layer.keys.numel() * layer.keys.element_size()
+            total += layer.values.numel() * layer.values.element_size()
+    return total
+
+
+def full_kv_cache_bytes(config, batch: int, tokens: int, dtype: torch.dtype) -> int:
+    """What an uncompressed cache holds for ``tokens`` positions per row: L × B × H_kv × T × d × 2."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    element = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * batch * kv_heads * tokens * head_dim * 2 * element
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA allocation on GPU; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# -- text in, text out ----------------------------------------------------------------------------
+
+
+def eos_token_ids(loaded: LoadedModel) -> list[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    ids: set[int] = set()
+    config_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    for value in (config_eos, getattr(loaded.tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+class TextStream:
+    """Incremental detokenisation: returns the new text for each token, never half a character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.start = 0
+        self.printed = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids[self.start:], skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        delta = text[self.printed:]
+        if text.endswith(("\n", " ")):  # a safe boundary: restart decoding here to stay O(n)
+            self.start, self.printed = len(self.ids), 0
+        else:
+            self.printed = len(text)
+        return delta
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end (it may be an incomplete character)."""
+        text = self.tokenizer.decode(self.ids[self.start:], skip_special_tokens=True)
+        delta, self.start, self.printed = text[self.printed:], len(self.ids), 0
+        return delta
+
+
+def encode_prompt(loaded: LoadedModel, prompt: str, settings: GenerationSettings, system: str | None = None,
+                  raw: bool = False, truncate: str = "none") -> list[int]:
+    """Prompt token ids, checked against the model's context (or middle-truncated to fit)."""
+    ids = build_prompt_ids(loaded.tokenizer, prompt, system=system, raw=raw)
+    return fit_to_context(ids, context_length(loaded.model.config), settings.max_new_tokens, truncate)
+
+
+def generate(
+    loaded: LoadedModel,
+    prompt: str,
+    settings: GenerationSettings | None = None,
+    policy: CachePolicy | None = None,
+    system: str | None = None,
+    raw: bool = False,
+    truncate: str = "none",
+    on_text: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """Generate a reply to one prompt; ``on_text`` receives the text as it is produced."""
+    settings = settings or GenerationSettings()
+    settings.validate()
+    policy = policy or FullCachePolicy()
+    ids = encode_prompt(loaded, prompt, settings, system=system, raw=raw, truncate=truncate)
+    input_ids = torch.tensor([ids], device=loaded.device)
+    attention_mask = torch.ones_like(input_ids)
+    stream = TextStream(loaded.tokenizer)
+
+    def emit(tokens: torch.Tensor) -> None:
+        if on_text is not None and int(tokens[0]) >= 0:
+            delta = stream.push(int(tokens[0]))
+            if delta:
+                on_text(delta)
+
+    if loaded.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+    out = generate_ids(loaded.model, input_ids, attention_mask, settings, eos_token_ids(loaded), policy, emit)
+    if on_text is not None and (rest := stream.flush()):
+        on_text(rest)
+    new_ids = out.tokens[0]
+    decode_steps = max(len(new_ids) - 1, 0)  # the first new token comes out of the prefill
+    return GenerationResult(
+        text=loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
+        token_ids=new_ids,
+        prompt_tokens=len(ids),
+        new_tokens=len(new_ids),
+        prefill_seconds=out.prefill_seconds,
+        decode_seconds=out.decode_seconds,
+        decode_tokens_per_second=decode_steps / out.decode_seconds if out.decode_seconds > 0 else 0.0,
+        kv_cache_bytes=out.kv_cache_bytes,
+        full_kv_cache_bytes=out.full_kv_cache_bytes,
+        peak_memory_bytes=peak_memory_bytes(loaded.device),
+        model=loaded.name,
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        method=policy.name,
+        stats={k: v for k, v in policy.describe().items() if k != "method"} | out.stats,
+    )
