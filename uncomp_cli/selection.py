@@ -1,0 +1,249 @@
+"""Which tokens to keep: pure tensor functions for SnapKV-style scoring and top-k selection.
+
+Everything here is a function of tensors (no model, no cache), so the KV cache, the hidden-state
+pruner and other methods (H2O, StreamingLLM: other scores, same top-k) share one implementation.
+
+Shape letters: B batch, H_q query heads, H_kv key/value heads, N tokens, w window rows, d head dim.
+Query heads sharing a KV head are consecutive (head h reads KV head h // (H_q / H_kv)), as in
+transformers' ``repeat_kv``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from uncomp_cli.errors import UncompError
+
+# Defaults in one place so a measurement can change them. The official code uses window 8 /
+# kernel 7; on SmolLM2-135M that loses the digits of a needle (kvpress: 0/5 at 5-10 % of the
+# cache) while window 32 / kernel 21 keeps them (4/5). See docs/notes on selection settings.
+DEFAULT_WINDOW = 32
+DEFAULT_KERNEL = 21
+DEFAULT_POOLING = "max"
+DEFAULT_AGGREGATE = "mean"
+#: Tokens per KV head when none is given: a share of the (longest) prompt.
+DEFAULT_BUDGET = "10%"
+#: Query rows whose attention decides hidden-state pruning between layers (official code: 8).
+PRUNE_WINDOW = 8
+
+POOLINGS = ("max", "avg")
+AGGREGATES = ("mean", "max")
+
+
+def window_attention(query_window: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None,
+                     scaling: float, query_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention probabilities of the last ``w`` queries over all ``N`` keys, never N × N.
+
+    query_window: [B, H_q, w, d] — the queries of the last ``w`` of the ``N`` tokens (post-RoPE).
+    keys: [B, H_kv, N, d]. key_valid: [B, N] or [B, H_kv, N] bool (False: padding or dropped),
+    None = all valid. query_valid: [B, w] bool, None = all valid.
+    Returns float32 [B, H_q, w, N]: row i is the softmax of q_i·k/√d over the keys it may see —
+    causal (row i is token N − w + i), invalid keys get 0, invalid query rows are all 0.
+    """
+    batch, q_heads, rows, dim = query_window.shape
+    kv_heads, n = keys.shape[1], keys.shape[2]
+    if rows > n:
+        raise UncompError(f"window of {rows} queries is longer than the {n} keys it scores")
+    rep = q_heads // kv_heads
+    q = query_window.float().reshape(batch, kv_heads, rep * rows, dim)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # [B, H_kv, rep*w, N]
+    logits = logits.view(batch, kv_heads, rep, rows, n)
+    row_pos = torch.arange(n - rows, n, device=keys.device)
+    visible = torch.arange(n, device=keys.device)[None, :] <= row_pos[:, None]  # [w, N]
+    visible = visible.view(1, 1, 1, rows, n)
+    if key_valid is not None:
+        kv = key_valid if key_valid.dim() == 3 else key_valid[:, None, :]
+        visible = visible & kv[:, :, None, None, :]
+    # A finite minimum keeps rows with nothing visible (padding) finite; they are zeroed below.
+    logits = logits.masked_fill(~visible, torch.finfo(torch.float32).min)
+    probs = torch.softmax(logits, dim=-1) * visible
+    if query_valid is not None:
+        probs = probs * query_valid[:, None, None, :, None]
+    return probs.reshape(batch, q_heads, rows, n)
+
+
+def aggregate_heads(scores: torch.Tensor, num_kv_heads: int, how: str = DEFAULT_AGGREGATE) -> torch.Tensor:
+    """Combine the scores of the query heads that share a KV head. [B, H_q, N] -> [B, H_kv, N]."""
+    batch, q_heads, n = scores.shape
+    grouped = scores.view(batch, num_kv_heads, q_heads // num_kv_heads, n)
+    if how == "mean":
+        return grouped.mean(dim=2)
+    if how == "max":
+        return grouped.amax(dim=2)
+    raise UncompError(f"unknown head aggregation {how!r}; choose one of {', '.join(AGGREGATES)}")
+
+
+def pool_scores(scores: torch.Tensor, kernel: int = DEFAULT_KERNEL, pooling: str = DEFAULT_POOLING,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Spread each score to its neighbours so runs of tokens (numbers, words) survive together.
+
+    scores: [..., N] -> [..., N] (odd ``kernel``, stride 1, same length; 1 = no pooling).
+    valid: bool, broadcastable to ``scores``; invalid neighbours (padding) count like the edge of
+    the sequence, so a padded row pools exactly as it would alone.
+    """
+    if kernel == 1:
+        return scores
+    shape = scores.shape
+    if valid is not None:
+        valid = valid.expand(shape)
+    if pooling == "max":
+        flat = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
+        pooled = F.max_pool1d(flat.reshape(-1, 1, shape[-1]), kernel, stride=1, padding=kernel // 2)
+    elif pooling == "avg":
+        if valid is None:
+            pooled = F.avg_pool1d(scores.reshape(-1, 1, shape[-1]), kernel, stride=1, padding=kernel // 2,
+                                  count_include_pad=False)
+        else:
+            weight = valid.to(scores.dtype).reshape(-1, 1, shape[-1])
+            total = F.avg_pool1d(scores.masked_fill(~valid, 0).reshape(-1, 1, shape[-1]), kernel, stride=1,
+                                 padding=kernel // 2)
+            count = F.avg_pool1d(weight, kernel, stride=1, padding=kernel // 2)
+            pooled = total / count.clamp(min=1e-12)
+    else:
+        raise UncompError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    return pooled.reshape(shape)
+
+
+def snapkv_scores(window_probs: torch.Tensor, key_valid: torch.Tensor | None, num_kv_heads: int,
+                  window: int = DEFAULT_WINDOW, kernel: int = DEFAULT_KERNEL,
+                  pooling: str = DEFAULT_POOLING, aggregate: str = DEFAULT_AGGREGATE) -> torch.Tensor:
+    """SnapKV score of every key from precomputed window probabilities.
+
+    window_probs: [B, H_q, r, N] from :func:`window_attention` with r ≥ ``window`` (only the last
+    ``window`` rows are used, so one pass can serve several consumers).
+    key_valid: [B, N] or [B, H_kv, N] bool or None. Returns float32 [B, H_kv, N]; invalid keys -inf.
+    """
+    summed = window_probs[:, :, -window:].sum(dim=-2)  # [B, H_q, N]
+    kv = None
+    if key_valid is not None:
+        kv = key_valid if key_valid.dim() == 3 else key_valid[:, None, :]
+    scores = pool_scores(aggregate_heads(summed, num_kv_heads, aggregate), kernel, pooling, kv)
+    return scores if kv is None else scores.masked_fill(~kv, float("-inf"))
+
+
+def window_scores(query_window: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None,
+                  scaling: float, window: int | None = None, kernel: int = DEFAULT_KERNEL,
+                  pooling: str = DEFAULT_POOLING, aggregate: str = DEFAULT_AGGREGATE,
+                  query_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """SnapKV scores straight from queries and keys. query_window: [B, H_q, w, d];
+    keys: [B, H_kv, N, d]; key_valid: [B, N] or None -> [B, H_kv, N] (invalid keys -inf)."""
+    probs = window_attention(query_window, keys, key_valid, scaling, query_valid)
+    rows = query_window.shape[2] if window is None else window
+    return snapkv_scores(probs, key_valid, keys.shape[1], rows, kernel, pooling, aggregate)
+
+
+def prune_scores(window_probs: torch.Tensor, rows: int = PRUNE_WINDOW) -> torch.Tensor:
+    """Hidden-state pruning score: probabilities of the last ``rows`` queries summed over rows and
+    all heads, no pooling (official code). [B, H_q, r, N] -> [B, N]."""
+    return window_probs[:, :, -rows:].sum(dim=(1, 2))
+
+
+def select_tokens(scores: torch.Tensor, budget: int, window: int) -> torch.Tensor:
+    """Indices of the tokens to keep per head, in original order.
+
+    scores: [B, H, N] (-inf = never keep unless the budget cannot be filled otherwise).
+    The last ``min(window, budget)`` tokens are always kept; the rest of the budget goes to the
+    highest scores among the earlier tokens. Returns int64 [B, H, min(budget, N)], ascending.
+    """
+    batch, heads, n = scores.shape
+    if budget < 1:
+        raise UncompError(f"a KV budget must be at least 1 token, got {budget}")
+    if budget >= n:
+        return torch.arange(n, device=scores.device).expand(batch, heads, n)
+    recent = min(window, budget)
+    top = scores[..., : n - recent].topk(budget - recent, dim=-1).indices
+    tail = torch.arange(n - recent, n, device=scores.device).expand(batch, heads, recent)
+    return torch.cat([top.sort(dim=-1).values, tail], dim=-1)
+
+
+def select_rows(scores: torch.Tensor, keep: torch.Tensor, window: int = PRUNE_WINDOW
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens to carry into the next layer when each row keeps its own number of tokens.
+
+    scores: [B, N] (-inf for padding). keep: int64 [B], tokens each row keeps (≥ ``window``
+    unless the row has fewer). Returns (indices [B, n], kept [B, n] bool) with n = max(keep).
+    A row that keeps fewer than n is filled with its lowest-ranked tokens marked ``kept`` False
+    and placed *first*, so the kept tokens end each row in ascending original order exactly as
+    they would alone (the last positions stay the last prompt tokens). The last ``window`` real
+    tokens are always kept.
+    """
+    batch, n_tokens = scores.shape
+    width = int(keep.max())
+    recent = min(window, n_tokens)
+    forced = scores.clone()
+    tail = forced[:, n_tokens - recent:]
+    forced[:, n_tokens - recent:] = tail.masked_fill(tail > float("-inf"), float("inf"))  # padding stays out
+    ranked = forced.topk(width, dim=-1).indices  # [B, n], best first
+    kept = torch.arange(width, device=scores.device)[None, :] < keep[:, None]
+    order = torch.where(kept, ranked, ranked - n_tokens).argsort(dim=-1)  # fillers first, then ascending
+    return ranked.gather(1, order), kept.gather(1, order)
+
+
+def resolve_budget(spec: str | int, prompt_len: int, window: int = DEFAULT_WINDOW) -> int:
+    """Tokens kept per KV head for a prompt of ``prompt_len`` tokens.
+
+    ``"5%"`` is a share of the prompt (rounded up); ``128`` or ``"128"`` is a token count.
+    Bare fractions such as ``0.05`` are refused as ambiguous. A budget larger than the prompt
+    keeps everything (clipped to ``prompt_len``). Raises :class:`UncompError` for 0, negative,
+    over 100 %, or a budget below the observation ``window`` that would still drop tokens.
+    """
+    text = str(spec).strip()
+    try:
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if not 0 < percent <= 100:  # also refuses nan
+                raise UncompError(f"budget {text} must be more than 0% and at most 100%")
+            tokens = math.ceil(percent / 100 * prompt_len)
+        else:
+            if isinstance(spec, float) or "." in text:
+                raise UncompError(
+                    f"budget {text!r} is ambiguous: write a token count (128) or a percentage (5%)"
+                )
+            tokens = int(text)
+            if tokens < 1:
+                raise UncompError(f"budget {text} must be at least 1 token")
+    except ValueError:
+        raise UncompError(f"budget {text!r} is not a token count (128) or a percentage (5%)") from None
+    tokens = min(tokens, prompt_len)
+    if tokens < min(window, prompt_len):
+        raise UncompError(
+            f"budget {text} is {tokens} tokens for this {prompt_len}-token prompt, below the "
+            f"{window}-token observation window; raise the budget or lower the window"
+        )
+    return tokens
+
+
+@dataclass(frozen=True)
+class SnapKVScorer:
+    """SnapKV (arXiv 2404.14469): keys the last ``window`` queries attend to most, pooled.
+
+    A scorer turns one layer's prefill attention into per-KV-head token scores; other methods
+    subclass it and override :meth:`score`.
+    """
+
+    window: int = DEFAULT_WINDOW
+    kernel: int = DEFAULT_KERNEL
+    pooling: str = DEFAULT_POOLING
+    aggregate: str = DEFAULT_AGGREGATE
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise UncompError(f"--window must be at least 1, got {self.window}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise UncompError(f"--kernel must be an odd number ≥ 1, got {self.kernel}")
+        if self.pooling not in POOLINGS:
+            raise UncompError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.aggregate not in AGGREGATES:
+            raise UncompError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
+
+    def score(self, window_probs: torch.Tensor, key_valid: torch.Tensor | None,
+              num_kv_heads: int) -> torch.Tensor:
+        """window_probs: [B, H_q, r, N] (r ≥ min(window, N)); key_valid: [B, N] / [B, H_kv, N]
+        -> [B, H_kv, N], invalid keys -inf."""
+        rows = min(self.window, window_probs.shape[2])
+        return snapkv_scores(window_probs, key_valid, num_kv_heads, rows, self.kernel, self.pooling,
+                             self.aggregate)
