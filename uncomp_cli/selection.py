@@ -142,6 +142,13 @@ def prune_scores(window_probs: torch.Tensor, rows: int = PRUNE_WINDOW) -> torch.
     return window_probs[:, :, -rows:].sum(dim=(1, 2))
 
 
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores along the last dim, best first; ties go to the earlier
+    token. Max pooling makes plateaus of equal scores, and ``topk`` breaks ties arbitrarily, which
+    would make a padded row choose differently from the same prompt alone."""
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def select_tokens(scores: torch.Tensor, budget: int, window: int) -> torch.Tensor:
     """Indices of the tokens to keep per head, in original order.
 
@@ -155,7 +162,7 @@ def select_tokens(scores: torch.Tensor, budget: int, window: int) -> torch.Tenso
     if budget >= n:
         return torch.arange(n, device=scores.device).expand(batch, heads, n)
     recent = min(window, budget)
-    top = scores[..., : n - recent].topk(budget - recent, dim=-1).indices
+    top = top_indices(scores[..., : n - recent], budget - recent)
     tail = torch.arange(n - recent, n, device=scores.device).expand(batch, heads, recent)
     return torch.cat([top.sort(dim=-1).values, tail], dim=-1)
 
@@ -177,7 +184,7 @@ def select_rows(scores: torch.Tensor, keep: torch.Tensor, window: int = PRUNE_WI
     forced = scores.clone()
     tail = forced[:, n_tokens - recent:]
     forced[:, n_tokens - recent:] = tail.masked_fill(tail > float("-inf"), float("inf"))  # padding stays out
-    ranked = forced.topk(width, dim=-1).indices  # [B, n], best first
+    ranked = top_indices(forced, width)  # [B, n], best first
     kept = torch.arange(width, device=scores.device)[None, :] < keep[:, None]
     order = torch.where(kept, ranked, ranked - n_tokens).argsort(dim=-1)  # fillers first, then ascending
     return ranked.gather(1, order), kept.gather(1, order)

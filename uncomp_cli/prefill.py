@@ -1,0 +1,166 @@
+"""Hidden-state pruning during prefill (UNComp §3): later layers run on fewer prompt tokens.
+
+Before decoder layer ``l`` whose keep fraction drops below layer ``l − 1``'s, the tokens that the
+last :data:`~uncomp_cli.selection.PRUNE_WINDOW` queries of layer ``l − 1`` attended to most
+(softmax probabilities summed over heads and rows, computed by that layer's attention function
+anyway) are carried on; the observation window always is. Hidden states, the *original* position
+ids and RoPE (cos, sin), and the padding mask are gathered alike, so RoPE stays right and a
+layer's cache only ever holds tokens that reached it. The kept indices stay sorted, so the last
+position is still the last prompt token and the first generated token comes out of it.
+
+In a left-padded batch every row keeps ``ceil(f · its own length)`` tokens; rows that keep fewer
+than the widest are filled with slots marked invalid (never attended, placed first), so each row
+is pruned exactly as it would be alone.
+
+Only the prefill (the first forward into an empty cache) is pruned; decoding is untouched.
+Implemented with forward pre-hooks on the decoder layers (they receive ``position_embeddings``,
+``position_ids`` and ``attention_mask`` as keyword arguments), removed on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from uncomp_cli.cache import GroupedKVCache, decoder_layers
+from uncomp_cli.errors import UncompError
+from uncomp_cli.selection import PRUNE_WINDOW, select_rows
+
+
+def validate_layer_keep(layer_keep: Sequence[float], num_layers: int) -> list[float]:
+    """Check a per-layer keep schedule: one fraction per layer in (0, 1], 1 for layer 0, never rising."""
+    keep = [float(f) for f in layer_keep]
+    if len(keep) != num_layers:
+        raise UncompError(f"layer_keep has {len(keep)} fractions but the model has {num_layers} layers")
+    if any(not 0 < f <= 1 for f in keep):
+        raise UncompError(f"layer_keep fractions must be in (0, 1], got {keep}")
+    if keep[0] != 1.0:
+        raise UncompError(f"layer 0 is never pruned: layer_keep[0] must be 1.0, got {keep[0]}")
+    if any(b > a for a, b in zip(keep, keep[1:], strict=False)):
+        raise UncompError(f"layer_keep must not rise from one layer to the next (dropped tokens are gone): "
+                          f"{keep}")
+    return keep
+
+
+@dataclass
+class _PrefillState:
+    index: torch.Tensor  # [B, n] original positions of the tokens carried (real ones ascending, at the end)
+    valid: torch.Tensor  # [B, n] bool: a real token of that row (not padding, not pruned)
+    lengths: torch.Tensor  # [B] prompt tokens per row
+    prompt_len: int  # N, padded
+    rewritten: dict | None = None  # gathered kwargs for the layers after the last pruning point
+
+
+class HiddenStatePruner:
+    """Context manager: prune hidden states between decoder layers at prefill.
+
+    ``layer_keep[l]``: share of each row's prompt tokens that layer ``l`` runs on. Rows keep
+    ``ceil(f · own length)`` tokens (at least the window), so a left-padded batch prunes each row
+    as if alone. After each prefill, :attr:`stats` holds ``prefill_tokens_per_layer`` (tokens
+    each layer ran on, padding included) and :attr:`kept_positions` maps each pruning layer to
+    the original positions it received ([B, n]).
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: GroupedKVCache, layer_keep: Sequence[float],
+                 window: int = PRUNE_WINDOW):
+        self.layers = decoder_layers(model)
+        self.keep = validate_layer_keep(layer_keep, len(self.layers))
+        if len(cache.layers) != len(self.layers):
+            raise UncompError(f"the cache has {len(cache.layers)} layers, the model {len(self.layers)}")
+        self.cache = cache
+        self.window = window
+        self.points = {i for i in range(1, len(self.keep)) if self.keep[i] < self.keep[i - 1]}
+        self.stats: dict = {}
+        self.kept_positions: dict[int, torch.Tensor] = {}
+        self._state: _PrefillState | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> HiddenStatePruner:
+        for index in self.points:
+            self.cache.layers[index - 1].want_prune_scores = True
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._hook(index), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for layer in self.cache.layers:
+            layer.want_prune_scores = False
+            layer.prune_scores = None
+        self._state = None
+
+    def _hook(self, index: int):
+        def before_layer(module, args, kwargs):
+            return self._before_layer(index, args, kwargs)
+        return before_layer
+
+    def _before_layer(self, index: int, args: tuple, kwargs: dict):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if index == 0:
+            self._start(hidden, kwargs.get("attention_mask"))
+            return None
+        state = self._state
+        if state is None:
+            return None
+        if index in self.points:
+            hidden = self._prune(index, hidden, kwargs, state)
+        self.stats["prefill_tokens_per_layer"].append(state.index.shape[1])
+        self.cache.layers[index].skipped = state.prompt_len - state.index.shape[1]
+        if state.rewritten is None:
+            return None
+        kwargs = {**kwargs, **state.rewritten}
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def _start(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """At layer 0: a prefill if the cache is empty, else a decode step (left alone)."""
+        self._state = None
+        if self.cache.layers[0].get_seq_length() != 0:
+            return
+        batch, n = hidden.shape[:2]
+        valid = torch.ones(batch, n, dtype=torch.bool, device=hidden.device) if mask is None \
+            else mask[:, -n:].to(torch.bool)
+        index = torch.arange(n, device=hidden.device).expand(batch, n)
+        self._state = _PrefillState(index=index, valid=valid, lengths=valid.sum(-1), prompt_len=n)
+        self.stats["prefill_tokens_per_layer"] = [n]
+        self.kept_positions.clear()
+
+    def _prune(self, index: int, hidden: torch.Tensor, kwargs: dict, state: _PrefillState) -> torch.Tensor:
+        """Carry the best-attended tokens of layer ``index - 1`` into layer ``index``."""
+        previous = self.cache.layers[index - 1]
+        scores = previous.prune_scores
+        previous.prune_scores = None
+        if scores is None:
+            raise UncompError(f"layer {index - 1} left no pruning scores; is attention 'uncomp' active?")
+        scores = scores.masked_fill(~state.valid, float("-inf"))
+        wanted = torch.ceil(state.lengths.to(torch.float64) * self.keep[index]).long()
+        wanted = torch.maximum(wanted, state.lengths.clamp(max=self.window))
+        wanted = torch.minimum(wanted, state.valid.sum(-1))
+        picked, kept = select_rows(scores, wanted, self.window)  # [B, n] relative to the current tokens
+        hidden = hidden.gather(1, picked[..., None].expand(-1, -1, hidden.shape[-1]))
+        state.index = state.index.gather(1, picked)
+        state.valid = state.valid.gather(1, picked) & kept
+        self.kept_positions[index] = state.index
+        state.rewritten = self._gathered_kwargs(kwargs, state)
+        return hidden
+
+    @staticmethod
+    def _gathered_kwargs(kwargs: dict, state: _PrefillState) -> dict:
+        """Original positions and RoPE of the carried tokens, and their validity as the mask."""
+        batch, n = state.index.shape
+        out: dict = {"attention_mask": state.valid}
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            out["position_ids"] = position_ids.expand(batch, -1).gather(1, state.index)
+        embeddings = kwargs.get("position_embeddings")
+        if embeddings is not None:
+            out["position_embeddings"] = tuple(
+                t.expand(batch, -1, -1).gather(1, state.index[..., None].expand(-1, -1, t.shape[-1]))
+                for t in embeddings
+            )
+        return out
