@@ -270,6 +270,28 @@ def encode_prompt(loaded: LoadedModel, prompt: str, settings: GenerationSettings
     return fit_to_context(ids, context_length(loaded.model.config), settings.max_new_tokens, truncate)
 
 
+def _result(loaded: LoadedModel, policy: CachePolicy, new_ids: list[int], prompt_tokens: int,
+            out: LoopOutput, extra: dict | None = None) -> GenerationResult:
+    decode_steps = max(len(new_ids) - 1, 0)  # the first new token comes out of the prefill
+    return GenerationResult(
+        text=loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
+        token_ids=new_ids,
+        prompt_tokens=prompt_tokens,
+        new_tokens=len(new_ids),
+        prefill_seconds=out.prefill_seconds,
+        decode_seconds=out.decode_seconds,
+        decode_tokens_per_second=decode_steps / out.decode_seconds if out.decode_seconds > 0 else 0.0,
+        kv_cache_bytes=out.kv_cache_bytes,
+        full_kv_cache_bytes=out.full_kv_cache_bytes,
+        peak_memory_bytes=peak_memory_bytes(loaded.device),
+        model=loaded.name,
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        method=policy.name,
+        stats={k: v for k, v in policy.describe().items() if k != "method"} | out.stats | (extra or {}),
+    )
+
+
 def generate(
     loaded: LoadedModel,
     prompt: str,
@@ -300,22 +322,77 @@ def generate(
     out = generate_ids(loaded.model, input_ids, attention_mask, settings, eos_token_ids(loaded), policy, emit)
     if on_text is not None and (rest := stream.flush()):
         on_text(rest)
-    new_ids = out.tokens[0]
-    decode_steps = max(len(new_ids) - 1, 0)  # the first new token comes out of the prefill
-    return GenerationResult(
-        text=loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
-        token_ids=new_ids,
-        prompt_tokens=len(ids),
-        new_tokens=len(new_ids),
-        prefill_seconds=out.prefill_seconds,
-        decode_seconds=out.decode_seconds,
-        decode_tokens_per_second=decode_steps / out.decode_seconds if out.decode_seconds > 0 else 0.0,
-        kv_cache_bytes=out.kv_cache_bytes,
-        full_kv_cache_bytes=out.full_kv_cache_bytes,
-        peak_memory_bytes=peak_memory_bytes(loaded.device),
-        model=loaded.name,
-        device=str(loaded.device),
-        dtype=str(loaded.dtype).removeprefix("torch."),
-        method=policy.name,
-        stats={k: v for k, v in policy.describe().items() if k != "method"} | out.stats,
-    )
+    return _result(loaded, policy, out.tokens[0], len(ids), out)
+
+
+@dataclass
+class BatchItem:
+    """One prompt of a batch run; ``max_new_tokens`` overrides the run's setting for this prompt."""
+
+    prompt: str
+    system: str | None = None
+    raw: bool = False
+    max_new_tokens: int | None = None
+    label: str = ""  # names the item in error messages, e.g. "line 3"
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token rows on the left. -> input_ids, attention_mask: [B, max_len]."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, device=device)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def generate_batch(
+    loaded: LoadedModel,
+    items: Sequence[BatchItem],
+    settings: GenerationSettings | None = None,
+    policy: CachePolicy | None = None,
+    batch_size: int = 8,
+    truncate: str = "none",
+    on_result: Callable[[int, GenerationResult], None] | None = None,
+) -> list[GenerationResult]:
+    """Generate for many prompts, ``batch_size`` at a time, left-padded; results in input order.
+
+    Every prompt is encoded and checked before anything runs, so a bad item stops the run before
+    any output exists. Prompts are batched with neighbours of similar length to waste little on
+    padding; ``on_result(index, result)`` is called as each batch finishes.
+    """
+    settings = settings or GenerationSettings()
+    settings.validate()
+    if batch_size < 1:
+        raise UncompError(f"--batch-size must be at least 1, got {batch_size}")
+    policy = policy or FullCachePolicy()
+    encoded: list[list[int]] = []
+    limits: list[int] = []
+    for item in items:
+        own = GenerationSettings(max_new_tokens=item.max_new_tokens or settings.max_new_tokens)
+        try:
+            own.validate()
+            encoded.append(encode_prompt(loaded, item.prompt, own, system=item.system, raw=item.raw,
+                                         truncate=truncate))
+        except UncompError as exc:
+            raise type(exc)(f"{item.label}: {exc}" if item.label else str(exc)) from None
+        limits.append(own.max_new_tokens)
+    pad_id = loaded.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = (eos_token_ids(loaded) or [0])[0]
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
+    results: list[GenerationResult | None] = [None] * len(items)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        input_ids, mask = left_pad([encoded[i] for i in chunk], pad_id, loaded.device)
+        run = GenerationSettings(max_new_tokens=max(limits[i] for i in chunk), temperature=settings.temperature,
+                                 top_p=settings.top_p, seed=settings.seed)
+        out = generate_ids(loaded.model, input_ids, mask, run, eos_token_ids(loaded), policy)
+        for row, index in enumerate(chunk):
+            result = _result(loaded, policy, out.tokens[row][: limits[index]], len(encoded[index]), out,
+                             {"batch_size": len(chunk)})
+            results[index] = result
+            if on_result is not None:
+                on_result(index, result)
+    return [r for r in results if r is not None]

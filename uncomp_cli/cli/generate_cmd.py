@@ -47,6 +47,45 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return text
 
 
+def read_batch(source: str) -> list:
+    """Parse JSONL prompts (``-`` = stdin): one object per line with ``prompt`` and optional
+    ``system``, ``raw``, ``max_new_tokens``, ``id``. Any bad line stops the run before it starts."""
+    from uncomp_cli.generate import BatchItem
+
+    if source == "-":
+        data = sys.stdin.buffer.read()
+        name = "stdin"
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError:
+            raise PromptError(f"input file not found: {source}") from None
+        name = source
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PromptError(f"{name} is not valid UTF-8 text") from None
+    items, ids = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise PromptError(f"{name} line {number}: not valid JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise PromptError(f"{name} line {number}: no 'prompt' string field")
+        limit = record.get("max_new_tokens")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise PromptError(f"{name} line {number}: 'max_new_tokens' must be a positive integer")
+        items.append(BatchItem(prompt=record["prompt"], system=record.get("system"), raw=bool(record.get("raw")),
+                               max_new_tokens=limit, label=f"{name} line {number}"))
+        ids.append(record.get("id", number))
+    if not items:
+        raise PromptError(f"{name} has no prompts")
+    return list(zip(ids, items))
+
+
 @handle_errors
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads stdin. Piped stdin is joined to it.")] = None,
@@ -62,6 +101,9 @@ def generate(
     truncate: Annotated[str, typer.Option(help="none: error on over-long prompts; middle: cut the middle.")] = "none",
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print text as it is generated.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with text and statistics.")] = False,
+    input_path: Annotated[str | None, typer.Option("--input", help="JSONL prompts, one {\"prompt\": ...} per line ('-' = stdin); writes JSONL results in input order.")] = None,
+    output: Annotated[Path | None, typer.Option(help="With --input: write the JSONL results here (atomically) instead of stdout.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="With --input: prompts per forward pass.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
 ) -> None:
@@ -73,9 +115,18 @@ def generate(
 
     if truncate not in TRUNCATE_MODES:
         raise typer.BadParameter(f"use one of {', '.join(TRUNCATE_MODES)}", param_hint="--truncate")
-    text = read_prompt(prompt, prompt_file)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     settings.validate()
+    if input_path is not None:
+        if prompt is not None or prompt_file is not None:
+            raise typer.BadParameter("give prompts either with --input or as a prompt, not both", param_hint="--input")
+        batch = read_batch(input_path)
+        loaded = load_model(model, device=device, dtype=dtype)
+        _run_batch(loaded, batch, settings, batch_size, truncate, output, system, raw)
+        return
+    if output is not None:
+        raise typer.BadParameter("--output is for --input batches; redirect stdout instead", param_hint="--output")
+    text = read_prompt(prompt, prompt_file)
     loaded = load_model(model, device=device, dtype=dtype)
     streaming = stream and not json_output
 
@@ -91,3 +142,29 @@ def generate(
         sys.stdout.write("\n")
     else:
         typer.echo(result.text)
+
+
+def _run_batch(loaded, batch, settings, batch_size, truncate, output, system, raw) -> None:
+    """Generate for every line with a progress bar on stderr; write results once, in input order."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from uncomp_cli.cli.common import stderr_console
+    from uncomp_cli.files import atomic_write
+    from uncomp_cli.generate import generate_batch
+
+    ids = [item_id for item_id, _ in batch]
+    items = [item for _, item in batch]
+    for item in items:  # command-line defaults for what a line does not set
+        item.system = item.system if item.system is not None else system
+        item.raw = item.raw or raw
+    with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=stderr_console, transient=True) as progress:
+        task = progress.add_task("generate", total=len(items))
+        results = generate_batch(loaded, items, settings, batch_size=batch_size, truncate=truncate,
+                                 on_result=lambda index, result: progress.advance(task))
+    lines = "".join(json.dumps({"id": item_id, **result.to_dict()}, ensure_ascii=False) + "\n"
+                    for item_id, result in zip(ids, results))
+    if output is not None:
+        atomic_write(output, lines)
+    else:
+        sys.stdout.write(lines)
