@@ -9,7 +9,13 @@ from conftest import TINY_SHAPES, tiny_model
 from kvloop import greedy, left_padded
 from transformers import DynamicCache
 
-from uncomp_cli.cache import GroupedKVCache, GroupedKVLayer, cache_nbytes, grouped_attention, use_grouped_cache
+from uncomp_cli.cache import (
+    GroupedKVCache,
+    GroupedKVLayer,
+    cache_nbytes,
+    grouped_attention,
+    use_grouped_cache,
+)
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.snapkv import SnapKVPolicy
 from uncomp_cli.policies.uncomp import UNCompPolicy

@@ -1,0 +1,161 @@
+"""Hidden-state pruning at prefill: later layers run on the tokens the previous layer's last
+queries attended to most, with their original positions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_SHAPES, tiny_model
+from kvloop import greedy, left_padded
+from transformers import DynamicCache
+
+from uncomp_cli.cache import GroupedKVCache, use_grouped_cache
+from uncomp_cli.errors import UncompError
+from uncomp_cli.policies.uncomp import UNCompPolicy
+from uncomp_cli.prefill import HiddenStatePruner, validate_layer_keep
+from uncomp_cli.selection import PRUNE_WINDOW
+
+SHAPES = sorted(TINY_SHAPES)
+KEEP = [1.0, 1.0, 0.6, 0.4]
+
+
+def budgets(model, tokens: int) -> torch.Tensor:
+    return torch.full((model.config.num_hidden_layers, model.config.num_key_value_heads), tokens)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("lengths", [[26], [26, 19]], ids=["single", "left-padded"])
+def test_keeping_every_token_is_identical_to_the_full_cache(shape, lengths):
+    model = tiny_model(shape)
+    ids, mask = left_padded(lengths, seed=1)
+    ref_logits, ref_tokens = greedy(model, ids, mask, DynamicCache(config=model.config))
+    policy = UNCompPolicy(budgets(model, 10_000), layer_keep=[1.0] * 4)
+    with policy.attach(model, mask) as cache:
+        logits, tokens = greedy(model, ids, mask, cache)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+    assert policy.last_stats["prefill_tokens_per_layer"] == [26] * 4
+
+
+def manual_forward(model, ids: torch.Tensor, kept: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Reference: run the decoder layers by hand on the kept tokens with their original positions.
+    ids: [1, N] -> last logits [1, V]."""
+    base = model.model
+    hidden = base.embed_tokens(ids)
+    cos, sin = base.rotary_emb(hidden, torch.arange(ids.shape[1])[None])
+    index = torch.arange(ids.shape[1])
+    for number, layer in enumerate(base.layers):
+        if number in kept:
+            new = kept[number][0]
+            hidden = hidden[:, torch.searchsorted(index, new)]
+            index = new
+        hidden = layer(hidden, attention_mask=None, position_embeddings=(cos[:, index], sin[:, index]),
+                       position_ids=index[None])
+    return model.lm_head(base.norm(hidden))[:, -1]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pruned_prefill_equals_running_the_layers_on_the_kept_tokens(shape):
+    model = tiny_model(shape, seed=2)
+    ids, mask = left_padded([40], seed=2)
+    cache = GroupedKVCache.from_budgets(budgets(model, 10_000))
+    with torch.no_grad(), use_grouped_cache(model, cache), HiddenStatePruner(model, cache, KEEP) as pruner:
+        logits, _ = greedy(model, ids, mask, cache, steps=0)
+    kept = pruner.kept_positions
+    assert sorted(kept) == [2, 3]
+    assert kept[2].shape == (1, 24) and kept[3].shape == (1, 16)  # ceil(0.6 · 40), ceil(0.4 · 40)
+    assert set(kept[3][0].tolist()) <= set(kept[2][0].tolist())
+    for index in kept.values():
+        assert index[0].tolist() == sorted(index[0].tolist())
+        assert index[0, -PRUNE_WINDOW:].tolist() == list(range(40 - PRUNE_WINDOW, 40))
+    assert cache.layers[1].group_lengths() == [40]
+    assert cache.layers[2].group_lengths() == [24] and cache.layers[3].group_lengths() == [16]
+    with torch.no_grad():
+        reference = manual_forward(model, ids, kept)
+    torch.testing.assert_close(logits[0], reference, atol=1e-5, rtol=0)
+    full, _ = greedy(model, ids, mask, DynamicCache(config=model.config), steps=0)
+    assert (full[0] - reference).abs().max() > 1e-4  # pruning did change the computation
+
+
+class SpyPruner(HiddenStatePruner):
+    """Records the scores each pruning decision was made from."""
+
+    def _prune(self, index, hidden, kwargs, state):
+        self.scores[index] = self.cache.layers[index - 1].prune_scores.clone()
+        self.before[index] = state.index.clone()
+        return super()._prune(index, hidden, kwargs, state)
+
+
+def test_the_most_attended_tokens_and_the_observation_window_are_kept():
+    model = tiny_model("llama-gqa", seed=3)
+    ids, mask = left_padded([50], seed=3)
+    cache = GroupedKVCache.from_budgets(budgets(model, 10_000))
+    pruner = SpyPruner(model, cache, [1.0, 0.7, 0.7, 0.3])
+    pruner.scores, pruner.before = {}, {}
+    with torch.no_grad(), use_grouped_cache(model, cache), pruner:
+        greedy(model, ids, mask, cache, steps=0)
+    assert sorted(pruner.scores) == [1, 3]
+    for layer, scores in pruner.scores.items():
+        before, after = pruner.before[layer][0], pruner.kept_positions[layer][0]
+        n = before.shape[0]
+        chosen = torch.isin(before, after)
+        assert int(chosen.sum()) == math.ceil(50 * pruner.keep[layer])
+        assert bool(chosen[-PRUNE_WINDOW:].all()), "the observation window always survives"
+        candidates, picked = scores[0, : n - PRUNE_WINDOW], chosen[: n - PRUNE_WINDOW]
+        assert candidates[picked].min() >= candidates[~picked].max(), "the most attended tokens survive"
+        assert bool(picked[candidates.argmax()])
+
+
+def test_a_left_padded_batch_is_pruned_and_compressed_like_each_prompt_alone():
+    model = tiny_model("llama-gqa", seed=4)
+    lengths = [37, 24]
+    ids, mask = left_padded(lengths, seed=4)
+    policy = UNCompPolicy(torch.tensor([[14, 14], [18, 12], [10, 14], [12, 12]]), layer_keep=KEEP,
+                          window=4, kernel=3)
+    with policy.attach(model, mask) as cache:
+        batch_logits, batch_tokens = greedy(model, ids, mask, cache, steps=8)
+    assert policy.last_stats["prefill_tokens_per_layer"] == [37, 37, 23, 15]  # the longer row's counts
+    for row, n in enumerate(lengths):
+        alone_ids, alone_mask = ids[row:row + 1, -n:], mask[row:row + 1, -n:]
+        with policy.attach(model, alone_mask) as cache:
+            logits, tokens = greedy(model, alone_ids, alone_mask, cache, steps=8)
+        assert policy.last_stats["prefill_tokens_per_layer"] == [n, n, math.ceil(0.6 * n), math.ceil(0.4 * n)]
+        assert torch.equal(batch_tokens[row], tokens[0])
+        torch.testing.assert_close(batch_logits[:, row], logits[:, 0], atol=1e-4, rtol=0)
+
+
+def test_decoding_is_not_pruned_and_positions_count_the_whole_prompt():
+    model = tiny_model("qwen2-gqa", seed=5)
+    ids, mask = left_padded([30], seed=5)
+    policy = UNCompPolicy(budgets(model, 10_000), layer_keep=KEEP)
+    with policy.attach(model, mask) as cache:
+        greedy(model, ids, mask, cache, steps=5)
+        assert policy.last_stats["prefill_tokens_per_layer"] == [30, 30, 18, 12]
+        assert [layer.group_lengths()[0] for layer in cache.layers] == [35, 35, 23, 17]
+        assert [layer.get_seq_length() for layer in cache.layers] == [35] * 4
+
+
+@pytest.mark.parametrize("keep,message", [
+    ([1.0, 0.5], "2 fractions but the model has 4"),
+    ([0.9, 0.9, 0.5, 0.5], "layer 0 is never pruned"),
+    ([1.0, 0.5, 0.8, 0.5], "must not rise"),
+    ([1.0, 1.0, 0.0, 0.0], r"in \(0, 1\]"),
+    ([1.0, 1.0, 1.5, 1.0], r"in \(0, 1\]"),
+])
+def test_bad_schedules_are_refused(keep, message):
+    with pytest.raises(UncompError, match=message):
+        validate_layer_keep(keep, 4)
+
+
+def test_hooks_and_flags_are_removed_even_when_the_body_raises():
+    model = tiny_model("llama-gqa")
+    cache = GroupedKVCache.from_budgets(budgets(model, 10))
+    with pytest.raises(RuntimeError, match="boom"):
+        with HiddenStatePruner(model, cache, KEEP):
+            assert all(len(layer._forward_pre_hooks) == 1 for layer in model.model.layers)
+            assert cache.layers[1].want_prune_scores and cache.layers[2].want_prune_scores
+            raise RuntimeError("boom")
+    assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
+    assert not any(layer.want_prune_scores for layer in cache.layers)
