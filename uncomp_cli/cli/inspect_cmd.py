@@ -1,0 +1,93 @@
+"""``uncomp inspect-heads``: show a profile's head entropies, stages and groups."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from uncomp_cli.cli.calibrate_cmd import DATA_HELP, run_calibration
+from uncomp_cli.cli.common import handle_errors, stderr_console
+
+
+@handle_errors
+def inspect_heads(
+    profile_path: Annotated[
+        Path | None, typer.Argument(metavar="[PROFILE]", help="A profile written by `uncomp calibrate`.")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    csv_output: Annotated[
+        bool, typer.Option("--csv", help="Print one CSV row per (layer, query head) on stdout.")
+    ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Also write a heatmap image (needs matplotlib: pip install 'uncomp[plot]')."),
+    ] = None,
+    top: Annotated[int, typer.Option(help="How many highest/lowest heads to list.")] = 5,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Calibrate this model on the fly instead of reading a PROFILE."),
+    ] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", "-d", help=DATA_HELP)] = None,
+    samples: Annotated[int, typer.Option(help="On the fly: calibration windows.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="On the fly: tokens per window.")] = 2048,
+    groups: Annotated[int | None, typer.Option(help="On the fly: head groups per layer.")] = None,
+    stage_threshold: Annotated[float | None, typer.Option(help="On the fly: stage threshold ε.")] = None,
+    rank_k: Annotated[
+        int | None, typer.Option(help="On the fly: eigenvalues kept (default head size / 4).")
+    ] = None,
+    source: Annotated[str, typer.Option(help="On the fly: query or key states.")] = "query",
+    device: Annotated[str, typer.Option(help="On the fly: auto, cpu, cuda, mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="On the fly: auto, float32, bfloat16, float16.")] = "auto",
+) -> None:
+    """Report head entropies as a layers × heads heatmap with groups and stages (or JSON / CSV / PNG).
+
+    Give a PROFILE, or --model/--data to compute the report on the fly without saving a profile.
+    """
+    from rich.console import Console
+
+    from uncomp_cli.calibrate import DEFAULT_STAGE_THRESHOLD
+    from uncomp_cli.errors import UncompError
+    from uncomp_cli.profile import load_profile
+    from uncomp_cli.report import csv_text, plot_heatmap, render_report, report_dict
+
+    if json_output and csv_output:
+        raise UncompError("choose one of --json and --csv")
+    if top < 0:
+        raise UncompError(f"--top must be zero or more (got {top})")
+    on_the_fly = model is not None or bool(data)
+    if profile_path is not None and on_the_fly:
+        raise UncompError("give either a PROFILE or --model/--data to calibrate on the fly, not both")
+    if profile_path is None and not on_the_fly:
+        raise UncompError("give a PROFILE file, or --model and/or --data to calibrate on the fly")
+    if plot is not None and not plot.parent.is_dir():
+        raise UncompError(f"--plot {plot}: folder {plot.parent} does not exist")
+
+    if profile_path is not None:
+        profile = load_profile(profile_path)
+    else:
+        profile = run_calibration(
+            model=model,
+            data=list(data or []),
+            samples=samples,
+            seq_len=seq_len,
+            groups=groups,
+            stage_threshold=DEFAULT_STAGE_THRESHOLD if stage_threshold is None else stage_threshold,
+            rank_k=rank_k,
+            source=source,
+            kv_aggregation="mean",
+            device=device,
+            dtype=dtype,
+        )
+
+    if plot is not None:
+        plot_heatmap(profile, plot)
+        stderr_console.print(f"wrote {plot}")
+    if json_output:
+        typer.echo(json.dumps(report_dict(profile, top), indent=2))
+    elif csv_output:
+        typer.echo(csv_text(profile), nl=False)
+    else:
+        render_report(profile, Console(), top)
