@@ -33,8 +33,11 @@ def _root(
 
 # Commands register themselves here, one module each.
 from uncomp_cli.cli import generate_cmd  # noqa: E402
+from uncomp_cli.cli import calibrate_cmd, inspect_cmd  # noqa: E402
 
 app.command("generate")(generate_cmd.generate)
+app.command("calibrate")(calibrate_cmd.calibrate)
+app.command("inspect-heads")(inspect_cmd.inspect_heads)
 
 
 def main() -> None:
