@@ -1,0 +1,1 @@
+"""Evaluation: synthetic long-context retrieval tasks built locally (no downloads)."""
