@@ -1,17 +1,20 @@
 """Rendering a :class:`Profile` for people (rich heatmap) and pipelines (JSON, CSV, PNG).
 
-Nothing here computes: everything is read from the profile. The caller chooses the console
-(``uncomp inspect-heads`` prints its report on stdout, because the report is its result).
+Nothing here calibrates: everything is read from profiles (:func:`compare_profiles` correlates
+two). The caller chooses the console (``uncomp inspect-heads`` prints its report on stdout,
+because the report is its result).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import torch
 from rich.console import Console, Group
 from rich.style import Style
 from rich.table import Table
@@ -130,6 +133,91 @@ def csv_text(profile: Profile) -> str:
     buffer = io.StringIO()
     write_csv(profile, buffer)
     return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------ comparison
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks 0…n−1 of a 1-D tensor, ties sharing their average rank. Returns float64."""
+    order = values.argsort(stable=True)
+    ranks = torch.empty(values.numel(), dtype=torch.float64)
+    ranks[order] = torch.arange(values.numel(), dtype=torch.float64)
+    _, inverse = torch.unique(values, return_inverse=True)
+    sums = torch.zeros(int(inverse.max()) + 1, dtype=torch.float64).index_add_(0, inverse, ranks)
+    return (sums / torch.bincount(inverse).double())[inverse]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two equally long sequences (NaN when either is constant)."""
+    ra, rb = _average_ranks(a.flatten().double()), _average_ranks(b.flatten().double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denominator if denominator > 0 else math.nan
+
+
+def compare_profiles(a: Profile, b: Profile) -> dict[str, Any]:
+    """How far two profiles of the same model agree (e.g. calibrated on different text).
+
+    spearman_heads: over all (layer, query head) entropies; spearman_heads_within_layer: the mean
+    over layers of the correlation across one layer's heads; spearman_layers: over layer means;
+    kv_group_agreement: share of (layer, KV head) put in the same group; same_stages: identical
+    stage per layer.
+    """
+    if a.shape != b.shape:
+        raise UncompError(
+            f"the profiles are for different models: {a.model} ({a.num_layers} × {a.num_heads} heads) "
+            f"vs {b.model} ({b.num_layers} × {b.num_heads} heads)"
+        )
+    within = [spearman(a.head_entropy[layer], b.head_entropy[layer]) for layer in range(a.num_layers)]
+    within = [v for v in within if not math.isnan(v)]
+    return {
+        "a": {
+            "model": a.model,
+            "calibration_data": a.calibration_data,
+            "samples": a.samples,
+            "seq_len": a.seq_len,
+        },
+        "b": {
+            "model": b.model,
+            "calibration_data": b.calibration_data,
+            "samples": b.samples,
+            "seq_len": b.seq_len,
+        },
+        "spearman_heads": round(spearman(a.head_entropy, b.head_entropy), 4),
+        "spearman_heads_within_layer": round(sum(within) / len(within), 4) if within else math.nan,
+        "spearman_kv_heads": round(spearman(a.kv_head_entropy, b.kv_head_entropy), 4),
+        "spearman_layers": round(spearman(a.layer_entropy, b.layer_entropy), 4),
+        "kv_group_agreement": round(float((a.kv_head_group == b.kv_head_group).double().mean()), 4)
+        if a.groups == b.groups
+        else math.nan,
+        "same_stages": bool(torch.equal(a.layer_stage, b.layer_stage)),
+        "stages": [a.num_stages, b.num_stages],
+    }
+
+
+def _origin(p: Profile) -> dict[str, Any]:
+    return {
+        "model": p.model,
+        "calibration_data": p.calibration_data,
+        "samples": p.samples,
+        "seq_len": p.seq_len,
+    }
+
+
+def comparison_lines(result: dict[str, Any]) -> list[str]:
+    """Human lines for :func:`compare_profiles`."""
+    return [
+        f"A: {result['a']['model']}, {result['a']['samples']} × {result['a']['seq_len']} tokens of "
+        f"{result['a']['calibration_data']}",
+        f"B: {result['b']['model']}, {result['b']['samples']} × {result['b']['seq_len']} tokens of "
+        f"{result['b']['calibration_data']}",
+        f"Spearman over all heads: {result['spearman_heads']:.3f}",
+        f"Spearman within a layer (mean over layers): {result['spearman_heads_within_layer']:.3f}",
+        f"Spearman over KV heads: {result['spearman_kv_heads']:.3f}",
+        f"Spearman over layer means: {result['spearman_layers']:.3f}",
+        f"same KV-head group: {result['kv_group_agreement']:.1%}",
+        f"stages: {result['stages'][0]} vs {result['stages'][1]}"
+        f" ({'identical' if result['same_stages'] else 'different'} per layer)",
+    ]
 
 
 # ------------------------------------------------------------------------------------ rich report

@@ -222,3 +222,18 @@ def test_an_existing_profile_survives_a_failed_run(tmp_path, loads, text_file):
     assert result.exit_code == 2
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors", "text.txt"]
+
+
+def test_the_cli_default_threshold_is_the_library_default():
+    from uncomp_cli.calibrate import DEFAULT_STAGE_THRESHOLD
+
+    assert calibrate_cmd.DEFAULT_STAGE_THRESHOLD == DEFAULT_STAGE_THRESHOLD
+
+
+def test_the_uncomp_app_registers_both_commands():
+    from uncomp_cli.cli.app import app
+
+    for command in ("calibrate", "inspect-heads"):
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert "--data" in result.stdout

@@ -167,3 +167,32 @@ def test_usage_errors(profile_path):
     assert_one_line_error(
         invoke("inspect-heads", profile_path, "--json", "--csv"), "choose one of --json and --csv"
     )
+
+
+def test_spearman_matches_a_hand_computation_with_ties():
+    from uncomp_cli.report import spearman
+
+    assert spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([10.0, 20, 30, 40])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([4.0, 3, 2, 1])) == pytest.approx(-1.0)
+    # ranks a = [0, 1.5, 1.5, 3], b = [0, 1, 2, 3]: Pearson of the ranks = 4.5 / sqrt(4.5 · 5)
+    expected = 4.5 / (4.5 * 5) ** 0.5
+    assert spearman(torch.tensor([1.0, 2, 2, 3]), torch.tensor([1.0, 2, 3, 4])) == pytest.approx(expected)
+
+
+def test_compare_two_profiles(profile_path, tmp_path, tiny_loaded):
+    from uncomp_cli.profile import load_profile
+
+    same = invoke("inspect-heads", profile_path, "--compare", profile_path, "--json")
+    assert same.exit_code == 0, same.output
+    result = json.loads(same.stdout)
+    assert result["spearman_heads"] == 1.0 and result["kv_group_agreement"] == 1.0 and result["same_stages"]
+    flipped = load_profile(profile_path)
+    flipped.head_entropy = -flipped.head_entropy
+    other = save_profile(flipped, tmp_path / "flipped.safetensors")
+    human = invoke("inspect-heads", profile_path, "--compare", other)
+    assert human.exit_code == 0, human.output
+    assert "Spearman over all heads: -1.000" in human.stdout
+    assert_one_line_error(
+        invoke("inspect-heads", profile_path, "--compare", other, "--csv"),
+        "--compare prints a summary (text or --json), not CSV",
+    )

@@ -14,6 +14,12 @@ from uncomp_cli.cli.common import handle_errors, stderr_console
 if TYPE_CHECKING:
     from uncomp_cli.profile import Profile
 
+#: Mirrors uncomp_cli.calibrate.DEFAULT_STAGE_THRESHOLD (kept here so --help needs no torch import).
+DEFAULT_STAGE_THRESHOLD = 0.02
+STAGE_THRESHOLD_HELP = (
+    "ε: a layer whose mean head entropy (H_k / ln d) is more than this below the previous layer's "
+    "starts a new stage."
+)
 DATA_HELP = (
     "Calibration text: files, folders, globs (quote them: 'essays/*.txt'), JSONL with a 'text' field, "
     "or - for stdin. Repeatable. Default: the built-in source (Python standard library docstrings)."
@@ -146,7 +152,7 @@ def calibrate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the profile (.safetensors).")],
     data_args: Annotated[
         list[str] | None,
-        typer.Argument(metavar="[DATA]...", help="More calibration data (same forms as --data)."),
+        typer.Argument(metavar="DATA", help="More calibration data (same forms as --data)."),
     ] = None,
     model: Annotated[
         str | None,
@@ -154,7 +160,7 @@ def calibrate(
             "--model", "-m", help="Model: name, local folder or .gguf (default: embedded SmolLM2-135M)."
         ),
     ] = None,
-    data: Annotated[list[str] | None, typer.Option("--data", "-d", help=DATA_HELP)] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", "-d", metavar="PATH", help=DATA_HELP)] = None,
     samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 8,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
     groups: Annotated[
@@ -163,12 +169,7 @@ def calibrate(
             help="Head groups per layer, by KV head (default 2, or the number of KV heads if fewer)."
         ),
     ] = None,
-    stage_threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="ε: a layer whose mean head entropy (H_k / ln d) drops by more than this starts a new stage."
-        ),
-    ] = None,
+    stage_threshold: Annotated[float, typer.Option(help=STAGE_THRESHOLD_HELP)] = DEFAULT_STAGE_THRESHOLD,
     rank_k: Annotated[
         int | None, typer.Option(help="Eigenvalues kept in the truncated entropy (default: head size / 4).")
     ] = None,
@@ -181,7 +182,6 @@ def calibrate(
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Measure the truncated matrix entropy of every attention head and save a calibration profile."""
-    from uncomp_cli.calibrate import DEFAULT_STAGE_THRESHOLD
     from uncomp_cli.errors import UncompError
     from uncomp_cli.profile import save_profile
 
@@ -196,7 +196,7 @@ def calibrate(
         samples=samples,
         seq_len=seq_len,
         groups=groups,
-        stage_threshold=DEFAULT_STAGE_THRESHOLD if stage_threshold is None else stage_threshold,
+        stage_threshold=stage_threshold,
         rank_k=rank_k,
         source=source,
         kv_aggregation=kv_aggregation,

@@ -8,7 +8,12 @@ from typing import Annotated
 
 import typer
 
-from uncomp_cli.cli.calibrate_cmd import DATA_HELP, run_calibration
+from uncomp_cli.cli.calibrate_cmd import (
+    DATA_HELP,
+    DEFAULT_STAGE_THRESHOLD,
+    STAGE_THRESHOLD_HELP,
+    run_calibration,
+)
 from uncomp_cli.cli.common import handle_errors, stderr_console
 
 
@@ -26,15 +31,21 @@ def inspect_heads(
         typer.Option(help="Also write a heatmap image (needs matplotlib: pip install 'uncomp[plot]')."),
     ] = None,
     top: Annotated[int, typer.Option(help="How many highest/lowest heads to list.")] = 5,
+    compare: Annotated[
+        Path | None,
+        typer.Option(help="Another profile of the same model: print rank correlations of the two instead."),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option("--model", "-m", help="Calibrate this model on the fly instead of reading a PROFILE."),
     ] = None,
-    data: Annotated[list[str] | None, typer.Option("--data", "-d", help=DATA_HELP)] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", "-d", metavar="PATH", help=DATA_HELP)] = None,
     samples: Annotated[int, typer.Option(help="On the fly: calibration windows.")] = 8,
     seq_len: Annotated[int, typer.Option(help="On the fly: tokens per window.")] = 2048,
     groups: Annotated[int | None, typer.Option(help="On the fly: head groups per layer.")] = None,
-    stage_threshold: Annotated[float | None, typer.Option(help="On the fly: stage threshold ε.")] = None,
+    stage_threshold: Annotated[
+        float, typer.Option(help=f"On the fly: {STAGE_THRESHOLD_HELP}")
+    ] = DEFAULT_STAGE_THRESHOLD,
     rank_k: Annotated[
         int | None, typer.Option(help="On the fly: eigenvalues kept (default head size / 4).")
     ] = None,
@@ -45,16 +56,25 @@ def inspect_heads(
     """Report head entropies as a layers × heads heatmap with groups and stages (or JSON / CSV / PNG).
 
     Give a PROFILE, or --model/--data to compute the report on the fly without saving a profile.
+    With --compare OTHER, print how well the two profiles' head entropies agree (Spearman).
     """
     from rich.console import Console
 
-    from uncomp_cli.calibrate import DEFAULT_STAGE_THRESHOLD
     from uncomp_cli.errors import UncompError
     from uncomp_cli.profile import load_profile
-    from uncomp_cli.report import csv_text, plot_heatmap, render_report, report_dict
+    from uncomp_cli.report import (
+        compare_profiles,
+        comparison_lines,
+        csv_text,
+        plot_heatmap,
+        render_report,
+        report_dict,
+    )
 
     if json_output and csv_output:
         raise UncompError("choose one of --json and --csv")
+    if compare is not None and csv_output:
+        raise UncompError("--compare prints a summary (text or --json), not CSV")
     if top < 0:
         raise UncompError(f"--top must be zero or more (got {top})")
     on_the_fly = model is not None or bool(data)
@@ -65,6 +85,7 @@ def inspect_heads(
     if plot is not None and not plot.parent.is_dir():
         raise UncompError(f"--plot {plot}: folder {plot.parent} does not exist")
 
+    other = load_profile(compare) if compare is not None else None
     if profile_path is not None:
         profile = load_profile(profile_path)
     else:
@@ -74,7 +95,7 @@ def inspect_heads(
             samples=samples,
             seq_len=seq_len,
             groups=groups,
-            stage_threshold=DEFAULT_STAGE_THRESHOLD if stage_threshold is None else stage_threshold,
+            stage_threshold=stage_threshold,
             rank_k=rank_k,
             source=source,
             kv_aggregation="mean",
@@ -85,7 +106,11 @@ def inspect_heads(
     if plot is not None:
         plot_heatmap(profile, plot)
         stderr_console.print(f"wrote {plot}")
-    if json_output:
+    if other is not None:
+        comparison = compare_profiles(profile, other)
+        text = json.dumps(comparison, indent=2) if json_output else "\n".join(comparison_lines(comparison))
+        typer.echo(text)
+    elif json_output:
         typer.echo(json.dumps(report_dict(profile, top), indent=2))
     elif csv_output:
         typer.echo(csv_text(profile), nl=False)
