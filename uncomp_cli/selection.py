@@ -49,20 +49,21 @@ def window_attention(query_window: torch.Tensor, keys: torch.Tensor, key_valid: 
     if rows > n:
         raise UncompError(f"window of {rows} queries is longer than the {n} keys it scores")
     rep = q_heads // kv_heads
-    q = query_window.float().reshape(batch, kv_heads, rep * rows, dim)
-    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # [B, H_kv, rep*w, N]
-    logits = logits.view(batch, kv_heads, rep, rows, n)
-    row_pos = torch.arange(n - rows, n, device=keys.device)
-    visible = torch.arange(n, device=keys.device)[None, :] <= row_pos[:, None]  # [w, N]
-    visible = visible.view(1, 1, 1, rows, n)
+    # Few elementwise passes over [B, H, w, N]: on CPUs they, not the matmul, dominate the cost.
+    q = (query_window.float() * scaling).reshape(batch, kv_heads, rep * rows, dim)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).view(batch, kv_heads, rep, rows, n)
+    lowest = torch.finfo(torch.float32).min  # finite: a row with nothing visible stays finite
     if key_valid is not None:
         kv = key_valid if key_valid.dim() == 3 else key_valid[:, None, :]
-        visible = visible & kv[:, :, None, None, :]
-    # A finite minimum keeps rows with nothing visible (padding) finite; they are zeroed below.
-    logits = logits.masked_fill(~visible, torch.finfo(torch.float32).min)
-    probs = torch.softmax(logits, dim=-1) * visible
+        logits = logits.masked_fill(~kv[:, :, None, None, :], lowest)
+        if query_valid is None and key_valid.dim() == 2:
+            query_valid = key_valid[:, n - rows:]  # the window rows are the last tokens
+    # Causality only concerns the last `rows` keys: row i (token N − w + i) sees up to itself.
+    future = torch.ones(rows, rows, dtype=torch.bool, device=keys.device).triu(1)
+    logits[..., n - rows:] = logits[..., n - rows:].masked_fill(future, lowest)
+    probs = torch.softmax(logits, dim=-1)
     if query_valid is not None:
-        probs = probs * query_valid[:, None, None, :, None]
+        probs = probs * query_valid[:, None, None, :, None]  # padding rows (uniform junk) count 0
     return probs.reshape(batch, q_heads, rows, n)
 
 
