@@ -107,9 +107,11 @@ def _attend_group(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 class GroupedKVLayer(CacheLayerMixin):
     """One decoder layer's grouped cache. ``budgets[h]`` = tokens KV head ``h`` keeps (None = all).
 
-    ``decode_evict``: keep every group at its budget while decoding by evicting, after each step,
-    the tokens with the lowest SnapKV score of the last ``window`` queries (re-scored over the
-    stored tokens each step, as the official code does); otherwise new tokens are appended.
+    ``decode_evict``: keep every group at its budget while decoding, as the official code does:
+    after each step, evict the stored tokens with the lowest SnapKV score. Our rolling score: the
+    layer keeps its last ``window`` queries (a few KiB) and re-scores the stored tokens with them
+    each step, pooled like at prefill; the last ``window`` tokens are never evicted. Without it,
+    new tokens are appended and nothing is evicted.
     """
 
     is_sliding = False

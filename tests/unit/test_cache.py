@@ -279,3 +279,13 @@ def test_the_grouped_attention_refuses_to_run_without_its_cache():
             greedy(model, ids, mask, DynamicCache(config=model.config), steps=0)
     finally:
         model.set_attn_implementation("sdpa")
+
+
+def test_sliding_window_layers_are_refused_with_a_clear_error():
+    model = tiny_model("mistral-gqa")
+    model.config.sliding_window = 16
+    ids, mask = left_padded([20])
+    with pytest.raises(UncompError, match="sliding-window"):
+        with SnapKVPolicy(budget=10_000).attach(model, mask) as cache:
+            greedy(model, ids, mask, cache, steps=0)
+    assert model.config._attn_implementation == "sdpa"

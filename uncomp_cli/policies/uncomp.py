@@ -28,10 +28,13 @@ from uncomp_cli.selection import (
 )
 
 
-@dataclass
+@dataclass(eq=False)  # a tensor field: compare policies by identity
 class UNCompPolicy(CachePolicy):
     """``kv_head_budgets``: int64 [L, H_kv], tokens already resolved for this prompt length.
 
+    ``layer_keep``: one fraction per layer, 1.0 for layer 0, never rising. With it, the prefill
+    forward returns logits only for the tokens that reached the last layer; the last one is still
+    the last prompt token, so ``logits_to_keep=1`` (what the generation loop asks) is unchanged.
     ``decode_evict``: keep each head group at its budget while decoding (the official code's
     behaviour) instead of appending new tokens.
     """
