@@ -314,9 +314,9 @@ class GroupedKVLayer(CacheLayerMixin):
             # window queries line up with them for the causal rule.
             rows = min(window, group.budget, self._query_window.shape[2])
             group_query = _take_heads(self._query_window, group.heads, rep)[:, :, -rows:]
-            probs = window_attention(group_query, group.keys, group.valid, scaling,
-                                     self._query_valid[:, -rows:])
-            scores = self.scorer.score(probs, group.valid, len(group.heads))
+            valid = None if group.all_valid else group.valid
+            probs = window_attention(group_query, group.keys, valid, scaling, self._query_valid[:, -rows:])
+            scores = self.scorer.score(probs, valid, len(group.heads))
             group.take(select_tokens(scores, group.budget, rows))
 
     # -- helpers ---------------------------------------------------------------------------------
