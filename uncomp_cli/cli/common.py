@@ -48,9 +48,8 @@ def handle_errors(command: F) -> F:
 
 def configure_logging() -> None:
     """uncomp's own log lines go to stderr; transformers' progress bars only with ``UNCOMP_DEBUG``."""
-    from rich.logging import RichHandler
-
-    handler = RichHandler(console=stderr_console, show_time=False, show_path=False, markup=False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("uncomp: %(message)s"))
     logger = logging.getLogger("uncomp_cli")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if os.environ.get("UNCOMP_DEBUG") else logging.INFO)

@@ -10,6 +10,14 @@ from typing import Annotated
 import typer
 
 from uncomp_cli.cli.common import handle_errors
+from uncomp_cli.defaults import (
+    DEFAULT_AGGREGATE,
+    DEFAULT_BUDGET,
+    DEFAULT_KERNEL,
+    DEFAULT_METHOD,
+    DEFAULT_POOLING,
+    DEFAULT_WINDOW,
+)
 from uncomp_cli.errors import PromptError
 
 
@@ -104,10 +112,19 @@ def generate(
     input_path: Annotated[str | None, typer.Option("--input", help="JSONL prompts, one {\"prompt\": ...} per line ('-' = stdin); writes JSONL results in input order.")] = None,
     output: Annotated[Path | None, typer.Option(help="With --input: write the JSONL results here (atomically) instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="With --input: prompts per forward pass.")] = 8,
+    method: Annotated[str, typer.Option(help="KV cache: full, snapkv, uncomp.")] = DEFAULT_METHOD,
+    budget: Annotated[str, typer.Option(help="Average KV entries kept per KV head: 5% of the prompt, or tokens (128).")] = DEFAULT_BUDGET,
+    profile: Annotated[Path | None, typer.Option(help="UNComp profile from 'uncomp calibrate' (default: the one cached for the model, calibrated once if missing).")] = None,
+    prefill_compression: Annotated[bool, typer.Option("--prefill-compression/--no-prefill-compression", help="uncomp: later layers see fewer prompt tokens during prefill, per the profile's stages.")] = True,
+    decode_evict: Annotated[bool, typer.Option("--decode-evict", help="Keep each head group at its budget while decoding (evict one entry per new token).")] = False,
+    window: Annotated[int, typer.Option(help="Observation window: the last prompt tokens whose attention scores the others (always kept).")] = DEFAULT_WINDOW,
+    kernel: Annotated[int, typer.Option(help="Pooling kernel over neighbouring positions (odd).")] = DEFAULT_KERNEL,
+    pooling: Annotated[str, typer.Option(help="max or avg.")] = DEFAULT_POOLING,
+    aggregate: Annotated[str, typer.Option(help="How query heads sharing a KV head combine scores: mean or max.")] = DEFAULT_AGGREGATE,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
 ) -> None:
-    """Generate text from a prompt (full KV cache)."""
+    """Generate text from a prompt, with a full or a compressed KV cache."""
     from uncomp_cli.generate import GenerationSettings
     from uncomp_cli.generate import generate as run_generate
     from uncomp_cli.models import load_model
@@ -121,20 +138,25 @@ def generate(
         if prompt is not None or prompt_file is not None:
             raise typer.BadParameter("give prompts either with --input or as a prompt, not both", param_hint="--input")
         batch = read_batch(input_path)
-        loaded = load_model(model, device=device, dtype=dtype)
-        _run_batch(loaded, batch, settings, batch_size, truncate, output, system, raw)
-        return
-    if output is not None:
+    elif output is not None:
         raise typer.BadParameter("--output is for --input batches; redirect stdout instead", param_hint="--output")
-    text = read_prompt(prompt, prompt_file)
+    else:
+        text = read_prompt(prompt, prompt_file)
+    options = dict(budget=budget, window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
+                   decode_evict=decode_evict, prefill_compression=prefill_compression)
+    check_policy_options(method, options)  # before the model loads: bad settings fail fast
     loaded = load_model(model, device=device, dtype=dtype)
+    policy = policy_for(loaded, method, profile, options)
+    if input_path is not None:
+        _run_batch(loaded, batch, settings, batch_size, truncate, output, system, raw, policy)
+        return
     streaming = stream and not json_output
 
     def write(delta: str) -> None:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    result = run_generate(loaded, text, settings, system=system, raw=raw, truncate=truncate,
+    result = run_generate(loaded, text, settings, policy=policy, system=system, raw=raw, truncate=truncate,
                           on_text=write if streaming else None)
     if json_output:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
@@ -144,7 +166,32 @@ def generate(
         typer.echo(result.text)
 
 
-def _run_batch(loaded, batch, settings, batch_size, truncate, output, system, raw) -> None:
+def check_policy_options(method: str, options: dict) -> None:
+    """Build the policy once without a profile so that bad settings fail before the model loads."""
+    from uncomp_cli.policies import make_policy
+    from uncomp_cli.selection import resolve_budget
+
+    if method == "uncomp":
+        make_policy("snapkv", **options)  # the same selection settings
+    else:
+        make_policy(method, **options)
+    if method != "full":
+        resolve_budget(options["budget"], prompt_len=1_000_000, window=options["window"])
+
+
+def policy_for(loaded, method: str, profile_path: Path | None, options: dict):
+    """The cache policy for ``--method``; uncomp brings its profile (given, cached or calibrated)."""
+    from uncomp_cli.policies import make_policy
+    from uncomp_cli.profile_store import profile_for
+
+    if method == "uncomp":
+        return make_policy(method, profile=profile_for(loaded, profile_path), **options)
+    if profile_path is not None:
+        raise typer.BadParameter(f"--profile is for --method uncomp, not {method}", param_hint="--profile")
+    return make_policy(method, **options)
+
+
+def _run_batch(loaded, batch, settings, batch_size, truncate, output, system, raw, policy) -> None:
     """Generate for every line with a progress bar on stderr; write results once, in input order."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -160,7 +207,7 @@ def _run_batch(loaded, batch, settings, batch_size, truncate, output, system, ra
     with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=stderr_console, transient=True) as progress:
         task = progress.add_task("generate", total=len(items))
-        results = generate_batch(loaded, items, settings, batch_size=batch_size, truncate=truncate,
+        results = generate_batch(loaded, items, settings, policy=policy, batch_size=batch_size, truncate=truncate,
                                  on_result=lambda index, result: progress.advance(task))
     lines = "".join(json.dumps({"id": item_id, **result.to_dict()}, ensure_ascii=False) + "\n"
                     for item_id, result in zip(ids, results))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from uncomp_cli.errors import UncompError
@@ -22,11 +23,13 @@ def available_methods() -> list[str]:
 
 
 def make_policy(method: str, **settings) -> CachePolicy:
-    """Build the policy for ``method`` with its settings; unknown names are a user error."""
+    """Build the policy for ``method``; settings it has no field for are ignored (so one set of
+    command-line options serves every method). Unknown names are a user error."""
     try:
         factory = _FACTORIES[method]
     except KeyError:
         raise UncompError(
             f"unknown method {method!r}; available: {', '.join(available_methods())}"
         ) from None
-    return factory(**settings)
+    accepted = {f.name for f in dataclasses.fields(factory) if f.init} if dataclasses.is_dataclass(factory) else None
+    return factory(**{k: v for k, v in settings.items() if accepted is None or k in accepted})

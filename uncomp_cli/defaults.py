@@ -1,0 +1,12 @@
+"""Defaults that the CLI shows in --help without importing torch; the library reads them from here.
+
+Selection defaults were chosen by measurement on the needle test (docs/results.md): on the small
+embedded model a window of 8 / kernel 7 loses the digits of a number that 32 / 21 keeps.
+"""
+
+DEFAULT_METHOD = "full"
+DEFAULT_BUDGET = "10%"
+DEFAULT_WINDOW = 32
+DEFAULT_KERNEL = 21
+DEFAULT_POOLING = "max"
+DEFAULT_AGGREGATE = "mean"
