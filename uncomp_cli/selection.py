@@ -18,15 +18,16 @@ import torch.nn.functional as F
 
 from uncomp_cli.errors import UncompError
 
-# Defaults in one place so a measurement can change them. The official code uses window 8 /
-# kernel 7; on SmolLM2-135M that loses the digits of a needle (kvpress: 0/5 at 5-10 % of the
-# cache) while window 32 / kernel 21 keeps them (4/5). See docs/notes on selection settings.
-DEFAULT_WINDOW = 32
-DEFAULT_KERNEL = 21
-DEFAULT_POOLING = "max"
-DEFAULT_AGGREGATE = "mean"
-#: Tokens per KV head when none is given: a share of the (longest) prompt.
-DEFAULT_BUDGET = "10%"
+# Defaults live in uncomp_cli/defaults.py (torch-free, so --help can show them). The official code
+# uses window 8 / kernel 7; on SmolLM2-135M that loses the digits of a needle (kvpress: 0/5 at
+# 5-10 % of the cache) while window 32 / kernel 21 keeps them. See docs/results.md.
+from uncomp_cli.defaults import (
+    DEFAULT_AGGREGATE,
+    DEFAULT_BUDGET,
+    DEFAULT_KERNEL,
+    DEFAULT_POOLING,
+    DEFAULT_WINDOW,
+)
 #: Query rows whose attention decides hidden-state pruning between layers (official code: 8).
 PRUNE_WINDOW = 8
 
@@ -191,12 +192,13 @@ def select_rows(scores: torch.Tensor, keep: torch.Tensor, window: int = PRUNE_WI
     return ranked.gather(1, order), kept.gather(1, order)
 
 
-def resolve_budget(spec: str | int, prompt_len: int, window: int = DEFAULT_WINDOW) -> int:
+def resolve_budget(spec: str | int, prompt_len: int, window: int = DEFAULT_WINDOW, clip: bool = True) -> int:
     """Tokens kept per KV head for a prompt of ``prompt_len`` tokens.
 
     ``"5%"`` is a share of the prompt (rounded up); ``128`` or ``"128"`` is a token count.
     Bare fractions such as ``0.05`` are refused as ambiguous. A budget larger than the prompt
-    keeps everything (clipped to ``prompt_len``). Raises :class:`UncompError` for 0, negative,
+    keeps everything (clipped to ``prompt_len`` unless ``clip`` is off: an average that a profile
+    spreads over heads is clipped per head instead). Raises :class:`UncompError` for 0, negative,
     over 100 %, or a budget below the observation ``window`` that would still drop tokens.
     """
     text = str(spec).strip()
@@ -216,7 +218,8 @@ def resolve_budget(spec: str | int, prompt_len: int, window: int = DEFAULT_WINDO
                 raise UncompError(f"budget {text} must be at least 1 token")
     except ValueError:
         raise UncompError(f"budget {text!r} is not a token count (128) or a percentage (5%)") from None
-    tokens = min(tokens, prompt_len)
+    if clip:
+        tokens = min(tokens, prompt_len)
     if tokens < min(window, prompt_len):
         raise UncompError(
             f"budget {text} is {tokens} tokens for this {prompt_len}-token prompt, below the "

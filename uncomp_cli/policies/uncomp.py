@@ -82,7 +82,7 @@ class UNCompPolicy(CachePolicy):
         else:
             self.profile.check_model(config)
             prompt_len = int(attention_mask.sum(-1).max())
-            average = resolve_budget(self.budget, prompt_len, self.window)
+            average = resolve_budget(self.budget, prompt_len, self.window, clip=False)  # clipped per head
             keep = self.profile.layer_keep_fraction() if self.prefill_compression else None
             reach = prompt_len if keep is None else torch.ceil(keep.double() * prompt_len).long()
             profile = self.profile
@@ -108,7 +108,11 @@ class UNCompPolicy(CachePolicy):
         ``last_stats`` fills in during prefill (``prefill_tokens_per_layer``)."""
         budgets, layer_keep = self.resolve(model, attention_mask)
         cache = GroupedKVCache.from_budgets(budgets, self.scorer, self.decode_evict)
-        self.last_stats = {"kv_budget_tokens_mean": round(float(budgets.float().mean()), 2)}
+        prompt_len = int(attention_mask.sum(-1).max())
+        self.last_stats = {"kv_budget_tokens_mean": round(float(budgets.float().mean()), 2),
+                           "prefill_tokens_per_layer": [prompt_len] * len(budgets)}  # pruning rewrites it
+        if self.profile is not None:
+            self.last_stats["layer_stage"] = self.profile.layer_stage.tolist()
         with contextlib.ExitStack() as stack:
             stack.enter_context(use_grouped_cache(model, cache))
             if layer_keep is not None:
