@@ -32,8 +32,11 @@ def _root(
 
 
 # Commands register themselves here, one module each.
-from uncomp_cli.cli import generate_cmd  # noqa: E402
-from uncomp_cli.cli import calibrate_cmd, inspect_cmd  # noqa: E402
+from uncomp_cli.cli import (  # noqa: E402
+    calibrate_cmd,
+    generate_cmd,
+    inspect_cmd,
+)
 
 app.command("generate")(generate_cmd.generate)
 app.command("calibrate")(calibrate_cmd.calibrate)
