@@ -249,7 +249,8 @@ class GroupedKVLayer(CacheLayerMixin):
             query_valid = None if valid is None else valid[:, -rows:]
             probs = window_attention(query[:, :, -rows:], keys, valid, scaling, query_valid)
             if self.want_prune_scores:
-                self.prune_scores = prune_scores(probs)
+                self.prune_scores = prune_scores(probs, self.scorer.window, self.scorer.kernel,
+                                                 self.scorer.pooling, valid)
             if compress:
                 scores = self.scorer.score(probs, valid, keys.shape[1])
             if self.decode_evict:

@@ -28,7 +28,7 @@ from uncomp_cli.defaults import (
     DEFAULT_POOLING,
     DEFAULT_WINDOW,
 )
-#: Query rows whose attention decides hidden-state pruning between layers (official code: 8).
+#: Most recent tokens that hidden-state pruning always carries on (the official code's window: 8).
 PRUNE_WINDOW = 8
 
 POOLINGS = ("max", "avg")
@@ -138,10 +138,15 @@ def window_scores(query_window: torch.Tensor, keys: torch.Tensor, key_valid: tor
     return snapkv_scores(probs, key_valid, keys.shape[1], rows, kernel, pooling, aggregate)
 
 
-def prune_scores(window_probs: torch.Tensor, rows: int = PRUNE_WINDOW) -> torch.Tensor:
+def prune_scores(window_probs: torch.Tensor, rows: int = DEFAULT_WINDOW, kernel: int = DEFAULT_KERNEL,
+                 pooling: str = DEFAULT_POOLING, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden-state pruning score: probabilities of the last ``rows`` queries summed over rows and
-    all heads, no pooling (official code). [B, H_q, r, N] -> [B, N]."""
-    return window_probs[:, :, -rows:].sum(dim=(1, 2))
+    all heads, then pooled like the KV selection. [B, H_q, r, N] -> [B, N].
+
+    The official code sums the last 8 rows without pooling; on SmolLM2-135M that drops the digits
+    of a needle piecemeal, while the KV selection's window and pooling keep them (docs/results.md).
+    """
+    return pool_scores(window_probs[:, :, -rows:].sum(dim=(1, 2)), kernel, pooling, valid)
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

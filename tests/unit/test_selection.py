@@ -115,7 +115,10 @@ def test_select_rows_never_forces_padding_inside_the_window():
 
 def test_prune_scores_sum_rows_and_heads():
     probs = torch.rand(2, 3, 10, 7)
-    torch.testing.assert_close(prune_scores(probs, rows=8), probs[:, :, -8:].sum((1, 2)))
+    summed = probs[:, :, -8:].sum((1, 2))
+    torch.testing.assert_close(prune_scores(probs, rows=8, kernel=1), summed)  # the official score
+    pooled = torch.nn.functional.max_pool1d(summed[:, None], 3, stride=1, padding=1)[:, 0]
+    torch.testing.assert_close(prune_scores(probs, rows=8, kernel=3, pooling="max"), pooled)
 
 
 def test_snapkv_scores_mask_invalid_keys_and_match_window_scores():

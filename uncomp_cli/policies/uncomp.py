@@ -10,12 +10,14 @@ decided online from attention scores, SnapKV-style.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from uncomp_cli.cache import GroupedKVCache, use_grouped_cache
+from uncomp_cli.defaults import FIRST_PRUNED_LAYER_FRACTION
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.prefill import HiddenStatePruner, validate_layer_keep
@@ -38,7 +40,8 @@ class UNCompPolicy(CachePolicy):
     of the prompt — of the longest row in a batch — or ``128`` tokens) is the average per KV head,
     spread over the heads by the profile's group shares (``uniform_heads``: every head gets the
     average, an ablation); layers keep the profile's stage fractions of the prompt during prefill
-    unless ``prefill_compression`` is off; every budget is clipped to the tokens that reach its layer.
+    unless ``prefill_compression`` is off, never before a quarter of the layers
+    (``FIRST_PRUNED_LAYER_FRACTION``: early layers attend by position, not by content); every budget is clipped to the tokens that reach its layer.
 
     Directly: ``kv_head_budgets`` int64 [L, H_kv] in tokens and ``layer_keep`` (one fraction per
     layer, 1.0 for layer 0, never rising; None = no pruning), already resolved for the prompt.
@@ -83,7 +86,9 @@ class UNCompPolicy(CachePolicy):
             self.profile.check_model(config)
             prompt_len = int(attention_mask.sum(-1).max())
             average = resolve_budget(self.budget, prompt_len, self.window, clip=False)  # clipped per head
-            keep = self.profile.layer_keep_fraction() if self.prefill_compression else None
+            keep = self.profile.layer_keep_fraction().clone() if self.prefill_compression else None
+            if keep is not None:
+                keep[: max(1, math.ceil(FIRST_PRUNED_LAYER_FRACTION * len(keep)))] = 1.0
             reach = prompt_len if keep is None else torch.ceil(keep.double() * prompt_len).long()
             profile = self.profile
             if self.uniform_heads:
