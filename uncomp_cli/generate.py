@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from uncomp_cli.cache import cache_nbytes
 from uncomp_cli.errors import UncompError
 from uncomp_cli.models import LoadedModel
 from uncomp_cli.policies.base import CachePolicy
@@ -184,25 +185,13 @@ def generate_ids(
             tokens=rows,
             prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds,
-            kv_cache_bytes=kv_cache_bytes(cache),
+            kv_cache_bytes=cache_nbytes(cache),
             full_kv_cache_bytes=full_kv_cache_bytes(model.config, batch, attention_mask.shape[-1], model.dtype),
             stats=stats,
         )
 
 
 # -- memory accounting ----------------------------------------------------------------------------
-
-
-def kv_cache_bytes(cache) -> int:
-    """Bytes of key/value tensors the cache holds now (a compressed layer reports its own)."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        if hasattr(layer, "nbytes"):
-            total += int(layer.nbytes())
-        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-            total += layer.keys.numel() * layer.keys.element_size()
-            total += layer.values.numel() * layer.values.element_size()
-    return total
 
 
 def full_kv_cache_bytes(config, batch: int, tokens: int, dtype: torch.dtype) -> int:

@@ -7,12 +7,12 @@ import torch
 from conftest import TINY_SHAPES, tiny_model, tiny_tokenizer
 from transformers import DynamicCache
 
+from uncomp_cli.cache import cache_nbytes
 from uncomp_cli.generate import (
     GenerationSettings,
     TextStream,
     full_kv_cache_bytes,
     generate_ids,
-    kv_cache_bytes,
     pick_tokens,
 )
 
@@ -80,7 +80,7 @@ def test_full_cache_bytes_match_the_formula():
     assert out.full_kv_cache_bytes == cfg.num_hidden_layers * cfg.num_key_value_heads * seen * cfg.head_dim * 2 * 4
     assert out.kv_cache_bytes == out.full_kv_cache_bytes
     cache = DynamicCache(config=cfg)
-    assert kv_cache_bytes(cache) == 0
+    assert cache_nbytes(cache) == 0
     assert full_kv_cache_bytes(cfg, 2, 10, torch.bfloat16) == cfg.num_hidden_layers * 2 * 2 * 10 * 16 * 2 * 2
 
 
