@@ -212,11 +212,14 @@ def _from_pretrained(location: str, dtype: torch.dtype, device: torch.device, hu
     except (OSError, ValueError):
         pass
     if not _hub_reachable():
-        raise ModelNotFoundError(f"cannot download {location!r}: the Hugging Face hub is not reachable; {_ALTERNATIVES}")
+        raise ModelNotFoundError(
+            f"cannot download {location!r}: the Hugging Face hub is not reachable; {_ALTERNATIVES}"
+        )
     try:
         return load()
     except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"cannot load {location!r} from the Hugging Face hub: {str(exc).splitlines()[0]}") from exc
+        first_line = str(exc).splitlines()[0]
+        raise ModelNotFoundError(f"cannot load {location!r} from the Hugging Face hub: {first_line}") from exc
 
 
 def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:

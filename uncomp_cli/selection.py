@@ -16,18 +16,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from uncomp_cli.errors import UncompError
-
 # Defaults live in uncomp_cli/defaults.py (torch-free, so --help can show them). The official code
 # uses window 8 / kernel 7; on SmolLM2-135M that loses the digits of a needle (kvpress: 0/5 at
 # 5-10 % of the cache) while window 32 / kernel 21 keeps them. See docs/results.md.
 from uncomp_cli.defaults import (
     DEFAULT_AGGREGATE,
-    DEFAULT_BUDGET,
     DEFAULT_KERNEL,
     DEFAULT_POOLING,
     DEFAULT_WINDOW,
 )
+from uncomp_cli.errors import UncompError
+
 #: Most recent tokens that hidden-state pruning always carries on (the official code's window: 8).
 PRUNE_WINDOW = 8
 

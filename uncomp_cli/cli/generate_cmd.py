@@ -86,8 +86,15 @@ def read_batch(source: str) -> list:
         limit = record.get("max_new_tokens")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise PromptError(f"{name} line {number}: 'max_new_tokens' must be a positive integer")
-        items.append(BatchItem(prompt=record["prompt"], system=record.get("system"), raw=bool(record.get("raw")),
-                               max_new_tokens=limit, label=f"{name} line {number}"))
+        items.append(
+            BatchItem(
+                prompt=record["prompt"],
+                system=record.get("system"),
+                raw=bool(record.get("raw")),
+                max_new_tokens=limit,
+                label=f"{name} line {number}",
+            )
+        )
         ids.append(record.get("id", number))
     if not items:
         raise PromptError(f"{name} has no prompts")
@@ -96,10 +103,16 @@ def read_batch(source: str) -> list:
 
 @handle_errors
 def generate(
-    prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads stdin. Piped stdin is joined to it.")] = None,
+    prompt: Annotated[
+        str | None, typer.Argument(help="The prompt; '-' reads stdin. Piped stdin is joined to it.")
+    ] = None,
     prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", envvar="UNCOMP_MODEL",
-                                              help="smollm2-135m (default), a model folder, a .gguf, or a hub id.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", envvar="UNCOMP_MODEL", help="smollm2-135m (default), a model folder, a .gguf, or a hub id."
+        ),
+    ] = None,
     system: Annotated[str | None, typer.Option(help="System message (chat models).")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Pass the prompt exactly as given: no chat template.")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
@@ -108,19 +121,55 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     truncate: Annotated[str, typer.Option(help="none: error on over-long prompts; middle: cut the middle.")] = "none",
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print text as it is generated.")] = True,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with text and statistics.")] = False,
-    input_path: Annotated[str | None, typer.Option("--input", help="JSONL prompts, one {\"prompt\": ...} per line ('-' = stdin); writes JSONL results in input order.")] = None,
-    output: Annotated[Path | None, typer.Option(help="With --input: write the JSONL results here (atomically) instead of stdout.")] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with text and statistics.")
+    ] = False,
+    input_path: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            help="JSONL prompts, one {\"prompt\": ...} per line ('-' = stdin); writes JSONL results in input order.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="With --input: write the JSONL results here (atomically) instead of stdout.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="With --input: prompts per forward pass.")] = 8,
     method: Annotated[str, typer.Option(help="KV cache: full, snapkv, uncomp.")] = DEFAULT_METHOD,
-    budget: Annotated[str, typer.Option(help="Average KV entries kept per KV head: 5% of the prompt, or tokens (128).")] = DEFAULT_BUDGET,
-    profile: Annotated[Path | None, typer.Option(help="UNComp profile from 'uncomp calibrate' (default: the one cached for the model, calibrated once if missing).")] = None,
-    prefill_compression: Annotated[bool, typer.Option("--prefill-compression/--no-prefill-compression", help="uncomp: later layers see fewer prompt tokens during prefill, per the profile's stages.")] = True,
-    decode_evict: Annotated[bool, typer.Option("--decode-evict", help="Keep each head group at its budget while decoding (evict one entry per new token).")] = False,
-    window: Annotated[int, typer.Option(help="Observation window: the last prompt tokens whose attention scores the others (always kept).")] = DEFAULT_WINDOW,
+    budget: Annotated[
+        str, typer.Option(help="Average KV entries kept per KV head: 5% of the prompt, or tokens (128).")
+    ] = DEFAULT_BUDGET,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="UNComp profile from 'uncomp calibrate' "
+            "(default: the one cached for the model, calibrated once if missing)."
+        ),
+    ] = None,
+    prefill_compression: Annotated[
+        bool,
+        typer.Option(
+            "--prefill-compression/--no-prefill-compression",
+            help="uncomp: later layers see fewer prompt tokens during prefill, per the profile's stages.",
+        ),
+    ] = True,
+    decode_evict: Annotated[
+        bool,
+        typer.Option(
+            "--decode-evict", help="Keep each head group at its budget while decoding (evict one entry per new token)."
+        ),
+    ] = False,
+    window: Annotated[
+        int,
+        typer.Option(
+            help="Observation window: the last prompt tokens whose attention scores the others (always kept)."
+        ),
+    ] = DEFAULT_WINDOW,
     kernel: Annotated[int, typer.Option(help="Pooling kernel over neighbouring positions (odd).")] = DEFAULT_KERNEL,
     pooling: Annotated[str, typer.Option(help="max or avg.")] = DEFAULT_POOLING,
-    aggregate: Annotated[str, typer.Option(help="How query heads sharing a KV head combine scores: mean or max.")] = DEFAULT_AGGREGATE,
+    aggregate: Annotated[
+        str, typer.Option(help="How query heads sharing a KV head combine scores: mean or max.")
+    ] = DEFAULT_AGGREGATE,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
 ) -> None:
@@ -142,8 +191,15 @@ def generate(
         raise typer.BadParameter("--output is for --input batches; redirect stdout instead", param_hint="--output")
     else:
         text = read_prompt(prompt, prompt_file)
-    options = dict(budget=budget, window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
-                   decode_evict=decode_evict, prefill_compression=prefill_compression)
+    options = dict(
+        budget=budget,
+        window=window,
+        kernel=kernel,
+        pooling=pooling,
+        aggregate=aggregate,
+        decode_evict=decode_evict,
+        prefill_compression=prefill_compression,
+    )
     check_policy_options(method, options)  # before the model loads: bad settings fail fast
     loaded = load_model(model, device=device, dtype=dtype)
     policy = policy_for(loaded, method, profile, options)
@@ -156,8 +212,16 @@ def generate(
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    result = run_generate(loaded, text, settings, policy=policy, system=system, raw=raw, truncate=truncate,
-                          on_text=write if streaming else None)
+    result = run_generate(
+        loaded,
+        text,
+        settings,
+        policy=policy,
+        system=system,
+        raw=raw,
+        truncate=truncate,
+        on_text=write if streaming else None,
+    )
     if json_output:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
     elif streaming:
@@ -204,13 +268,28 @@ def _run_batch(loaded, batch, settings, batch_size, truncate, output, system, ra
     for item in items:  # command-line defaults for what a line does not set
         item.system = item.system if item.system is not None else system
         item.raw = item.raw or raw
-    with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=stderr_console, transient=True) as progress:
+    with Progress(
+        TextColumn("generating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=stderr_console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("generate", total=len(items))
-        results = generate_batch(loaded, items, settings, policy=policy, batch_size=batch_size, truncate=truncate,
-                                 on_result=lambda index, result: progress.advance(task))
-    lines = "".join(json.dumps({"id": item_id, **result.to_dict()}, ensure_ascii=False) + "\n"
-                    for item_id, result in zip(ids, results))
+        results = generate_batch(
+            loaded,
+            items,
+            settings,
+            policy=policy,
+            batch_size=batch_size,
+            truncate=truncate,
+            on_result=lambda index, result: progress.advance(task),
+        )
+    lines = "".join(
+        json.dumps({"id": item_id, **result.to_dict()}, ensure_ascii=False) + "\n"
+        for item_id, result in zip(ids, results)
+    )
     if output is not None:
         atomic_write(output, lines)
     else:

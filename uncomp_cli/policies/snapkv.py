@@ -14,16 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from uncomp_cli.cache import GroupedKVCache, use_grouped_cache
+from uncomp_cli.defaults import DEFAULT_AGGREGATE, DEFAULT_BUDGET, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAULT_WINDOW
 from uncomp_cli.policies.base import CachePolicy
-from uncomp_cli.selection import (
-    DEFAULT_AGGREGATE,
-    DEFAULT_BUDGET,
-    DEFAULT_KERNEL,
-    DEFAULT_POOLING,
-    DEFAULT_WINDOW,
-    SnapKVScorer,
-    resolve_budget,
-)
+from uncomp_cli.selection import SnapKVScorer, resolve_budget
 
 
 @dataclass

@@ -41,7 +41,8 @@ class UNCompPolicy(CachePolicy):
     spread over the heads by the profile's group shares (``uniform_heads``: every head gets the
     average, an ablation); layers keep the profile's stage fractions of the prompt during prefill
     unless ``prefill_compression`` is off, never before a quarter of the layers
-    (``FIRST_PRUNED_LAYER_FRACTION``: early layers attend by position, not by content); every budget is clipped to the tokens that reach its layer.
+    (``FIRST_PRUNED_LAYER_FRACTION``: early layers attend by position, not by content); every
+    budget is clipped to the tokens that reach its layer.
 
     Directly: ``kv_head_budgets`` int64 [L, H_kv] in tokens and ``layer_keep`` (one fraction per
     layer, 1.0 for layer 0, never rising; None = no pruning), already resolved for the prompt.
