@@ -4,11 +4,11 @@
 
 One process loads the model once, warms up, then alternates a bare pass over all windows (the
 same ``model(input_ids, use_cache=False, logits_to_keep=1)`` call calibration makes, with stock
-SDPA) and a full calibration, ``--rounds`` times each. Times are the fastest round of each (others
-may be using the CPU); the time spent inside the entropy computation is also reported on its own,
-which other processes disturb far less than the wall-clock difference. Memory: Linux resets the
-process's peak RSS (VmHWM) before each phase via /proc/self/clear_refs, so each phase's peak is
-its own. Prints one JSON object.
+SDPA) and a full calibration, ``--rounds`` times each. Times (wall clock and process CPU) are the
+fastest round of each (others may be using the CPU); the time spent inside the entropy
+computation is also reported on its own. Memory: Linux resets the process's peak RSS (VmHWM)
+before each phase via /proc/self/clear_refs, so each phase's peak is its own. Prints one JSON
+object.
 """
 
 from __future__ import annotations
@@ -46,13 +46,18 @@ def reset_peak() -> None:
 
 
 def phase(run) -> dict:
-    """Run ``run()``; return seconds, RSS before, and the peak RSS during it (MiB)."""
+    """Run ``run()``; return wall and CPU seconds, RSS before, and the peak RSS during it (MiB)."""
     before = status_kib("VmRSS")
     reset_peak()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     run()
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "rss_before_mib": before / 1024, "peak_mib": status_kib("VmHWM") / 1024}
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "rss_before_mib": before / 1024,
+        "peak_mib": status_kib("VmHWM") / 1024,
+    }
 
 
 def main() -> None:
@@ -69,9 +74,7 @@ def main() -> None:
 
     loaded = load_model(args.model, device="cpu", dtype="float32")
     model = loaded.model
-    text = (
-        read_texts(args.data) if args.data else builtin_texts(args.samples * args.seq_len, loaded.tokenizer)
-    )
+    text = read_texts(args.data) if args.data else builtin_texts(args.samples * args.seq_len, loaded.tokenizer)
     windows = token_windows(text, loaded.tokenizer, args.samples, args.seq_len)
     shape = ModelShape.from_config(model.config)
     rss_loaded = status_kib("VmRSS") / 1024
@@ -110,6 +113,7 @@ def main() -> None:
         entropy_per_round.append(entropy_seconds[0])
 
     best = {name: min(r["seconds"] for r in rounds) for name, rounds in runs.items()}
+    best_cpu = {name: min(r["cpu_seconds"] for r in rounds) for name, rounds in runs.items()}
     peak = {name: max(r["peak_mib"] for r in rounds) for name, rounds in runs.items()}
     parameters_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / MIB
     layer_queries = shape.num_heads * args.seq_len * shape.head_dim
@@ -131,6 +135,9 @@ def main() -> None:
                 "bare_seconds": round(best["bare"], 2),
                 "calibrate_seconds": round(best["calibrate"], 2),
                 "entropy_overhead": round(best["calibrate"] / best["bare"] - 1, 4),
+                "bare_cpu_seconds": round(best_cpu["bare"], 2),
+                "calibrate_cpu_seconds": round(best_cpu["calibrate"], 2),
+                "entropy_overhead_cpu": round(best_cpu["calibrate"] / best_cpu["bare"] - 1, 4),
                 "entropy_seconds_inside_calibration": round(min(entropy_per_round), 2),
                 "entropy_share_of_bare": round(min(entropy_per_round) / best["bare"], 4),
                 "all_rounds_seconds": {k: [round(r["seconds"], 2) for r in v] for k, v in runs.items()},

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from uncomp_cli import __version__
 from uncomp_cli.calibration_data import CalibrationWindows
 from uncomp_cli.entropy import ENTROPY_SOURCES, check_rank_k, default_rank_k, normalized_truncated_entropy
 from uncomp_cli.errors import UncompError
@@ -257,8 +258,6 @@ def calibrate(
     layer_entropy = head_entropy.mean(-1)
     layer_stage, keep = layer_stages(layer_entropy, stage_threshold)
     kv_group, votes = kv_head_groups(sample_kv, groups)
-    from uncomp_cli import __version__
-
     return Profile(
         model=model_name,
         model_fingerprint=model_fingerprint(model.config),
