@@ -146,16 +146,12 @@ def kv_head_groups(sample_kv_entropy: torch.Tensor, groups: int) -> tuple[torch.
     """
     heads = sample_kv_entropy.shape[-1]
     if not 1 <= groups <= heads:
-        raise UncompError(
-            f"--groups {groups} is not possible with {heads} KV heads per layer; use 1 to {heads}"
-        )
+        raise UncompError(f"--groups {groups} is not possible with {heads} KV heads per layer; use 1 to {heads}")
     labels = rank_labels(sample_kv_entropy, groups)  # [S, L, H_kv]
     votes = torch.nn.functional.one_hot(labels, groups).sum(0).to(torch.int64)  # [L, H_kv, G]
     mean_label = labels.double().mean(0)  # [L, H_kv]
     by_entropy = sample_kv_entropy.double().mean(0).argsort(dim=-1, stable=True)
-    by_label_then_entropy = by_entropy.gather(
-        -1, mean_label.gather(-1, by_entropy).argsort(dim=-1, stable=True)
-    )
+    by_label_then_entropy = by_entropy.gather(-1, mean_label.gather(-1, by_entropy).argsort(dim=-1, stable=True))
     return _labels_from_order(by_label_then_entropy, groups), votes
 
 
@@ -167,9 +163,7 @@ class EntropyRecorder:
     current forward pass, averaged over the batch.
     """
 
-    def __init__(
-        self, shape: ModelShape, source: str, rank_k: int, on_layer: Callable[[], None] | None = None
-    ):
+    def __init__(self, shape: ModelShape, source: str, rank_k: int, on_layer: Callable[[], None] | None = None):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         self._attend = sdpa_attention_forward
@@ -308,18 +302,14 @@ def resolve_settings(
     if source not in ENTROPY_SOURCES:
         raise UncompError(f"unknown entropy source {source!r}; choose one of {', '.join(ENTROPY_SOURCES)}")
     if kv_aggregation not in KV_AGGREGATIONS:
-        raise UncompError(
-            f"unknown KV-head aggregation {kv_aggregation!r}; choose one of {', '.join(KV_AGGREGATIONS)}"
-        )
+        raise UncompError(f"unknown KV-head aggregation {kv_aggregation!r}; choose one of {', '.join(KV_AGGREGATIONS)}")
     if not stage_threshold >= 0:
         raise UncompError(f"--stage-threshold must be zero or positive (got {stage_threshold})")
     rank_k = check_rank_k(rank_k if rank_k is not None else default_rank_k(shape.head_dim), shape.head_dim)
     groups = groups if groups is not None else min(DEFAULT_GROUPS, shape.num_kv_heads)
     if not 1 <= groups <= shape.num_kv_heads:
         heads = shape.num_kv_heads
-        raise UncompError(
-            f"--groups {groups} is not possible with {heads} KV heads per layer; use 1 to {heads}"
-        )
+        raise UncompError(f"--groups {groups} is not possible with {heads} KV heads per layer; use 1 to {heads}")
     return groups, rank_k
 
 

@@ -171,9 +171,7 @@ def _describe(files: list[Path], used_stdin: bool, chars: int) -> str:
     if files:
         parents = {str(f.parent) for f in files}
         where = f" in {parents.pop()}" if len(parents) == 1 else ""
-        parts.append(
-            f"{len(files)} file{'s' if len(files) != 1 else ''}{where}" if len(files) > 1 else str(files[0])
-        )
+        parts.append(f"{len(files)} file{'s' if len(files) != 1 else ''}{where}" if len(files) > 1 else str(files[0]))
     if used_stdin:
         parts.append("stdin")
     return f"{' + '.join(parts)} ({chars:,} characters)"
@@ -214,17 +212,11 @@ def builtin_texts(min_tokens: int, tokenizer: Any | None = None) -> CalibrationT
     for doc in iter_builtin_documents():
         documents.append(doc)
         chars += len(doc)
-        tokens += (
-            len(tokenizer(doc, add_special_tokens=False)["input_ids"])
-            if tokenizer is not None
-            else len(doc) // 4
-        )
+        tokens += len(tokenizer(doc, add_special_tokens=False)["input_ids"]) if tokenizer is not None else len(doc) // 4
         if tokens >= wanted:
             break
     if not documents:
-        raise UncompError(
-            f"no Python standard library sources found under {builtin_source_root()}; pass --data"
-        )
+        raise UncompError(f"no Python standard library sources found under {builtin_source_root()}; pass --data")
     version = ".".join(str(v) for v in sys.version_info[:3])
     return CalibrationText(
         tuple(documents), f"built-in: Python {version} standard library docstrings ({chars:,} characters)"
@@ -242,9 +234,7 @@ def token_windows(text: CalibrationText, tokenizer: Any, samples: int, seq_len: 
     prefix = _special_prefix(tokenizer)
     body = seq_len - len(prefix)
     if body < 1:
-        raise UncompError(
-            f"--seq-len {seq_len} leaves no room after the tokenizer's {len(prefix)} special tokens"
-        )
+        raise UncompError(f"--seq-len {seq_len} leaves no room after the tokenizer's {len(prefix)} special tokens")
     stream = _token_stream(text.documents, tokenizer)
     available = len(stream) // body
     if available < samples:

@@ -52,9 +52,7 @@ def covariance_spectrum(states: torch.Tensor) -> torch.Tensor:
     Returns ``[..., d]`` float64, sorted descending, summing to 1 + d·1e-10.
     """
     if states.ndim < 2:
-        raise UncompError(
-            f"states must have at least 2 dimensions [..., tokens, head_dim], got {tuple(states.shape)}"
-        )
+        raise UncompError(f"states must have at least 2 dimensions [..., tokens, head_dim], got {tuple(states.shape)}")
     x = states.detach().to(torch.float64)
     centred = x - x.mean(dim=-2, keepdim=True)
     unit = centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-300)

@@ -220,9 +220,7 @@ class Profile:
         """Each KV head's multiple of the average budget. Returns ``[L, H_kv]`` float32."""
         return self.group_budget_share[self.kv_head_group]
 
-    def kv_head_budgets(
-        self, avg_budget: float, prompt_len: int | Sequence[int] | torch.Tensor
-    ) -> torch.Tensor:
+    def kv_head_budgets(self, avg_budget: float, prompt_len: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Spread an average per-KV-head budget (tokens) over the heads by their group shares.
 
         prompt_len: the number of tokens a layer holds — one int, or ``[L]`` when layers keep
@@ -381,9 +379,7 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
             _check_version(path, meta.get("format_version"))
             missing = [name for name in TENSOR_NAMES if name not in names]
             if missing:
-                raise ProfileError(
-                    f"{path}: profile is missing tensor '{missing[0]}' (corrupt or incomplete file)"
-                )
+                raise ProfileError(f"{path}: profile is missing tensor '{missing[0]}' (corrupt or incomplete file)")
             tensors = {name: handle.get_tensor(name) for name in TENSOR_NAMES}
     except ProfileError:
         raise
@@ -397,9 +393,7 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
         try:
             fields[key] = parse(meta[key])
         except ValueError:
-            raise ProfileError(
-                f"{path}: profile metadata '{key}' has an invalid value {meta[key]!r}"
-            ) from None
+            raise ProfileError(f"{path}: profile metadata '{key}' has an invalid value {meta[key]!r}") from None
     profile = Profile(**fields, **tensors)
     profile.validate(str(path))
     return profile
@@ -412,8 +406,7 @@ def _check_version(path: Path, version: str | None) -> None:
         raise ProfileError(f"{path}: profile format_version {version!r} is not a number") from None
     if number > FORMAT_VERSION:
         raise ProfileError(
-            f"{path} has profile format version {number}; "
-            f"this uncomp reads up to {FORMAT_VERSION} — upgrade uncomp"
+            f"{path} has profile format version {number}; this uncomp reads up to {FORMAT_VERSION} — upgrade uncomp"
         )
     if number < 1:
         raise ProfileError(f"{path}: profile format_version {number} is invalid")

@@ -163,10 +163,7 @@ def compare_profiles(a: Profile, b: Profile) -> dict[str, Any]:
     stage per layer.
     """
     if a.shape != b.shape:
-        raise UncompError(
-            f"the profiles are for different models: {a.model} ({a.num_layers} × {a.num_heads} heads) "
-            f"vs {b.model} ({b.num_layers} × {b.num_heads} heads)"
-        )
+        raise UncompError(f"the profiles are for different models: {_geometry(a)} vs {_geometry(b)}")
     within = [spearman(a.head_entropy[layer], b.head_entropy[layer]) for layer in range(a.num_layers)]
     within = [v for v in within if not math.isnan(v)]
     return {
@@ -192,6 +189,10 @@ def compare_profiles(a: Profile, b: Profile) -> dict[str, Any]:
         "same_stages": bool(torch.equal(a.layer_stage, b.layer_stage)),
         "stages": [a.num_stages, b.num_stages],
     }
+
+
+def _geometry(p: Profile) -> str:
+    return f"{p.model} ({p.num_layers} layers × {p.num_heads} query heads / {p.num_kv_heads} KV heads)"
 
 
 def _origin(p: Profile) -> dict[str, Any]:
@@ -267,9 +268,7 @@ def heatmap_table(profile: Profile) -> Table:
 
 
 def _stage_ends(profile: Profile, layer: int) -> bool:
-    return layer + 1 < profile.num_layers and int(profile.layer_stage[layer + 1]) != int(
-        profile.layer_stage[layer]
-    )
+    return layer + 1 < profile.num_layers and int(profile.layer_stage[layer + 1]) != int(profile.layer_stage[layer])
 
 
 def _extremes_table(title: str, rows: list[HeadRow]) -> Table:
@@ -299,8 +298,7 @@ def render_report(profile: Profile, console: Console, count: int = 5) -> None:
         (profile.model, "bold"),
         f": {profile.num_layers} layers × {profile.num_heads} query heads ({profile.num_kv_heads} KV heads), "
         f"head size {profile.head_dim}\n",
-        f"entropy: {profile.entropy_source} states, "
-        f"H_{profile.entropy_rank_k} / ln {profile.head_dim} (cells ×100)\n",
+        f"entropy: {profile.entropy_source} states, H_{profile.entropy_rank_k} / ln {profile.head_dim} (cells ×100)\n",
         f"data: {profile.samples} × {profile.seq_len} tokens of {profile.calibration_data}\n",
         f"stages (ε = {profile.stage_threshold:g}): {stages}\n",
         f"groups: {profile.groups} per layer by KV head (g; 0 = lowest), budget shares {shares}",
@@ -334,9 +332,7 @@ def plot_heatmap(profile: Profile, path: str | Path) -> Path:
     if not path.parent.is_dir():
         raise UncompError(f"cannot write {path}: folder {path.parent} does not exist")
     per_kv = profile.num_heads // profile.num_kv_heads
-    figure = Figure(
-        figsize=(max(6.0, 0.45 * profile.num_heads + 3), max(4.5, 0.25 * profile.num_layers + 1.5))
-    )
+    figure = Figure(figsize=(max(6.0, 0.45 * profile.num_heads + 3), max(4.5, 0.25 * profile.num_layers + 1.5)))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(profile.head_entropy.numpy(), aspect="auto", cmap="coolwarm", interpolation="nearest")

@@ -71,9 +71,7 @@ def assert_one_line_error(result, message: str) -> None:
 
 def test_calibrate_writes_a_profile_and_prints_a_summary(tmp_path, loads, text_file):
     out = tmp_path / "tiny.safetensors"
-    result = invoke(
-        "calibrate", "--data", text_file, "--samples", 3, "--seq-len", 64, "--out", out, "--model", "tiny"
-    )
+    result = invoke("calibrate", "--data", text_file, "--samples", 3, "--seq-len", 64, "--out", out, "--model", "tiny")
     assert result.exit_code == 0, result.output
     profile = load_profile(out)
     assert (profile.samples, profile.seq_len, profile.num_layers, profile.num_kv_heads) == (3, 64, 4, 2)
@@ -176,9 +174,7 @@ def test_missing_and_binary_data(tmp_path, loads):
 def test_settings_the_model_cannot_take(tmp_path, loads, text_file):
     out = tmp_path / "p.safetensors"
     base = ["calibrate", "--data", text_file, "--samples", 2, "--seq-len", 32, "--out", out]
-    assert_one_line_error(
-        invoke(*base, "--rank-k", 17), "--rank-k 17 is larger than the head size 16; use 1 to 16"
-    )
+    assert_one_line_error(invoke(*base, "--rank-k", 17), "--rank-k 17 is larger than the head size 16; use 1 to 16")
     assert_one_line_error(
         invoke(*base, "--groups", 3), "--groups 3 is not possible with 2 KV heads per layer; use 1 to 2"
     )
@@ -191,9 +187,7 @@ def test_too_little_text_says_how_much_is_needed(tmp_path, loads):
     out = tmp_path / "p.safetensors"
     result = invoke("calibrate", "--data", small, "--samples", 4, "--seq-len", 512, "--out", out)
     assert result.exit_code == 2
-    assert result.stderr.startswith(
-        "error: not enough calibration text: 4 samples × 512 tokens need 2,048 tokens"
-    )
+    assert result.stderr.startswith("error: not enough calibration text: 4 samples × 512 tokens need 2,048 tokens")
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
@@ -212,13 +206,9 @@ def test_out_must_be_a_writable_file_path(tmp_path, loads, text_file):
 
 def test_an_existing_profile_survives_a_failed_run(tmp_path, loads, text_file):
     out = tmp_path / "p.safetensors"
-    assert (
-        invoke("calibrate", "--data", text_file, "--samples", 2, "--seq-len", 32, "--out", out).exit_code == 0
-    )
+    assert invoke("calibrate", "--data", text_file, "--samples", 2, "--seq-len", 32, "--out", out).exit_code == 0
     before = out.read_bytes()
-    result = invoke(
-        "calibrate", "--data", text_file, "--samples", 2, "--seq-len", 32, "--out", out, "--rank-k", 99
-    )
+    result = invoke("calibrate", "--data", text_file, "--samples", 2, "--seq-len", 32, "--out", out, "--rank-k", 99)
     assert result.exit_code == 2
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors", "text.txt"]

@@ -52,9 +52,7 @@ def tiny_loaded():
 
 @pytest.fixture(scope="module")
 def profile_path(tmp_path_factory, tiny_loaded):
-    windows = token_windows(
-        CalibrationText((TEXT,), "test text"), tiny_loaded.tokenizer, samples=3, seq_len=64
-    )
+    windows = token_windows(CalibrationText((TEXT,), "test text"), tiny_loaded.tokenizer, samples=3, seq_len=64)
     profile = calibrate(tiny_loaded.model, windows, model_name="tiny-llama", stage_threshold=0.0)
     return save_profile(profile, tmp_path_factory.mktemp("profiles") / "tiny.safetensors")
 
@@ -93,9 +91,7 @@ def test_csv_report_has_one_row_per_head(profile_path):
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert tuple(rows[0]) == CSV_COLUMNS
     assert len(rows) == 16
-    assert {(int(r["layer"]), int(r["head"])) for r in rows} == {
-        (layer, h) for layer in range(4) for h in range(4)
-    }
+    assert {(int(r["layer"]), int(r["head"])) for r in rows} == {(layer, h) for layer in range(4) for h in range(4)}
     assert all(r["kv_head"] == str(int(r["head"]) // 2) for r in rows)
 
 
@@ -111,9 +107,7 @@ def test_plot_without_matplotlib_is_one_clear_line(profile_path, tmp_path, monke
     assert not out.exists()
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("matplotlib") is None, reason="matplotlib (the plot extra) not installed"
-)
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib (the plot extra) not installed")
 def test_plot_writes_a_png(profile_path, tmp_path):
     out = tmp_path / "heads.png"
     result = invoke("inspect-heads", profile_path, "--plot", out)
@@ -125,9 +119,7 @@ def test_on_the_fly_report_saves_nothing(tmp_path, monkeypatch, tiny_loaded):
     monkeypatch.setattr(calibrate_cmd, "_load_model", lambda spec, device, dtype: tiny_loaded)
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
-    result = invoke(
-        "inspect-heads", "--model", "tiny", "--data", data, "--samples", 2, "--seq-len", 32, "--json"
-    )
+    result = invoke("inspect-heads", "--model", "tiny", "--data", data, "--samples", 2, "--seq-len", 32, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["profile"]["samples"] == "2" and str(data) in report["profile"]["calibration_data"]
@@ -164,9 +156,7 @@ def test_usage_errors(profile_path):
         invoke("inspect-heads", profile_path, "--model", "x"),
         "give either a PROFILE or --model/--data to calibrate on the fly, not both",
     )
-    assert_one_line_error(
-        invoke("inspect-heads", profile_path, "--json", "--csv"), "choose one of --json and --csv"
-    )
+    assert_one_line_error(invoke("inspect-heads", profile_path, "--json", "--csv"), "choose one of --json and --csv")
 
 
 def test_spearman_matches_a_hand_computation_with_ties():
@@ -195,4 +185,15 @@ def test_compare_two_profiles(profile_path, tmp_path, tiny_loaded):
     assert_one_line_error(
         invoke("inspect-heads", profile_path, "--compare", other, "--csv"),
         "--compare prints a summary (text or --json), not CSV",
+    )
+
+
+def test_comparing_profiles_of_different_models_is_refused(profile_path, tmp_path, tiny_loaded):
+    model = tiny_model("llama-mha", vocab_size=len(tiny_loaded.tokenizer))
+    windows = token_windows(CalibrationText((TEXT,), "test text"), tiny_loaded.tokenizer, samples=1, seq_len=32)
+    other = save_profile(calibrate(model, windows, model_name="tiny-mha"), tmp_path / "mha.safetensors")
+    assert_one_line_error(
+        invoke("inspect-heads", profile_path, "--compare", other),
+        "the profiles are for different models: tiny-llama (4 layers × 4 query heads / 2 KV heads) "
+        "vs tiny-mha (4 layers × 4 query heads / 4 KV heads)",
     )

@@ -17,9 +17,7 @@ def test_calibrate_the_embedded_model_and_inspect_it(embedded, haystack_dir, tmp
     from uncomp_cli.cli import calibrate_cmd
     from uncomp_cli.cli.app import app
 
-    monkeypatch.setattr(
-        calibrate_cmd, "_load_model", lambda spec, device, dtype: embedded
-    )  # loaded once per session
+    monkeypatch.setattr(calibrate_cmd, "_load_model", lambda spec, device, dtype: embedded)  # loaded once per session
     out = tmp_path / "smollm.safetensors"
     result = CliRunner().invoke(
         app,
@@ -32,9 +30,7 @@ def test_calibrate_the_embedded_model_and_inspect_it(embedded, haystack_dir, tmp
     assert 1 <= profile.num_stages <= 5 and int(profile.layer_stage[0]) == 0
     assert bool(((profile.head_entropy > 0) & (profile.head_entropy < 1)).all())
     profile.check_model(embedded.model.config, embedded.name)
-    llama_8b = SimpleNamespace(
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128
-    )
+    llama_8b = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
     with pytest.raises(
         ProfileError, match=r"profile is for 30 layers × 3 KV heads \(smollm2-135m\); this model has 32 × 8"
     ):

@@ -58,9 +58,7 @@ def reference_states(model, input_ids: torch.Tensor, source: str) -> list[torch.
     hooks = []
     for index, layer in enumerate(model.model.layers):
         projection = layer.self_attn.q_proj if source == "query" else layer.self_attn.k_proj
-        hooks.append(
-            projection.register_forward_hook(lambda m, a, out, i=index: captured.__setitem__(i, out))
-        )
+        hooks.append(projection.register_forward_hook(lambda m, a, out, i=index: captured.__setitem__(i, out)))
     try:
         with torch.no_grad():
             model(input_ids=input_ids, use_cache=False)
@@ -86,18 +84,14 @@ def test_head_entropies_are_those_of_the_post_rope_queries(name, tokenizer, wind
     shape = ModelShape.from_config(model.config)
     expected = torch.stack(
         [
-            torch.stack(
-                [normalized_truncated_entropy(q, 4)[0] for q in reference_states(model, w[None], "query")]
-            )
+            torch.stack([normalized_truncated_entropy(q, 4)[0] for q in reference_states(model, w[None], "query")])
             for w in windows.input_ids
         ]
     )  # [S, L, H]
     assert profile.sample_head_entropy.shape == (3, shape.num_layers, shape.num_heads)
     torch.testing.assert_close(profile.sample_head_entropy, expected.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(profile.head_entropy, expected.mean(0).float(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(
-        profile.head_entropy_std, expected.std(0, correction=0).float(), rtol=1e-4, atol=1e-6
-    )
+    torch.testing.assert_close(profile.head_entropy_std, expected.std(0, correction=0).float(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(profile.layer_entropy, expected.mean((0, 2)).float(), rtol=1e-5, atol=1e-6)
 
 
@@ -121,9 +115,7 @@ def test_key_source_measures_kv_heads(tokenizer, windows):
     profile = calibrate(model, windows, model_name="t", source="key", rank_k=4)
     expected = torch.stack(
         [
-            torch.stack(
-                [normalized_truncated_entropy(k, 4)[0] for k in reference_states(model, w[None], "key")]
-            )
+            torch.stack([normalized_truncated_entropy(k, 4)[0] for k in reference_states(model, w[None], "key")])
             for w in windows.input_ids
         ]
     ).mean(0)  # [L, H_kv]
@@ -256,9 +248,7 @@ def test_read_texts_from_files_folders_globs_jsonl_and_stdin(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("beta text")
     (tmp_path / ".hidden").write_text("never read")
-    (tmp_path / "c.jsonl").write_text(
-        json.dumps({"text": "gamma"}) + "\n\n" + json.dumps({"text": "delta"}) + "\n"
-    )
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "gamma"}) + "\n\n" + json.dumps({"text": "delta"}) + "\n")
     assert read_texts([str(tmp_path / "a.txt")]).documents == ("alpha text",)
     assert read_texts([str(tmp_path)]).documents == ("alpha text", "gamma", "delta", "beta text")
     assert read_texts([str(tmp_path / "*.txt")]).documents == ("alpha text",)

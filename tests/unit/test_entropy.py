@@ -50,9 +50,7 @@ def test_matches_numpy_transcription(k):
     assert ours.shape == (2, 3)
     for b in range(2):
         for h in range(3):
-            assert ours[b, h].item() == pytest.approx(
-                numpy_entropy(states[b, h].numpy(), k), rel=1e-9, abs=1e-12
-            )
+            assert ours[b, h].item() == pytest.approx(numpy_entropy(states[b, h].numpy(), k), rel=1e-9, abs=1e-12)
 
 
 def test_isotropic_data_gives_entropy_of_uniform_eigenvalues():

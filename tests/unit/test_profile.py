@@ -163,8 +163,7 @@ def test_other_safetensors_file_is_not_a_profile(tmp_path):
     with pytest.raises(ProfileError) as excinfo:
         load_profile(path)
     assert (
-        str(excinfo.value)
-        == f"{path} is a safetensors file but not an uncomp profile (no 'uncomp-profile' metadata)"
+        str(excinfo.value) == f"{path} is a safetensors file but not an uncomp profile (no 'uncomp-profile' metadata)"
     )
 
 

@@ -17,8 +17,7 @@ if TYPE_CHECKING:
 #: Mirrors uncomp_cli.calibrate.DEFAULT_STAGE_THRESHOLD (kept here so --help needs no torch import).
 DEFAULT_STAGE_THRESHOLD = 0.02
 STAGE_THRESHOLD_HELP = (
-    "ε: a layer whose mean head entropy (H_k / ln d) is more than this below the previous layer's "
-    "starts a new stage."
+    "ε: a layer whose mean head entropy (H_k / ln d) is more than this below the previous layer's starts a new stage."
 )
 DATA_HELP = (
     "Calibration text: files, folders, globs (quote them: 'essays/*.txt'), JSONL with a 'text' field, "
@@ -70,9 +69,7 @@ def run_calibration(
     if source not in ENTROPY_SOURCES:
         raise UncompError(f"--source must be one of {', '.join(ENTROPY_SOURCES)} (got {source!r})")
     if kv_aggregation not in KV_AGGREGATIONS:
-        raise UncompError(
-            f"--kv-aggregation must be one of {', '.join(KV_AGGREGATIONS)} (got {kv_aggregation!r})"
-        )
+        raise UncompError(f"--kv-aggregation must be one of {', '.join(KV_AGGREGATIONS)} (got {kv_aggregation!r})")
     if not stage_threshold >= 0:
         raise UncompError(f"--stage-threshold must be zero or positive (got {stage_threshold})")
     if rank_k is not None and rank_k < 1:
@@ -156,18 +153,14 @@ def calibrate(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(
-            "--model", "-m", help="Model: name, local folder or .gguf (default: embedded SmolLM2-135M)."
-        ),
+        typer.Option("--model", "-m", help="Model: name, local folder or .gguf (default: embedded SmolLM2-135M)."),
     ] = None,
     data: Annotated[list[str] | None, typer.Option("--data", "-d", metavar="PATH", help=DATA_HELP)] = None,
     samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 8,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
     groups: Annotated[
         int | None,
-        typer.Option(
-            help="Head groups per layer, by KV head (default 2, or the number of KV heads if fewer)."
-        ),
+        typer.Option(help="Head groups per layer, by KV head (default 2, or the number of KV heads if fewer)."),
     ] = None,
     stage_threshold: Annotated[float, typer.Option(help=STAGE_THRESHOLD_HELP)] = DEFAULT_STAGE_THRESHOLD,
     rank_k: Annotated[

@@ -46,9 +46,7 @@ def inspect_heads(
     stage_threshold: Annotated[
         float, typer.Option(help=f"On the fly: {STAGE_THRESHOLD_HELP}")
     ] = DEFAULT_STAGE_THRESHOLD,
-    rank_k: Annotated[
-        int | None, typer.Option(help="On the fly: eigenvalues kept (default head size / 4).")
-    ] = None,
+    rank_k: Annotated[int | None, typer.Option(help="On the fly: eigenvalues kept (default head size / 4).")] = None,
     source: Annotated[str, typer.Option(help="On the fly: query or key states.")] = "query",
     device: Annotated[str, typer.Option(help="On the fly: auto, cpu, cuda, mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="On the fly: auto, float32, bfloat16, float16.")] = "auto",
