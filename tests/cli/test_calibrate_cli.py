@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import typer
-from conftest import tiny_model, tiny_tokenizer
+from tiny import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from uncomp_cli.cli import calibrate_cmd, inspect_cmd

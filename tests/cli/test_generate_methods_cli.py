@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from uncomp_cli.cli.app import app
@@ -93,11 +94,6 @@ def test_bad_method_settings_exit_2_with_one_line(tiny_model_dir, args, message)
 
 
 def test_a_profile_for_another_model_is_refused(tiny_profile, tmp_path):
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
-    from conftest import tiny_model, tiny_tokenizer
-
     other = tmp_path / "other"
     tok = tiny_tokenizer()
     tiny_model("llama-mha", vocab_size=len(tok), layers=3).save_pretrained(other)

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import typer
-from conftest import tiny_model, tiny_tokenizer
 from safetensors.torch import save_file
+from tiny import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from uncomp_cli.calibrate import calibrate

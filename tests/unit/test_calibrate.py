@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from tiny import tiny_model, tiny_tokenizer
 
 from uncomp_cli.calibrate import (
     ATTENTION_NAME,

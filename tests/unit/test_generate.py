@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_SHAPES, tiny_model, tiny_tokenizer
+from tiny import TINY_SHAPES, tiny_model, tiny_tokenizer
 from transformers import DynamicCache
 
 from uncomp_cli.cache import cache_nbytes

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
 from gguf_writer import write_tiny_gguf
+from tiny import tiny_tokenizer
 
 from uncomp_cli import models
 from uncomp_cli.errors import ModelNotFoundError, UncompError

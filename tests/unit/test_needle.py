@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_tokenizer
+from tiny import tiny_tokenizer
 
 from uncomp_cli.errors import UncompError
 from uncomp_cli.eval import needle

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
 from kvloop import greedy, left_padded
+from tiny import tiny_model
 
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies import available_methods, make_policy

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_SHAPES, tiny_model
 from kvloop import greedy, left_padded
+from tiny import TINY_SHAPES, tiny_model
 from transformers import DynamicCache
 
 from uncomp_cli.cache import GroupedKVCache, use_grouped_cache

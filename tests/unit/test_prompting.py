@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_tokenizer
+from tiny import tiny_tokenizer
 
 from uncomp_cli.errors import PromptError
 from uncomp_cli.prompting import build_prompt_ids, fit_to_context
