@@ -409,6 +409,19 @@ def register_grouped_attention() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, padding_mask)
 
 
+#: Architectures whose attention, RoPE and decoder-layer arguments the compressed caches are tested on.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def check_supported(config) -> None:
+    """Compressed caches and prefill pruning rely on the attention interface, rotary positions and
+    decoder-layer arguments of the tested architectures; refuse others in one line."""
+    model_type = getattr(config, "model_type", "unknown")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UncompError(f"compressed caches support {', '.join(SUPPORTED_MODEL_TYPES)} models; "
+                          f"this model is {model_type!r} (use --method full)")
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layers of a causal LM (``model.model.layers`` for Llama-like models)."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
@@ -421,6 +434,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 @contextlib.contextmanager
 def use_grouped_cache(model: torch.nn.Module, cache: GroupedKVCache) -> Iterator[GroupedKVCache]:
     """Run ``model`` with grouped attention over ``cache``; restore the previous attention after."""
+    check_supported(model.config)
     attention = [layer.self_attn for layer in decoder_layers(model)]
     if len(attention) != len(cache.layers):
         raise UncompError(f"the cache has {len(cache.layers)} layers but the model has {len(attention)}")

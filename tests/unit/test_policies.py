@@ -125,3 +125,17 @@ def test_uncomp_profile_must_fit_the_model(kwargs, message):
         with UNCompPolicy(**kwargs).attach(model, mask):
             pass
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_unsupported_architectures_are_refused_by_name():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from uncomp_cli.errors import UncompError
+    from uncomp_cli.policies import make_policy
+
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    mask = torch.ones(1, 8, dtype=torch.long)
+    with pytest.raises(UncompError, match=r"support llama, mistral, qwen2 models; this model is 'gpt2'"):
+        with make_policy("snapkv", budget="100%").attach(model, mask):
+            pass
+    assert model.config._attn_implementation != "uncomp"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, use_grouped_cache
+from uncomp_cli.cache import GroupedKVCache, check_supported, use_grouped_cache
 from uncomp_cli.defaults import DEFAULT_AGGREGATE, DEFAULT_BUDGET, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAULT_WINDOW
 from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.selection import SnapKVScorer, resolve_budget
@@ -37,6 +37,7 @@ class SnapKVPolicy(CachePolicy):
         self.scorer = SnapKVScorer(self.window, self.kernel, self.pooling, self.aggregate)  # validates
 
     def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> GroupedKVCache:
+        check_supported(model.config)
         prompt_len = int(attention_mask.sum(-1).max())
         budget = resolve_budget(self.budget, prompt_len, self.window)
         config = model.config

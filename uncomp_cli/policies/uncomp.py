@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, use_grouped_cache
+from uncomp_cli.cache import GroupedKVCache, check_supported, use_grouped_cache
 from uncomp_cli.defaults import FIRST_PRUNED_LAYER_FRACTION
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.base import CachePolicy
@@ -81,6 +81,7 @@ class UNCompPolicy(CachePolicy):
                 ) -> tuple[torch.Tensor, list[float] | None]:
         """Budgets int64 [L, H_kv] and layer keep fractions (or None) for this batch of prompts."""
         config = model.config
+        check_supported(config)
         if self.profile is None:
             budgets, layer_keep = self.kv_head_budgets, self.layer_keep
         else:
