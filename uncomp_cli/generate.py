@@ -76,32 +76,23 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
-    """Run the prompt through the model into ``cache``. input_ids: [B, S] -> last logits [B, V]."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=prompt_positions(attention_mask),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+def forward_last(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 cache) -> torch.Tensor:
+    """One forward pass into ``cache``; only the last position's logits are computed. -> [B, V]."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                use_cache=True, logits_to_keep=1)
     return out.logits[:, -1, :]
 
 
-@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+    """Run the prompt through the model into ``cache``. input_ids: [B, S] -> last logits [B, V]."""
+    return forward_last(model, input_ids, attention_mask, prompt_positions(attention_mask), cache)
+
+
 def decode_one(model, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                cache) -> torch.Tensor:
     """Feed one token per row. tokens, positions: [B, 1]; attention_mask: [B, past + 1] -> [B, V]."""
-    out = model(
-        input_ids=tokens,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return out.logits[:, -1, :]
+    return forward_last(model, tokens, attention_mask, positions, cache)
 
 
 def pick_tokens(logits: torch.Tensor, settings: GenerationSettings,
