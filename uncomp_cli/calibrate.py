@@ -30,17 +30,17 @@ import torch
 
 from uncomp_cli import __version__
 from uncomp_cli.calibration_data import CalibrationWindows
+from uncomp_cli.defaults import DEFAULT_GROUPS, DEFAULT_STAGE_THRESHOLD
 from uncomp_cli.entropy import ENTROPY_SOURCES, check_rank_k, default_rank_k, normalized_truncated_entropy
 from uncomp_cli.errors import UncompError
 from uncomp_cli.profile import ModelShape, Profile, fingerprint_fields, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
-#: Default groups per layer (the official code's default is two: low and high entropy).
-DEFAULT_GROUPS = 2
-#: Default ε on the ``H_k / ln d`` scale (mean over a layer's query heads): 2–3 stages on the
-#: embedded SmolLM2-135M with either calibration source (sweep in docs/calibration.md).
-DEFAULT_STAGE_THRESHOLD = 0.02
+# Defaults (uncomp_cli/defaults.py, torch-free for --help): two groups per layer (low and high
+# entropy, as the official code); ε = 0.02 on the ``H_k / ln d`` scale (mean over a layer's query
+# heads) gives 2–3 stages on the embedded SmolLM2-135M with either calibration source
+# (sweep in docs/calibration.md).
 #: Keep fractions follow the official schedule 4096/3456/2816/2176/1536 of 4096 tokens: one step
 #: of 640/4096 per stage, down to at most 1536/4096.
 KEEP_STEP = 640 / 4096

@@ -15,3 +15,8 @@ DEFAULT_AGGREGATE = "mean"
 #: position, and pruning from layer 1 on their scores lost the needle at 2 of 5 depths on the
 #: embedded model where starting at layer 8 (of 30) kept it (docs/results.md).
 FIRST_PRUNED_LAYER_FRACTION = 0.25
+
+#: Calibration: head groups per layer (capped at the number of KV heads) and the entropy drop
+#: (on the H_k / ln d scale) that starts a new prefill stage; see docs/calibration.md.
+DEFAULT_GROUPS = 2
+DEFAULT_STAGE_THRESHOLD = 0.02

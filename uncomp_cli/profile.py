@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from uncomp_cli.errors import ProfileError
+from uncomp_cli.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -324,35 +324,10 @@ def save_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
         raise ProfileError(f"cannot write {path}: it is a folder")
     data = save(profile.tensors(), metadata=profile.metadata())
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        atomic_write(path, data)
     except OSError as exc:
         raise ProfileError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException as exc:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ProfileError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
-    _fsync_folder(directory)
     return path
-
-
-def _fsync_folder(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_profile(path: str | os.PathLike[str]) -> Profile:

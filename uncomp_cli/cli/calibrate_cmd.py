@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from uncomp_cli.cli.common import handle_errors, stderr_console
+from uncomp_cli.defaults import DEFAULT_STAGE_THRESHOLD
 
 if TYPE_CHECKING:
     from uncomp_cli.profile import Profile
 
-#: Mirrors uncomp_cli.calibrate.DEFAULT_STAGE_THRESHOLD (kept here so --help needs no torch import).
-DEFAULT_STAGE_THRESHOLD = 0.02
 STAGE_THRESHOLD_HELP = (
     "ε: a layer whose mean head entropy (H_k / ln d) is more than this below the previous layer's starts a new stage."
 )
