@@ -177,6 +177,7 @@ def generate(
     from uncomp_cli.generate import GenerationSettings
     from uncomp_cli.generate import generate as run_generate
     from uncomp_cli.models import load_model
+    from uncomp_cli.policies.registry import PROFILE_METHODS, check_method_options, policy_for
     from uncomp_cli.prompting import TRUNCATE_MODES
 
     if truncate not in TRUNCATE_MODES:
@@ -200,9 +201,11 @@ def generate(
         decode_evict=decode_evict,
         prefill_compression=prefill_compression,
     )
-    check_policy_options(method, options)  # before the model loads: bad settings fail fast
+    check_method_options(method, **options)  # before the model loads: bad settings fail fast
+    if profile is not None and method not in PROFILE_METHODS:
+        raise typer.BadParameter(f"--profile is for --method uncomp, not {method}", param_hint="--profile")
     loaded = load_model(model, device=device, dtype=dtype)
-    policy = policy_for(loaded, method, profile, options)
+    policy = policy_for(loaded, method, profile, **options)
     if input_path is not None:
         _run_batch(loaded, batch, settings, batch_size, truncate, output, system, raw, policy)
         return
@@ -228,31 +231,6 @@ def generate(
         sys.stdout.write("\n")
     else:
         typer.echo(result.text)
-
-
-def check_policy_options(method: str, options: dict) -> None:
-    """Build the policy once without a profile so that bad settings fail before the model loads."""
-    from uncomp_cli.policies import make_policy
-    from uncomp_cli.selection import resolve_budget
-
-    if method == "uncomp":
-        make_policy("snapkv", **options)  # the same selection settings
-    else:
-        make_policy(method, **options)
-    if method != "full":
-        resolve_budget(options["budget"], prompt_len=1_000_000, window=options["window"])
-
-
-def policy_for(loaded, method: str, profile_path: Path | None, options: dict):
-    """The cache policy for ``--method``; uncomp brings its profile (given, cached or calibrated)."""
-    from uncomp_cli.policies import make_policy
-    from uncomp_cli.profile_store import profile_for
-
-    if method == "uncomp":
-        return make_policy(method, profile=profile_for(loaded, profile_path), **options)
-    if profile_path is not None:
-        raise typer.BadParameter(f"--profile is for --method uncomp, not {method}", param_hint="--profile")
-    return make_policy(method, **options)
 
 
 def _run_batch(loaded, batch, settings, batch_size, truncate, output, system, raw, policy) -> None:

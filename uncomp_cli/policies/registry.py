@@ -1,9 +1,16 @@
-"""``--method`` name -> policy factory. Adding a method: one module, one line here."""
+"""``--method`` name -> policy factory. Adding a method: one module, one line here.
+
+Two levels: :func:`make_policy` builds a policy from settings alone (tests, library users);
+:func:`policy_for` builds it for a loaded model, bringing the UNComp profile (given, cached or
+calibrated once) to the methods that need one. The CLI's generate, eval and bench all go through
+:func:`policy_for`, so a method means the same thing everywhere.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.base import CachePolicy
@@ -17,19 +24,57 @@ _FACTORIES: dict[str, Callable[..., CachePolicy]] = {
     "uncomp": UNCompPolicy,
 }
 
+#: Methods whose policy takes the model's UNComp profile (``profile=``).
+PROFILE_METHODS = frozenset({"uncomp"})
+
 
 def available_methods() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def make_policy(method: str, **settings) -> CachePolicy:
-    """Build the policy for ``method``; settings it has no field for are ignored (so one set of
-    command-line options serves every method). Unknown names are a user error."""
+def _factory(method: str) -> Callable[..., CachePolicy]:
     try:
-        factory = _FACTORIES[method]
+        return _FACTORIES[method]
     except KeyError:
         raise UncompError(
             f"unknown method {method!r}; available: {', '.join(available_methods())}"
         ) from None
+
+
+def make_policy(method: str, **settings) -> CachePolicy:
+    """Build the policy for ``method``; settings it has no field for are ignored (so one set of
+    command-line options serves every method). Unknown names are a user error."""
+    factory = _factory(method)
     accepted = {f.name for f in dataclasses.fields(factory) if f.init} if dataclasses.is_dataclass(factory) else None
     return factory(**{k: v for k, v in settings.items() if accepted is None or k in accepted})
+
+
+def check_method_options(method: str, **settings) -> None:
+    """Fail fast on bad settings (unknown method, bad budget, window, kernel…) before a model loads.
+
+    Profile methods are checked with SnapKV's selection settings, which they share, since their
+    profile is not at hand yet.
+    """
+    from uncomp_cli.selection import resolve_budget
+
+    _factory(method)
+    make_policy("snapkv" if method in PROFILE_METHODS else method, **settings)
+    if method != "full" and settings.get("budget") is not None:
+        window = settings.get("window")
+        resolve_budget(settings["budget"], prompt_len=1_000_000, **({} if window is None else {"window": window}))
+
+
+def policy_for(loaded, method: str, profile_path: str | Path | None = None, **settings) -> CachePolicy:
+    """The policy for ``method`` on ``loaded`` (a :class:`~uncomp_cli.models.LoadedModel`).
+
+    Profile methods use ``profile_path``, or the profile cached for the model, or calibrate once
+    (:func:`~uncomp_cli.profile_store.profile_for`); a profile given to another method is an error.
+    """
+    _factory(method)
+    if method in PROFILE_METHODS:
+        from uncomp_cli.profile_store import profile_for
+
+        return make_policy(method, profile=profile_for(loaded, profile_path), **settings)
+    if profile_path is not None:
+        raise UncompError(f"--profile is for the methods {', '.join(sorted(PROFILE_METHODS))}, not {method}")
+    return make_policy(method, **settings)
