@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from tiny import tiny_tokenizer
 
@@ -58,3 +60,45 @@ def test_bad_haystacks_are_user_errors(tmp_path, tok):
     (tmp_path / "a.txt").write_text("short text. " * 5)
     with pytest.raises(UncompError, match="the haystack has"):
         needle.build_prompt_ids(tok, needle.load_haystack(tmp_path), needle.make_cases([5000], [0.5])[0])
+
+
+def test_examples_share_one_haystack_tokenisation_and_score_from_the_example_alone(tok, haystack_dir):
+    hay = needle.load_haystack(haystack_dir)
+    examples = needle.make_examples(tok, hay, [300, 500], [0.0, 1.0], seed=3)
+    assert [e.id for e in examples] == ["needle-300-0", "needle-300-1", "needle-500-0", "needle-500-1"]
+    cases = needle.make_cases([300, 500], [0.0, 1.0], seed=3)
+    for example, case in zip(examples, cases):
+        assert list(example.prompt_ids) == needle.build_prompt_ids(tok, hay, case, seed=3)
+        assert example.answers == (case.value,) and example.metric == needle.METRIC
+        assert example.meta["depth"] == case.depth and example.length == case.length
+        assert needle.score_example(f" {case.value}.", example) == needle.score(f" {case.value}.", case)
+        assert needle.score_example(" 42", example) == needle.score(" 42", case)
+    multikey = needle.make_examples(tok, hay, [400], [0.5], seed=3, distractors=2)
+    assert multikey[0].task == "multikey" and len(multikey[0].meta["distractors"]) == 2
+
+
+def test_custom_templates_reach_the_prompt_and_the_score(tok, haystack_dir):
+    templates = needle.make_templates(needle="The code of {key} is {value}.", question="Which code has {key}?")
+    assert templates.answer_prefix == ""  # the default prefix would speak of a magic number
+    example = needle.make_examples(tok, needle.load_haystack(haystack_dir), [400], [0.5], templates=templates)[0]
+    text = tok.decode(example.prompt_ids)
+    key, value = example.meta["key"], example.answers[0]
+    assert f"The code of {key} is {value}." in text and f"Which code has {key}?" in text
+    assert needle.score_example(f"The code of {key} is {value}", example) == {"exact_match": 1.0,
+                                                                              "rouge1_recall": 1.0}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"needle": "The number is 7."}, "must contain {value}"),
+    ({"question": "What is {value}?"}, "may use only {key}"),
+    ({"needle": "{key} {value} {other}"}, "may use only {key}, {value}"),
+    ({"needle": "{value"}, "--needle-template"),
+])
+def test_bad_templates_are_user_errors(options, message):
+    with pytest.raises(UncompError, match=re.escape(message)):
+        needle.make_templates(**options)
+
+
+def test_too_many_distractors_is_a_user_error():
+    with pytest.raises(UncompError, match="--distractors must be between 0 and 9"):
+        needle.make_cases([1000], [0.5], distractors=len(needle.KEYS))

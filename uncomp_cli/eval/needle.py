@@ -9,15 +9,63 @@ from __future__ import annotations
 
 import random
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
 from uncomp_cli.errors import UncompError
+from uncomp_cli.eval.examples import Example
 
 NEEDLE = "The special magic number for {key} is: {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
 ANSWER_PREFIX = "The special magic number for {key} mentioned in the provided text is"
 KEYS = ("Tokyo", "Lisbon", "Nairobi", "Quito", "Oslo", "Hanoi", "Perth", "Dakar", "Lima", "Riga")
+#: The metric (a key of ``uncomp_cli.eval.metrics.METRICS``) that scores needle examples.
+METRIC = "needle"
+#: Enough for a 7-digit number and a few words around it.
+DEFAULT_MAX_NEW_TOKENS = 12
+
+
+@dataclass(frozen=True)
+class Templates:
+    """The needle sentence, the question and the answer prefix, with ``{key}``/``{value}`` placeholders.
+
+    The answer prefix starts the model's reply so a small model answers with the number itself.
+    """
+
+    needle: str = NEEDLE
+    question: str = QUESTION
+    answer_prefix: str = ANSWER_PREFIX
+
+
+def make_templates(needle: str | None = None, question: str | None = None,
+                   answer_prefix: str | None = None) -> Templates:
+    """Templates with the given overrides, checked.
+
+    A custom needle or question without an explicit answer prefix gets none: the default prefix
+    speaks of "the special magic number" and would contradict a different needle.
+    """
+    custom = needle is not None or question is not None
+    templates = Templates(
+        needle=NEEDLE if needle is None else needle,
+        question=QUESTION if question is None else question,
+        answer_prefix=answer_prefix if answer_prefix is not None else ("" if custom else ANSWER_PREFIX),
+    )
+    for option, text, allowed in (("--needle-template", templates.needle, {"key", "value"}),
+                                  ("--question-template", templates.question, {"key"}),
+                                  ("--answer-prefix", templates.answer_prefix, {"key"})):
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+        except ValueError as exc:
+            raise UncompError(f"{option}: {exc} (write a literal brace as {{{{ or }}}})") from None
+        if fields - allowed:
+            names = ", ".join("{" + f + "}" for f in sorted(allowed))
+            raise UncompError(f"{option} may use only {names}; it has {', '.join(sorted(fields - allowed))!r}")
+    if "{value}" not in templates.needle:
+        raise UncompError("--needle-template must contain {value}, the number to retrieve")
+    if not templates.question.strip():
+        raise UncompError("--question-template is empty")
+    return templates
 
 
 def load_haystack(folder: str | Path) -> str:
@@ -51,6 +99,8 @@ class NeedleCase:
 
 def make_cases(lengths: list[int], depths: list[float], seed: int = 0, distractors: int = 0) -> list[NeedleCase]:
     """A deterministic grid of cases; ``distractors`` other keys with their own numbers (multi-key)."""
+    if not 0 <= distractors < len(KEYS):
+        raise UncompError(f"--distractors must be between 0 and {len(KEYS) - 1}, got {distractors}")
     rng = random.Random(seed)
     cases = []
     for length in lengths:
@@ -61,25 +111,42 @@ def make_cases(lengths: list[int], depths: list[float], seed: int = 0, distracto
     return cases
 
 
-def build_prompt_ids(tokenizer, haystack: str, case: NeedleCase, seed: int = 0) -> list[int]:
+def tokenize_haystack(tokenizer, haystack: str, max_tokens: int | None = None) -> list[int]:
+    """The haystack's token ids, once for a whole grid; with ``max_tokens``, only a long enough prefix."""
+    if max_tokens is not None:
+        chars = max(4096, 8 * max_tokens)  # no tokenizer here averages under 8 characters per token…
+        while chars < len(haystack):
+            ids = tokenizer(haystack[:chars], add_special_tokens=False)["input_ids"]
+            if len(ids) > max_tokens:  # …and the last token of a cut prefix may differ: drop it
+                return ids[:-1]
+            chars *= 2
+    return tokenizer(haystack, add_special_tokens=False)["input_ids"]
+
+
+def build_prompt_ids(tokenizer, haystack: str, case: NeedleCase, seed: int = 0,
+                     templates: Templates = Templates(), hay_ids: list[int] | None = None) -> list[int]:
     """Token ids of a chat prompt of ``case.length`` tokens with the needle at ``case.depth``.
 
     The needle goes in at the sentence boundary nearest its depth; distractor needles go at
     random other depths. Depth 0 is the start of the context, 1 its end (just before the question).
+    ``hay_ids`` (from :func:`tokenize_haystack`) saves tokenising the haystack for every case.
     """
+    prefix = templates.answer_prefix.format(key=case.key)
+
     def chat(context: str) -> list[int]:
-        user = f"{context}\n\n{QUESTION.format(key=case.key)}"
+        user = f"{context}\n\n{templates.question.format(key=case.key)}"
         ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
                                             tokenize=True)
         ids = ids if isinstance(ids, list) else ids["input_ids"]
-        return ids + tokenizer(ANSWER_PREFIX.format(key=case.key), add_special_tokens=False)["input_ids"]
+        return ids + (tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
 
-    needles = [(case.depth, NEEDLE.format(key=case.key, value=case.value))]
+    needles = [(case.depth, templates.needle.format(key=case.key, value=case.value))]
     rng = random.Random(f"{seed}-{case.length}-{case.depth}")
-    needles += [(rng.random(), NEEDLE.format(key=k, value=v)) for k, v in case.distractors]
+    needles += [(rng.random(), templates.needle.format(key=k, value=v)) for k, v in case.distractors]
     overhead = len(chat(" ".join(n for _, n in needles)))
     budget = case.length - overhead
-    hay_ids = tokenizer(haystack, add_special_tokens=False)["input_ids"]
+    if hay_ids is None:
+        hay_ids = tokenize_haystack(tokenizer, haystack, max(budget, 0) + 1)
     if budget < 16:
         raise UncompError(f"length {case.length} is too short for the needle prompt ({overhead} tokens)")
     if len(hay_ids) < budget:
@@ -101,16 +168,58 @@ def _insert_at_sentence(context: str, needle: str, depth: float) -> str:
     return f"{context[:cut]}{needle} {context[cut:]}"
 
 
-def score(prediction: str, case: NeedleCase) -> dict:
+def make_examples(tokenizer, haystack: str, lengths: list[int], depths: list[float], seed: int = 0,
+                  distractors: int = 0, templates: Templates = Templates(),
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[Example]:
+    """The length × depth grid as :class:`Example` s; the haystack is tokenised once for all of them.
+
+    The task is ``needle``, or ``multikey`` with distractors. ``meta`` carries what scoring needs
+    (key, needle sentence, answer prefix) besides the depth, so :func:`score_example` works from the
+    example alone.
+    """
+    cases = make_cases(lengths, depths, seed=seed, distractors=distractors)
+    hay_ids = tokenize_haystack(tokenizer, haystack, max(lengths))
+    task = "multikey" if distractors else "needle"
+    examples = []
+    for case in cases:
+        ids = build_prompt_ids(tokenizer, haystack, case, seed=seed, templates=templates, hay_ids=hay_ids)
+        examples.append(Example(
+            id=f"{task}-{case.length}-{case.depth:g}",
+            task=task,
+            prompt_ids=tuple(ids),
+            answers=(case.value,),
+            metric=METRIC,
+            max_new_tokens=max_new_tokens,
+            length=case.length,
+            meta={"depth": case.depth, "key": case.key,
+                  "needle": templates.needle.format(key=case.key, value=case.value),
+                  "answer_prefix": templates.answer_prefix.format(key=case.key),
+                  "distractors": [k for k, _ in case.distractors]},
+        ))
+    return examples
+
+
+def score(prediction: str, case: NeedleCase, templates: Templates = Templates()) -> dict:
     """Exact match (the first number in the answer is the needle's) and ROUGE-1 recall.
 
     ROUGE-1 recall, as the paper reports, compares the words of the needle sentence with those of
     the answer prefix plus the prediction, so an answer that names the wrong number still gets
     partial credit for the words around it.
     """
+    return score_text(prediction, case.value, templates.needle.format(key=case.key, value=case.value),
+                      templates.answer_prefix.format(key=case.key))
+
+
+def score_example(prediction: str, example: Example) -> dict:
+    """:func:`score` for an example from :func:`make_examples` (the ``needle`` metric)."""
+    return score_text(prediction, example.answers[0], example.meta["needle"], example.meta.get("answer_prefix", ""))
+
+
+def score_text(prediction: str, value: str, needle: str, answer_prefix: str) -> dict:
+    """The scores of :func:`score`, given the formatted needle sentence and answer prefix."""
     digits = re.findall(r"\d+", prediction)
-    exact = bool(digits) and digits[0] == case.value
-    reference = re.findall(r"\w+", NEEDLE.format(key=case.key, value=case.value).lower())
-    answer = set(re.findall(r"\w+", f"{ANSWER_PREFIX.format(key=case.key)} {prediction}".lower()))
-    recall = sum(w in answer for w in reference) / len(reference)
+    exact = bool(digits) and digits[0] == value
+    reference = re.findall(r"\w+", needle.lower())
+    answer = set(re.findall(r"\w+", f"{answer_prefix} {prediction}".lower()))
+    recall = sum(w in answer for w in reference) / len(reference) if reference else float(exact)
     return {"exact_match": float(exact), "rouge1_recall": round(recall, 4)}
