@@ -36,6 +36,12 @@ def test_needle_exact_match_and_recall():
     assert wrong["score"] == 0.0 and 0.5 < wrong["rouge1_recall"] < 1.0
 
 
+def test_needle_uses_the_sentence_carried_in_meta():
+    meta = {"needle": "The pass code for Oslo is 4242.", "answer_prefix": "The pass code for Oslo is"}
+    assert METRICS["needle"](" 4242", ex(["4242"], "needle", **meta))["rouge1_recall"] == 1.0
+    assert METRICS["needle"](" 4242", ex(["4242"], "needle"))["score"] == 1.0  # no sentence: the number alone
+
+
 def test_ruler_all_counts_the_fraction_found_case_insensitively():
     assert score("ruler_all", "Values: 111, 333", ["111", "222", "333", "444"]) == 0.5
     assert score("ruler_all", "ABCDE, fghij", ["abcde", "FGHIJ"]) == 1.0

@@ -29,23 +29,19 @@ from uncomp_cli.eval.examples import Example
 def needle_score(prediction: str, example: Example) -> dict[str, float]:
     """Exact match of the first number and ROUGE-1 recall of the needle sentence.
 
-    ``answers[0]`` is the needle's number and ``meta["key"]`` its key (the sentence's words are
-    rebuilt from both); without a key only the number's words count for the recall.
+    ``answers[0]`` is the needle's number. The sentence and answer prefix come from ``meta``
+    (``needle``/``answer_prefix`` as :func:`uncomp_cli.eval.needle.make_examples` writes them, or
+    ``key`` with the default templates); with neither, only the number's own word counts.
     """
-    value = example.answers[0]
-    key = example.meta.get("key")
-    if key is None:
-        exact = _first_number(prediction) == value
-        recall = float(value in re.findall(r"\w+", prediction))
-        return {"score": float(exact), "exact_match": float(exact), "rouge1_recall": recall}
-    case = needle.NeedleCase(example.length, float(example.meta.get("depth", 0.0)), key, value)
-    result = needle.score(prediction, case)
+    value, meta = example.answers[0], example.meta
+    if "needle" in meta:
+        result = needle.score_example(prediction, example)
+    elif "key" in meta:
+        result = needle.score(prediction, needle.NeedleCase(example.length, float(meta.get("depth", 0.0)),
+                                                            meta["key"], value))
+    else:
+        result = needle.score_text(prediction, value, value, "")
     return {"score": result["exact_match"], **result}
-
-
-def _first_number(text: str) -> str | None:
-    digits = re.findall(r"\d+", text)
-    return digits[0] if digits else None
 
 
 def ruler_all(prediction: str, example: Example) -> dict[str, float]:
