@@ -252,7 +252,7 @@ class GroupedKVLayer(CacheLayerMixin):
                 self.prune_scores = prune_scores(probs, self.scorer.window, self.scorer.kernel,
                                                  self.scorer.pooling, valid)
             if compress:
-                scores = self.scorer.score(probs, valid, keys.shape[1])
+                scores = self.scorer.score_prefill(query, keys, valid, scaling, probs)
             if self.decode_evict:
                 rows = min(n, self.scorer.window)
                 self._query_window = query[:, :, -rows:].clone()

@@ -20,3 +20,9 @@ FIRST_PRUNED_LAYER_FRACTION = 0.25
 #: (on the H_k / ln d scale) that starts a new prefill stage; see docs/calibration.md.
 DEFAULT_GROUPS = 2
 DEFAULT_STAGE_THRESHOLD = 0.02
+
+#: StreamingLLM's attention sinks: the first real tokens every KV head keeps (the paper's 4).
+DEFAULT_SINKS = 4
+#: PyramidKV: beyond the window, the top layer keeps 1/beta of the average and the bottom layer
+#: twice the average minus that (the official code's beta, 20).
+DEFAULT_PYRAMID_BETA = 20

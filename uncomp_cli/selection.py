@@ -262,3 +262,13 @@ class SnapKVScorer:
         rows = min(self.window, window_probs.shape[2])
         return snapkv_scores(window_probs, key_valid, num_kv_heads, rows, self.kernel, self.pooling,
                              self.aggregate)
+
+    def score_prefill(self, query: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None,
+                      scaling: float, window_probs: torch.Tensor) -> torch.Tensor:
+        """Scores at the end of prefill, where every query is still at hand.
+
+        query: [B, H_q, N, d]; keys: [B, H_kv, N, d]; key_valid: [B, N] or None; window_probs as
+        for :meth:`score`. Window scorers use only ``window_probs``; scorers that need all queries
+        (H2O's accumulated attention) override this. -> [B, H_kv, N], invalid keys -inf.
+        """
+        return self.score(window_probs, key_valid, keys.shape[1])

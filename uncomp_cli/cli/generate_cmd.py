@@ -16,6 +16,8 @@ from uncomp_cli.defaults import (
     DEFAULT_KERNEL,
     DEFAULT_METHOD,
     DEFAULT_POOLING,
+    DEFAULT_PYRAMID_BETA,
+    DEFAULT_SINKS,
     DEFAULT_WINDOW,
 )
 from uncomp_cli.errors import PromptError
@@ -135,7 +137,12 @@ def generate(
         Path | None, typer.Option(help="With --input: write the JSONL results here (atomically) instead of stdout.")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="With --input: prompts per forward pass.")] = 8,
-    method: Annotated[str, typer.Option(help="KV cache: full, snapkv, uncomp.")] = DEFAULT_METHOD,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="KV cache: full, snapkv, pyramidkv, h2o, streamingllm, uncomp, uncomp-noprune, uncomp-uniform."
+        ),
+    ] = DEFAULT_METHOD,
     budget: Annotated[
         str, typer.Option(help="Average KV entries kept per KV head: 5% of the prompt, or tokens (128).")
     ] = DEFAULT_BUDGET,
@@ -170,6 +177,12 @@ def generate(
     aggregate: Annotated[
         str, typer.Option(help="How query heads sharing a KV head combine scores: mean or max.")
     ] = DEFAULT_AGGREGATE,
+    sinks: Annotated[
+        int, typer.Option(min=0, help="streamingllm: first tokens every KV head keeps (attention sinks).")
+    ] = DEFAULT_SINKS,
+    beta: Annotated[
+        float, typer.Option(help="pyramidkv: the top layer keeps 1/beta of the average beyond the window (1 = flat).")
+    ] = DEFAULT_PYRAMID_BETA,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
 ) -> None:
@@ -200,6 +213,8 @@ def generate(
         aggregate=aggregate,
         decode_evict=decode_evict,
         prefill_compression=prefill_compression,
+        sinks=sinks,
+        beta=beta,
     )
     check_method_options(method, **options)  # before the model loads: bad settings fail fast
     if profile is not None and method not in PROFILE_METHODS:

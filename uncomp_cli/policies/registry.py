@@ -15,17 +15,26 @@ from pathlib import Path
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.policies.full import FullCachePolicy
+from uncomp_cli.policies.h2o import H2OPolicy
+from uncomp_cli.policies.pyramidkv import PyramidKVPolicy
 from uncomp_cli.policies.snapkv import SnapKVPolicy
+from uncomp_cli.policies.streamingllm import StreamingLLMPolicy
 from uncomp_cli.policies.uncomp import UNCompPolicy
+from uncomp_cli.policies.uncomp_ablations import UNCompNoPrunePolicy, UNCompUniformPolicy
 
 _FACTORIES: dict[str, Callable[..., CachePolicy]] = {
     "full": FullCachePolicy,
     "snapkv": SnapKVPolicy,
     "uncomp": UNCompPolicy,
+    "uncomp-noprune": UNCompNoPrunePolicy,
+    "uncomp-uniform": UNCompUniformPolicy,
+    "streamingllm": StreamingLLMPolicy,
+    "pyramidkv": PyramidKVPolicy,
+    "h2o": H2OPolicy,
 }
 
 #: Methods whose policy takes the model's UNComp profile (``profile=``).
-PROFILE_METHODS = frozenset({"uncomp"})
+PROFILE_METHODS = frozenset({"uncomp", "uncomp-noprune", "uncomp-uniform"})
 
 
 def available_methods() -> list[str]:
@@ -58,8 +67,11 @@ def check_method_options(method: str, **settings) -> None:
     from uncomp_cli.selection import resolve_budget
 
     _factory(method)
-    make_policy("snapkv" if method in PROFILE_METHODS else method, **settings)
-    if method != "full" and settings.get("budget") is not None:
+    policy = make_policy("snapkv" if method in PROFILE_METHODS else method, **settings)
+    if hasattr(policy, "check_budget"):  # methods whose budget rule is not the window's
+        if settings.get("budget") is not None:
+            policy.check_budget(prompt_len=1_000_000)
+    elif method != "full" and settings.get("budget") is not None:
         window = settings.get("window")
         resolve_budget(settings["budget"], prompt_len=1_000_000, **({} if window is None else {"window": window}))
 

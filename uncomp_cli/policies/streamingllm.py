@@ -1,0 +1,101 @@
+"""StreamingLLM (Xiao et al., arXiv 2309.17453): attention sinks plus the most recent tokens.
+
+Every KV head keeps the first ``sinks`` real tokens of its row (the "attention sinks" that soak up
+attention mass) and the ``budget − sinks`` most recent ones. Realised as a score of positions, so
+the same top-k selection and the same grouped cache (real bytes) serve it as SnapKV; with
+``decode_evict`` the cache keeps sinks plus a rolling recent window, the paper's streaming mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from uncomp_cli.cache import GroupedKVCache, check_supported, use_grouped_cache
+from uncomp_cli.defaults import DEFAULT_BUDGET, DEFAULT_SINKS
+from uncomp_cli.errors import UncompError
+from uncomp_cli.policies.base import CachePolicy
+from uncomp_cli.selection import SnapKVScorer, resolve_budget
+
+
+def sink_and_recent_scores(key_valid: torch.Tensor | None, batch: int, num_kv_heads: int, n: int, sinks: int,
+                           device: torch.device | str = "cpu") -> torch.Tensor:
+    """Scores that rank the first ``sinks`` real tokens of each row first, then later tokens over
+    earlier ones. key_valid: [B, N] / [B, H_kv, N] bool or None -> float32 [B, H_kv, N], invalid -inf.
+
+    Sinks are counted among *valid* tokens, so a left-padded row picks the same tokens as alone.
+    """
+    positions = torch.arange(n, device=device, dtype=torch.float32).expand(batch, num_kv_heads, n)
+    if key_valid is None:
+        rank = positions
+        valid = None
+    else:
+        valid = (key_valid if key_valid.dim() == 3 else key_valid[:, None, :]).expand(batch, num_kv_heads, n)
+        rank = valid.long().cumsum(-1) - 1  # index among the row's real tokens
+    scores = torch.where(rank < sinks, float(2 * n), positions)  # sinks outrank every recent token
+    return scores if valid is None else scores.masked_fill(~valid, float("-inf"))
+
+
+@dataclass(frozen=True)
+class StreamingLLMScorer(SnapKVScorer):
+    """Position scores (attention is not looked at). ``window`` 1: the selection's forced recent
+    part is only the last token, so the sinks always fit in the budget; recency does the rest."""
+
+    window: int = 1
+    kernel: int = 1
+    sinks: int = DEFAULT_SINKS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sinks < 0:
+            raise UncompError(f"--sinks must be 0 or more, got {self.sinks}")
+
+    def score(self, window_probs: torch.Tensor, key_valid: torch.Tensor | None, num_kv_heads: int) -> torch.Tensor:
+        batch, n = window_probs.shape[0], window_probs.shape[-1]
+        return sink_and_recent_scores(key_valid, batch, num_kv_heads, n, self.sinks, window_probs.device)
+
+
+@dataclass
+class StreamingLLMPolicy(CachePolicy):
+    """``budget`` tokens per KV head (``128`` or ``"5%"`` of the longest prompt): ``sinks`` first
+    tokens plus ``budget − sinks`` recent ones. ``--window``/``--kernel`` do not apply."""
+
+    budget: int | str = DEFAULT_BUDGET
+    sinks: int = DEFAULT_SINKS
+    decode_evict: bool = False
+    name: str = "streamingllm"
+    last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.scorer = StreamingLLMScorer(sinks=self.sinks)  # validates
+
+    def resolve(self, prompt_len: int) -> int:
+        """Tokens per KV head for a prompt of ``prompt_len``; refuses budgets with no recent part."""
+        budget = resolve_budget(self.budget, prompt_len, window=1)
+        if budget < prompt_len and budget <= self.sinks:
+            raise UncompError(f"budget {self.budget} is {budget} tokens, no room for recent tokens after the "
+                              f"{self.sinks} attention sinks; raise the budget or lower --sinks")
+        return budget
+
+    def check_budget(self, prompt_len: int) -> None:
+        """Fail fast (before a model loads) on a budget this method cannot use."""
+        self.resolve(prompt_len)
+
+    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> GroupedKVCache:
+        check_supported(model.config)
+        budget = self.resolve(int(attention_mask.sum(-1).max()))
+        config = model.config
+        rows = [[budget] * config.num_key_value_heads] * config.num_hidden_layers
+        self.last_stats = {"kv_budget_tokens": budget}
+        return GroupedKVCache.from_budgets(rows, self.scorer, self.decode_evict)
+
+    @contextlib.contextmanager
+    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[GroupedKVCache]:
+        with use_grouped_cache(model, self.make_cache(model, attention_mask)) as cache:
+            yield cache
+
+    def describe(self) -> dict:
+        return {"method": self.name, "budget": self.budget, "sinks": self.sinks, "decode_evict": self.decode_evict}
