@@ -21,7 +21,7 @@ explicit ``position_ids``, or use ``generate``, which derives them from the atte
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,14 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
 from uncomp_cli.errors import UncompError
-from uncomp_cli.selection import PRUNE_WINDOW, SnapKVScorer, prune_scores, select_tokens, window_attention
+from uncomp_cli.selection import (
+    PRUNE_WINDOW,
+    SnapKVScorer,
+    prune_scores,
+    select_tokens,
+    select_tokens_per_row,
+    window_attention,
+)
 
 #: Name under which the grouped attention (and its mask function) is registered in transformers.
 ATTN_IMPLEMENTATION = "uncomp"
@@ -43,6 +50,9 @@ class HeadGroup:
     def __init__(self, heads: list[int], budget: int | None):
         self.heads = heads  # KV head indices, ascending
         self.budget = budget  # tokens kept per head; None = keep all
+        #: [B, h] tokens each row keeps when rows differ (AdaKV); ``budget`` is then their max, and a
+        #: row's surplus entries are invalid fillers.
+        self.row_budgets: torch.Tensor | None = None
         self.keys: torch.Tensor | None = None  # [B, h, T, d]
         self.values: torch.Tensor | None = None  # [B, h, T, d]
         self.valid: torch.Tensor | None = None  # [B, h, T] bool; False = padding, never attended
@@ -60,12 +70,19 @@ class HeadGroup:
         self.keys, self.values, self.valid = keys, values, valid
         self.all_valid = bool(valid.all())
 
-    def take(self, index: torch.Tensor) -> None:
-        """Keep the stored tokens at ``index`` [B, h, T'] (ascending)."""
+    def take(self, index: torch.Tensor, kept: torch.Tensor | None = None) -> None:
+        """Keep the stored tokens at ``index`` [B, h, T'] (ascending); ``kept`` False marks fillers."""
         dim = self.keys.shape[-1]
         expanded = index[..., None].expand(-1, -1, -1, dim)
+        valid = self.valid.gather(2, index)
         self.store(self.keys.gather(2, expanded), self.values.gather(2, expanded),
-                   self.valid.gather(2, index))
+                   valid if kept is None else valid & kept)
+
+    def keep_index(self, scores: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Which tokens to keep from scores [B, h, N]: (indices [B, h, T], kept [B, h, T] or None)."""
+        if self.row_budgets is None:
+            return select_tokens(scores, self.budget, window), None
+        return select_tokens_per_row(scores, self.row_budgets, window)
 
 
 def _take_heads(tensor: torch.Tensor, heads: list[int], per_head: int = 1) -> torch.Tensor:
@@ -104,6 +121,16 @@ def _attend_group(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.reshape(batch, q_heads, q_len, dim)
 
 
+def _group_heads(budgets: Sequence[int | None]) -> list[HeadGroup]:
+    """One group per distinct budget, its KV heads ascending."""
+    by_budget: dict[int | None, list[int]] = {}
+    for head, budget in enumerate(budgets):
+        if budget is not None and budget < 1:
+            raise UncompError(f"KV head {head} has a budget of {budget} tokens; it must be at least 1")
+        by_budget.setdefault(None if budget is None else int(budget), []).append(head)
+    return [HeadGroup(heads, budget) for budget, heads in by_budget.items()]
+
+
 class GroupedKVLayer(CacheLayerMixin):
     """One decoder layer's grouped cache. ``budgets[h]`` = tokens KV head ``h`` keeps (None = all).
 
@@ -112,6 +139,11 @@ class GroupedKVLayer(CacheLayerMixin):
     layer keeps its last ``window`` queries (a few KiB) and re-scores the stored tokens with them
     each step, pooled like at prefill; the last ``window`` tokens are never evicted. Without it,
     new tokens are appended and nothing is evicted.
+
+    ``budget_allocator``: for budgets known only at prefill (AdaKV). It turns the prefill scores
+    [B, H_kv, N] into the tokens each row and KV head keeps, int64 [B, H_kv]; the layer then
+    re-forms its groups (heads storing as many tokens share a tensor; a row keeping fewer than
+    its head stores marks the rest invalid). None: the fixed ``budgets``.
     """
 
     is_sliding = False
@@ -119,14 +151,12 @@ class GroupedKVLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, budgets: Sequence[int | None], scorer: SnapKVScorer | None = None,
-                 decode_evict: bool = False):
+                 decode_evict: bool = False,
+                 budget_allocator: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
-        by_budget: dict[int | None, list[int]] = {}
-        for head, budget in enumerate(budgets):
-            if budget is not None and budget < 1:
-                raise UncompError(f"KV head {head} has a budget of {budget} tokens; it must be at least 1")
-            by_budget.setdefault(None if budget is None else int(budget), []).append(head)
-        self.groups = [HeadGroup(heads, budget) for budget, heads in by_budget.items()]
+        self.budgets = list(budgets)
+        self.groups = _group_heads(self.budgets)
+        self.budget_allocator = budget_allocator
         self.num_kv_heads = len(budgets)
         self.scorer = scorer or SnapKVScorer()
         self.decode_evict = decode_evict
@@ -176,9 +206,7 @@ class GroupedKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        for group in self.groups:
-            group.keys = group.values = group.valid = None
-            group.all_valid = True
+        self.groups = _group_heads(self.budgets)  # empty, and as before any allocation
         self.seen = self.skipped = 0
         self.prune_scores = self._query_window = self._query_valid = None
         self._awaiting_attention = False
@@ -259,19 +287,31 @@ class GroupedKVLayer(CacheLayerMixin):
                 self._query_valid = torch.ones(batch, rows, dtype=torch.bool, device=query.device) \
                     if valid is None else valid[:, -rows:].clone()
 
+        if scores is not None and self.budget_allocator is not None:
+            self._allocate(scores)
         row_valid = valid if valid is not None else torch.ones(batch, n, dtype=torch.bool, device=keys.device)
         for group in self.groups:
             group_valid = row_valid[:, None, :].expand(batch, len(group.heads), n)
             group_keys = _take_heads(keys, group.heads)
             group_values = _take_heads(values, group.heads)
-            if group.budget is None or group.budget >= n:
+            if group.budget is None or (group.budget >= n and group.row_budgets is None):
                 group.store(group_keys.contiguous(), group_values.contiguous(), group_valid.contiguous())
                 continue
-            index = select_tokens(_take_heads(scores, group.heads), group.budget, self.scorer.window)
+            index, kept = group.keep_index(_take_heads(scores, group.heads), self.scorer.window)
             expanded = index[..., None].expand(-1, -1, -1, dim)
+            group_valid = group_valid.gather(2, index)
             group.store(group_keys.gather(2, expanded), group_values.gather(2, expanded),
-                        group_valid.gather(2, index))
+                        group_valid if kept is None else group_valid & kept)
         return out
+
+    def _allocate(self, scores: torch.Tensor) -> None:
+        """Re-form the groups from the tokens ``budget_allocator`` gives each row and KV head."""
+        row_budgets = self.budget_allocator(scores)  # [B, H_kv]
+        self.groups = _group_heads(row_budgets.amax(dim=0).tolist())  # stored length: the max over rows
+        for group in self.groups:
+            per_row = row_budgets[:, group.heads]
+            if bool((per_row != group.budget).any()):
+                group.row_budgets = per_row
 
     def _decode(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -313,12 +353,13 @@ class GroupedKVLayer(CacheLayerMixin):
                 continue
             # The last `rows` stored tokens are the last `rows` tokens seen (always kept), so the
             # window queries line up with them for the causal rule.
-            rows = min(window, group.budget, self._query_window.shape[2])
+            least = group.budget if group.row_budgets is None else int(group.row_budgets.min())
+            rows = min(window, least, self._query_window.shape[2])
             group_query = _take_heads(self._query_window, group.heads, rep)[:, :, -rows:]
             valid = None if group.all_valid else group.valid
             probs = window_attention(group_query, group.keys, valid, scaling, self._query_valid[:, -rows:])
             scores = self.scorer.score(probs, valid, len(group.heads))
-            group.take(select_tokens(scores, group.budget, rows))
+            group.take(*group.keep_index(scores, rows))
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -326,6 +367,8 @@ class GroupedKVLayer(CacheLayerMixin):
         for group in self.groups:
             if group.keys is not None:
                 group.keys, group.values, group.valid = fn(group.keys), fn(group.values), fn(group.valid)
+            if group.row_budgets is not None:
+                group.row_budgets = fn(group.row_budgets)
         if self._query_window is not None:
             self._query_window, self._query_valid = fn(self._query_window), fn(self._query_valid)
 

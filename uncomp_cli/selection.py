@@ -196,6 +196,28 @@ def select_rows(scores: torch.Tensor, keep: torch.Tensor, window: int = PRUNE_WI
     return ranked.gather(1, order), kept.gather(1, order)
 
 
+def select_tokens_per_row(scores: torch.Tensor, budgets: torch.Tensor, window: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_tokens` when every row and head keeps its own number of tokens (AdaKV batches).
+
+    scores: [B, H, N] (-inf = padding or invalid); budgets: int64 [B, H], each at most the row's
+    valid tokens. Each (row, head) keeps the same tokens :func:`select_tokens` would keep for it
+    alone: its last ``min(window, budget)`` and its top-scored others. Returns (indices [B, H, T],
+    kept [B, H, T] bool) with T = max(budgets): a head that keeps fewer than T is filled with its
+    next-ranked tokens marked ``kept`` False and placed *first*, so the kept ones end each row in
+    ascending order and the last stored tokens stay the last ones seen (what decoding relies on).
+    """
+    n = scores.shape[-1]
+    width = min(int(budgets.max()), n)
+    recent = budgets.clamp(max=window)[..., None]  # [B, H, 1]
+    tail = torch.arange(n, device=scores.device) >= n - recent
+    forced = scores.masked_fill(tail & (scores > float("-inf")), float("inf"))  # padding stays out
+    ranked = top_indices(forced, width)  # [B, H, T], best first
+    kept = torch.arange(width, device=scores.device) < budgets[..., None]
+    order = torch.where(kept, ranked, ranked - n).argsort(dim=-1)  # fillers first, then ascending
+    return ranked.gather(-1, order), kept.gather(-1, order)
+
+
 def resolve_budget(spec: str | int, prompt_len: int, window: int = DEFAULT_WINDOW, clip: bool = True) -> int:
     """Tokens kept per KV head for a prompt of ``prompt_len`` tokens.
 
