@@ -26,3 +26,6 @@ DEFAULT_SINKS = 4
 #: PyramidKV: beyond the window, the top layer keeps 1/beta of the average and the bottom layer
 #: twice the average minus that (the official code's beta, 20).
 DEFAULT_PYRAMID_BETA = 20
+#: AdaKV's safeguard: every KV head keeps at least this share of the average budget beyond the
+#: window, whatever the layer-wide top-k says (the paper's and kvpress's alpha, 0.2).
+DEFAULT_ADAKV_FLOOR = 0.2

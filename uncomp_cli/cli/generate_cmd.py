@@ -11,6 +11,7 @@ import typer
 
 from uncomp_cli.cli.common import handle_errors
 from uncomp_cli.defaults import (
+    DEFAULT_ADAKV_FLOOR,
     DEFAULT_AGGREGATE,
     DEFAULT_BUDGET,
     DEFAULT_KERNEL,
@@ -140,7 +141,7 @@ def generate(
     method: Annotated[
         str,
         typer.Option(
-            help="KV cache: full, snapkv, pyramidkv, h2o, streamingllm, uncomp, uncomp-noprune, uncomp-uniform."
+            help="KV cache: full, snapkv, pyramidkv, h2o, streamingllm, adakv, uncomp, uncomp-noprune, uncomp-uniform."
         ),
     ] = DEFAULT_METHOD,
     budget: Annotated[
@@ -183,6 +184,9 @@ def generate(
     beta: Annotated[
         float, typer.Option(help="pyramidkv: the top layer keeps 1/beta of the average beyond the window (1 = flat).")
     ] = DEFAULT_PYRAMID_BETA,
+    floor: Annotated[
+        float, typer.Option(help="adakv: share of the average budget (beyond the window) every KV head keeps at least.")
+    ] = DEFAULT_ADAKV_FLOOR,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
 ) -> None:
@@ -215,6 +219,7 @@ def generate(
         prefill_compression=prefill_compression,
         sinks=sinks,
         beta=beta,
+        floor=floor,
     )
     check_method_options(method, **options)  # before the model loads: bad settings fail fast
     if profile is not None and method not in PROFILE_METHODS:

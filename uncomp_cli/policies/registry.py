@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from uncomp_cli.errors import UncompError
+from uncomp_cli.policies.adakv import AdaKVPolicy
 from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.policies.full import FullCachePolicy
 from uncomp_cli.policies.h2o import H2OPolicy
@@ -31,6 +32,7 @@ _FACTORIES: dict[str, Callable[..., CachePolicy]] = {
     "streamingllm": StreamingLLMPolicy,
     "pyramidkv": PyramidKVPolicy,
     "h2o": H2OPolicy,
+    "adakv": AdaKVPolicy,
 }
 
 #: Methods whose policy takes the model's UNComp profile (``profile=``).

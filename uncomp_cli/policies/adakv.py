@@ -1,0 +1,110 @@
+"""AdaKV (Feng et al., arXiv 2407.11550): per layer, the KV heads share one budget, allocated by
+a layer-wide top-k over their SnapKV scores.
+
+A head whose attention is spread over many tokens takes more of the layer's budget than one that
+concentrates on a few, which needs few to keep most of its attention mass; a safeguard ``floor``
+keeps every head at least that share of the average. Each head then keeps its own top tokens plus
+the observation window, SnapKV-style. Budgets are known only at prefill, so each layer re-forms its
+groups then (see ``budget_allocator`` in :mod:`uncomp_cli.cache`): the bytes held are the
+allocated budgets, not a full-size cache with a mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from uncomp_cli.cache import GroupedKVCache, GroupedKVLayer, check_supported, use_grouped_cache
+from uncomp_cli.defaults import (
+    DEFAULT_ADAKV_FLOOR,
+    DEFAULT_AGGREGATE,
+    DEFAULT_BUDGET,
+    DEFAULT_KERNEL,
+    DEFAULT_POOLING,
+    DEFAULT_WINDOW,
+)
+from uncomp_cli.errors import UncompError
+from uncomp_cli.policies.base import CachePolicy
+from uncomp_cli.selection import SnapKVScorer, resolve_budget, top_indices
+
+
+def adakv_budgets(scores: torch.Tensor, budget: int, window: int, floor: float = DEFAULT_ADAKV_FLOOR
+                  ) -> torch.Tensor:
+    """Tokens each KV head of one layer keeps, per row: AdaKV's allocation of ``H_kv × budget``.
+
+    scores: [B, H_kv, N] prefill scores, -inf for padding (never chosen, never counted).
+    Every head keeps its last ``min(window, budget)`` tokens; the rest of the layer's budget,
+    ``H_kv × (budget − window)`` tokens, goes first ⌈``floor`` × (budget − window)⌉ to each head
+    (its best ones: the safeguard), then to the highest remaining scores of the whole layer
+    (ties: lower head, then earlier token, so a padded row allocates as it would alone). A row
+    whose prompt fits in ``budget`` keeps all of it. Returns int64 [B, H_kv], each row summing to
+    ``H_kv × budget`` (or ``H_kv ×`` its length).
+    """
+    batch, heads, n = scores.shape
+    lengths = (scores > float("-inf")).sum(dim=-1).amax(dim=-1)  # [B] real tokens per row
+    whole = lengths[:, None].expand(batch, heads)
+    if budget >= n:
+        return whole.clone()
+    recent = min(window, budget)
+    extra = budget - recent  # tokens a head chooses beyond the window, on average
+    prefix = scores[..., : n - recent]
+    guaranteed = math.ceil(floor * extra)
+    if guaranteed:
+        prefix = prefix.scatter(-1, top_indices(prefix, guaranteed), float("inf"))
+    head_of = top_indices(prefix.reshape(batch, -1), heads * extra) // (n - recent)  # [B, H × extra]
+    counts = torch.zeros(batch, heads, dtype=torch.long, device=scores.device)
+    counts.scatter_add_(1, head_of, torch.ones_like(head_of))
+    return torch.where(lengths[:, None] > budget, recent + counts, whole)
+
+
+@dataclass
+class AdaKVPolicy(CachePolicy):
+    """``budget``: the average tokens per KV head (``128``, or ``"5%"`` of the prompt — of the longest
+    row in a batch); ``floor`` (0–1): the safeguard share of it, beyond the window, that every head
+    keeps. ``floor=1`` gives every head the average: SnapKV.
+
+    Batches: each row is allocated from its own scores; a KV head stores the most any row gave it
+    and marks a row's surplus entries invalid, so every row keeps exactly what it would alone.
+    """
+
+    budget: int | str = DEFAULT_BUDGET
+    floor: float = DEFAULT_ADAKV_FLOOR
+    window: int = DEFAULT_WINDOW
+    kernel: int = DEFAULT_KERNEL
+    pooling: str = DEFAULT_POOLING
+    aggregate: str = DEFAULT_AGGREGATE
+    decode_evict: bool = False
+    name: str = "adakv"
+    last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.scorer = SnapKVScorer(self.window, self.kernel, self.pooling, self.aggregate)  # validates
+        if isinstance(self.floor, bool) or not isinstance(self.floor, int | float) or not 0 <= self.floor <= 1:
+            raise UncompError(f"--floor must be a share between 0 and 1, got {self.floor!r}")
+
+    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> GroupedKVCache:
+        check_supported(model.config)
+        config = model.config
+        prompt_len = int(attention_mask.sum(-1).max())
+        budget = resolve_budget(self.budget, prompt_len, self.window)
+        allocate = functools.partial(adakv_budgets, budget=budget, window=self.window, floor=self.floor)
+        self.last_stats = {"kv_budget_tokens": budget}
+        return GroupedKVCache([
+            GroupedKVLayer([budget] * config.num_key_value_heads, self.scorer, self.decode_evict, allocate)
+            for _ in range(config.num_hidden_layers)
+        ])
+
+    @contextlib.contextmanager
+    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[GroupedKVCache]:
+        with use_grouped_cache(model, self.make_cache(model, attention_mask)) as cache:
+            yield cache
+
+    def describe(self) -> dict:
+        return {"method": self.name, "budget": self.budget, "floor": self.floor, "window": self.window,
+                "kernel": self.kernel, "pooling": self.pooling, "aggregate": self.aggregate,
+                "decode_evict": self.decode_evict}
