@@ -67,9 +67,9 @@ def test_a_budget_that_holds_the_prompt_matches_the_full_cache(name, shape):
     """(With decode_evict the budget is clipped to the prompt, so decoding evicts: not compared.)"""
     model = tiny_model(shape, seed=1)
     ids, mask = left_padded([24, 17], seed=1)
-    ref_logits, ref_tokens = greedy(model, ids, mask, DynamicCache(config=model.config))
+    ref_logits, ref_tokens = greedy(model, ids, mask, DynamicCache(config=model.config), steps=4)
     with BASELINES[name](10_000, False).attach(model, mask) as cache:
-        logits, tokens = greedy(model, ids, mask, cache)
+        logits, tokens = greedy(model, ids, mask, cache, steps=4)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     assert torch.equal(tokens, ref_tokens)
 
@@ -78,11 +78,11 @@ def test_a_budget_that_holds_the_prompt_matches_the_full_cache(name, shape):
 def test_ablations_with_a_budget_that_holds_the_prompt_match_the_full_cache(method):
     model = tiny_model("llama-gqa", seed=1)
     ids, mask = left_padded([24, 17], seed=1)
-    ref_logits, ref_tokens = greedy(model, ids, mask, DynamicCache(config=model.config))
+    ref_logits, ref_tokens = greedy(model, ids, mask, DynamicCache(config=model.config), steps=4)
     # uniform still prunes hidden states unless told not to; noprune never does
     policy = make_policy(method, profile=make_profile(model.config), budget=4096, prefill_compression=False)
     with policy.attach(model, mask) as cache:
-        logits, tokens = greedy(model, ids, mask, cache)
+        logits, tokens = greedy(model, ids, mask, cache, steps=4)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     assert torch.equal(tokens, ref_tokens)
 
