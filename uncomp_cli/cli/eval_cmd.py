@@ -1,0 +1,369 @@
+"""``uncomp eval``: accuracy of cache methods × budgets on long-context suites, resumable.
+
+Each command only builds its suite's examples; loading, the run grid, the results folder and the
+report are shared (:func:`evaluate`). Like ``inspect-heads``, the human report (summary table and
+heatmaps) is the result and goes to stdout; ``--json`` prints JSON there instead. Progress, skipped
+runs and the results folder go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from uncomp_cli.cli.common import handle_errors, stderr_console
+from uncomp_cli.defaults import DEFAULT_AGGREGATE, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAULT_WINDOW
+from uncomp_cli.errors import UncompError
+
+eval_app = typer.Typer(
+    help="Evaluate cache methods and budgets on long-context tasks (needle, RULER-style, LongBench).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+DEFAULT_OUT = "uncomp-eval"  # uncomp_cli.eval.runner.DEFAULT_OUT, without importing torch for --help
+DEFAULT_METHODS = "full,snapkv,uncomp"
+DEFAULT_BUDGETS = "10%,5%,2%"
+
+# -- options every eval command shares ------------------------------------------------------------
+
+Model = Annotated[
+    str | None,
+    typer.Option("--model", "-m", envvar="UNCOMP_MODEL",
+                 help="smollm2-135m (default), a model folder, a .gguf, or a hub id."),
+]
+Methods = Annotated[str, typer.Option(help="Comma-separated cache methods; full runs once, without a budget.")]
+Budgets = Annotated[str, typer.Option(help="Comma-separated budgets for every method but full: 10%, 5%, or 128.")]
+Profile = Annotated[
+    Path | None,
+    typer.Option(help="UNComp profile for the uncomp methods, ignored by the others "
+                 "(default: the cached one, calibrated once if missing)."),
+]
+Window = Annotated[int, typer.Option(help="Observation window of the compressed methods.")]
+Kernel = Annotated[int, typer.Option(help="Pooling kernel over neighbouring positions (odd).")]
+Pooling = Annotated[str, typer.Option(help="max or avg.")]
+Aggregate = Annotated[str, typer.Option(help="How query heads sharing a KV head combine scores: mean or max.")]
+BatchSize = Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")]
+Seed = Annotated[int, typer.Option(help="Seed for the generated prompts (needles, numbers, keys).")]
+Out = Annotated[Path, typer.Option(help="Results go to a folder named by the settings under this one.")]
+Plot = Annotated[
+    Path | None,
+    typer.Option(help="Also write the heatmaps as an image (needs matplotlib: pip install 'uncomp[plot]')."),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the tables.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+
+
+# -- parsing --------------------------------------------------------------------------------------
+
+
+def parse_list(text: str, option: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``; nothing at all is an error."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise UncompError(f"{option} is empty")
+    return list(dict.fromkeys(items))
+
+
+def parse_lengths(text: str, option: str = "--lengths") -> list[int]:
+    """Token counts, ``k`` meaning 1024: ``"512,1k,1.5k,4K"`` -> ``[512, 1024, 1536, 4096]``."""
+    lengths = []
+    for item in parse_list(text, option):
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kK]?)", item)
+        value = float(match.group(1)) * (1024 if match.group(2) else 1) if match else 0.0
+        if not match or value < 1 or value != int(value):
+            raise UncompError(f"{option}: {item!r} is not a length in tokens (write 512, 1k, 4k…)")
+        lengths.append(int(value))
+    return sorted(dict.fromkeys(lengths))
+
+
+def parse_depths(text: str, option: str = "--depths") -> list[float]:
+    """Fractions of the context from 0 (start) to 1 (end)."""
+    depths = []
+    for item in parse_list(text, option):
+        try:
+            value = float(item)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= 1:
+            raise UncompError(f"{option}: {item!r} is not a depth between 0 and 1")
+        depths.append(value)
+    return sorted(dict.fromkeys(depths))
+
+
+# -- the shared pipeline --------------------------------------------------------------------------
+
+
+def evaluate(
+    suite: str,
+    build: Callable[[object], list],
+    settings: dict,
+    *,
+    model: str | None,
+    methods: str,
+    budgets: str,
+    profile: Path | None,
+    window: int,
+    kernel: int,
+    pooling: str,
+    aggregate: str,
+    batch_size: int,
+    out: Path,
+    plot: Path | None,
+    json_output: bool,
+    device: str,
+    dtype: str,
+    panels: Callable[[object], list] = lambda result: [],
+    max_length: int | None = None,
+) -> None:
+    """Check every option, load the model once, build the examples once, run the grid, report.
+
+    build(loaded) -> examples; panels(result) -> the heatmaps to show and plot (render.Grid);
+    max_length: the longest prompt and answer the suite will build, checked against the model's
+    context before any prompt is built.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from uncomp_cli.eval.render import check_plot_path, plot_grids, render_eval
+    from uncomp_cli.eval.runner import plan_runs, run_eval
+    from uncomp_cli.models import load_model
+    from uncomp_cli.policies.registry import check_method_options
+    from uncomp_cli.prompting import context_length
+
+    if batch_size < 1:
+        raise UncompError(f"--batch-size must be at least 1, got {batch_size}")
+    selection = {"window": window, "kernel": kernel, "pooling": pooling, "aggregate": aggregate}
+    runs = plan_runs(parse_list(methods, "--methods"), parse_list(budgets, "--budgets"))
+    for run in runs:  # before the model loads: a typo costs nothing
+        check_method_options(run.method, **selection, **({} if run.budget is None else {"budget": run.budget}))
+    if profile is not None and not profile.is_file():
+        raise UncompError(f"profile not found: {profile}")
+    if plot is not None:
+        check_plot_path(plot)
+
+    loaded = load_model(model, device=device, dtype=dtype)
+    limit = context_length(loaded.model.config)
+    if max_length is not None and max_length > limit:
+        raise UncompError(f"length {max_length} (prompt and answer) is over {loaded.name}'s context of {limit} tokens")
+    with stderr_console.status(f"building the {suite} prompts"):
+        examples = build(loaded)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=stderr_console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(run, done: int, total: int) -> None:
+            if run.name not in tasks:
+                tasks[run.name] = bar.add_task(run.name, total=total)
+            bar.update(tasks[run.name], completed=done)
+
+        result = run_eval(loaded, examples, runs, suite=suite, settings=settings, out=out, selection=selection,
+                          profile=profile, batch_size=batch_size, progress=progress)
+
+    heatmaps = panels(result)
+    if plot is not None:
+        plot_grids(result, heatmaps, plot)
+        stderr_console.print(f"wrote {plot}")
+    stderr_console.print(f"results in {result.folder}")
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        render_eval(result, Console(), heatmaps)
+
+
+# -- the commands ---------------------------------------------------------------------------------
+
+
+@eval_app.command("needle")
+@handle_errors
+def needle(
+    haystack: Annotated[
+        Path, typer.Option(help="Folder of .txt files the needle is hidden in (e.g. ../shared/data/haystack).")
+    ],
+    lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens, comma-separated; k = 1024.")] = "1k,2k,4k",
+    depths: Annotated[str, typer.Option(help="Needle depths from 0 (start) to 1 (end), comma-separated.")] = (
+        "0,0.25,0.5,0.75,1"
+    ),
+    distractors: Annotated[int, typer.Option(help="Other keys with their own numbers (multi-key needle).")] = 0,
+    needle_template: Annotated[
+        str | None, typer.Option(help="The needle sentence, with {key} and {value}.")
+    ] = None,
+    question_template: Annotated[str | None, typer.Option(help="The question, with {key}.")] = None,
+    answer_prefix: Annotated[
+        str | None,
+        typer.Option(help="Start of the answer, with {key} (default: the built-in one; none with custom templates)."),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 12,
+    seed: Seed = 0,
+    methods: Methods = DEFAULT_METHODS,
+    budgets: Budgets = DEFAULT_BUDGETS,
+    model: Model = None,
+    profile: Profile = None,
+    window: Window = DEFAULT_WINDOW,
+    kernel: Kernel = DEFAULT_KERNEL,
+    pooling: Pooling = DEFAULT_POOLING,
+    aggregate: Aggregate = DEFAULT_AGGREGATE,
+    batch_size: BatchSize = 1,
+    out: Out = Path(DEFAULT_OUT),
+    plot: Plot = None,
+    json_output: Json = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Needle in a haystack: a number hidden at each depth of prompts of each length; exact match.
+
+    Shows a length × depth heatmap of exact match per method and budget.
+    """
+    from uncomp_cli.eval import needle as suite
+    from uncomp_cli.eval.render import grids
+
+    length_list = parse_lengths(lengths)
+    depth_list = parse_depths(depths)
+    templates = suite.make_templates(needle_template, question_template, answer_prefix)
+    suite.make_cases(length_list[:1], depth_list[:1], seed=seed, distractors=distractors)  # checks --distractors
+    text = suite.load_haystack(haystack)
+    settings = {
+        "haystack": str(haystack.resolve()),
+        "lengths": length_list,
+        "depths": depth_list,
+        "distractors": distractors,
+        "seed": seed,
+        "templates": {"needle": templates.needle, "question": templates.question,
+                      "answer_prefix": templates.answer_prefix},
+        "max_new_tokens": max_new_tokens,
+    }
+
+    def build(loaded) -> list:
+        return suite.make_examples(loaded.tokenizer, text, length_list, depth_list, seed=seed,
+                                   distractors=distractors, templates=templates, max_new_tokens=max_new_tokens)
+
+    evaluate("multikey" if distractors else "needle", build, settings, model=model, methods=methods,
+             budgets=budgets, profile=profile, window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
+             batch_size=batch_size, out=out, plot=plot, json_output=json_output, device=device, dtype=dtype,
+             panels=lambda result: grids(result, "length", "depth"), max_length=max(length_list) + max_new_tokens)
+
+
+@eval_app.command("ruler")
+@handle_errors
+def ruler(
+    tasks: Annotated[
+        str,
+        typer.Option(help="Comma-separated RULER tasks: niah_single, niah_multikey, niah_multivalue, "
+                     "niah_multiquery, vt, cwe, fwe (default: all)."),
+    ] = "all",
+    lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens, comma-separated; k = 1024.")] = "1k,2k,4k",
+    samples: Annotated[int, typer.Option(help="Prompts per task and length.")] = 5,
+    haystack: Annotated[
+        Path | None,
+        typer.Option(help="Folder of .txt files to fill the needle tasks with (default: RULER's noise sentences)."),
+    ] = None,
+    seed: Seed = 0,
+    methods: Methods = DEFAULT_METHODS,
+    budgets: Budgets = DEFAULT_BUDGETS,
+    model: Model = None,
+    profile: Profile = None,
+    window: Window = DEFAULT_WINDOW,
+    kernel: Kernel = DEFAULT_KERNEL,
+    pooling: Pooling = DEFAULT_POOLING,
+    aggregate: Aggregate = DEFAULT_AGGREGATE,
+    batch_size: BatchSize = 1,
+    out: Out = Path(DEFAULT_OUT),
+    plot: Plot = None,
+    json_output: Json = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """RULER-style synthetic tasks (needles, variable tracking, common/frequent words), generated locally.
+
+    Shows a task × length heatmap of the score per method and budget.
+    """
+    from uncomp_cli.eval import needle as needle_suite
+    from uncomp_cli.eval import ruler as suite
+    from uncomp_cli.eval.render import grids
+
+    task_list = list(suite.TASKS) if tasks.strip() == "all" else parse_list(tasks, "--tasks")
+    unknown = [t for t in task_list if t not in suite.TASKS]
+    if unknown:
+        raise UncompError(f"unknown RULER task {unknown[0]!r}; known: {', '.join(suite.TASKS)}")
+    if samples < 1:
+        raise UncompError(f"--samples must be at least 1, got {samples}")
+    length_list = parse_lengths(lengths)
+    text = needle_suite.load_haystack(haystack) if haystack is not None else None
+    settings = {"tasks": task_list, "lengths": length_list, "samples": samples, "seed": seed,
+                "haystack": None if haystack is None else str(haystack.resolve())}
+
+    def build(loaded) -> list:
+        return suite.make_examples(loaded.tokenizer, task_list, length_list, samples, seed=seed, haystack=text)
+
+    answer = max(suite.MAX_NEW_TOKENS[t] for t in task_list)
+    evaluate("ruler", build, settings, model=model, methods=methods, budgets=budgets, profile=profile,
+             window=window, kernel=kernel, pooling=pooling, aggregate=aggregate, batch_size=batch_size, out=out,
+             plot=plot, json_output=json_output, device=device, dtype=dtype,
+             panels=lambda result: grids(result, "task", "length"), max_length=max(length_list) + answer)
+
+
+@eval_app.command("longbench")
+@handle_errors
+def longbench(
+    data: Annotated[
+        Path, typer.Option(help="Folder of LongBench JSONL files named <task>.jsonl (or LongBench-E's <task>_e.jsonl).")
+    ],
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated tasks (file stems) to run (default: every .jsonl in --data).")
+    ] = "all",
+    max_length: Annotated[
+        int, typer.Option(help="Longest prompt in tokens, chat template included; longer ones lose their middle.")
+    ] = 3500,
+    limit: Annotated[int | None, typer.Option(help="Only the first N examples of each task.")] = None,
+    methods: Methods = DEFAULT_METHODS,
+    budgets: Budgets = DEFAULT_BUDGETS,
+    model: Model = None,
+    profile: Profile = None,
+    window: Window = DEFAULT_WINDOW,
+    kernel: Kernel = DEFAULT_KERNEL,
+    pooling: Pooling = DEFAULT_POOLING,
+    aggregate: Aggregate = DEFAULT_AGGREGATE,
+    batch_size: BatchSize = 1,
+    out: Out = Path(DEFAULT_OUT),
+    plot: Plot = None,
+    json_output: Json = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """LongBench from your own JSONL files, scored with each task's LongBench metric.
+
+    Shows a task × run table of scores.
+    """
+    from uncomp_cli.eval import longbench as suite
+    from uncomp_cli.eval.render import task_grid
+    from uncomp_cli.prompting import context_length
+
+    if not data.is_dir():
+        raise UncompError(f"LongBench folder not found: {data}")
+    # "all" becomes the file stems, so the folder's settings name the tasks and `--tasks` in the same
+    # order finds the same results.
+    task_list = sorted(f.stem for f in data.glob("*.jsonl")) if tasks.strip() == "all" else parse_list(tasks, "--tasks")
+    if not task_list:
+        raise UncompError(f"no .jsonl files in {data} (LongBench files are named <task>.jsonl, e.g. hotpotqa.jsonl)")
+    if max_length < 1:
+        raise UncompError(f"--max-length must be at least 1, got {max_length}")
+    if limit is not None and limit < 1:
+        raise UncompError(f"--limit must be at least 1, got {limit}")
+    settings = {"data": str(data.resolve()), "tasks": task_list, "max_length": max_length, "limit": limit}
+
+    def build(loaded) -> list:
+        return suite.load_examples(data, loaded.tokenizer, tasks=task_list, max_length=max_length, limit=limit,
+                                   context_length=context_length(loaded.model.config))
+
+    evaluate("longbench", build, settings, model=model, methods=methods, budgets=budgets, profile=profile,
+             window=window, kernel=kernel, pooling=pooling, aggregate=aggregate, batch_size=batch_size, out=out,
+             plot=plot, json_output=json_output, device=device, dtype=dtype,
+             panels=lambda result: [task_grid(result)])

@@ -1,0 +1,350 @@
+"""Run a list of :class:`Example` s for several cache methods and budgets on one loaded model.
+
+One model load and one tokenisation serve a whole grid: suites build the examples, the runner only
+generates (greedy), scores with ``METRICS[example.metric]`` and writes, per run, ``predictions.jsonl``
+then ``metrics.json`` (both atomically) into a folder named by the settings. A run whose
+``metrics.json`` exists is finished and skipped, so an interrupted grid resumes where it stopped
+and adding a method or budget to the same settings runs only what is new.
+
+Layout::
+
+    <out>/<suite>-<model>-<hash of settings and examples>/
+        config.json                    settings, model, machine, versions (written once)
+        full/predictions.jsonl         one line per example: prediction, scores, costs
+        full/metrics.json              means overall, per task, per length, per depth; costs
+        snapkv-10pct/...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uncomp_cli.errors import UncompError
+from uncomp_cli.eval.examples import Example
+from uncomp_cli.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = "uncomp-eval"
+CONFIG = "config.json"
+PREDICTIONS = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid: a method and its budget (``None`` for the full cache)."""
+
+    method: str
+    budget: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The run's folder: ``full``, ``snapkv-10pct``, ``uncomp-128``."""
+        if self.budget is None:
+            return self.method
+        return f"{self.method}-{_slug(self.budget.replace('%', 'pct'))}"
+
+
+def plan_runs(methods: Sequence[str], budgets: Sequence[str]) -> list[Run]:
+    """Every method × budget, in the order given; ``full`` once, without a budget."""
+    runs: list[Run] = []
+    for method in methods:
+        for budget in [None] if method == "full" else budgets:
+            run = Run(method, budget)
+            if run not in runs:
+                runs.append(run)
+    if not runs:
+        raise UncompError("no runs: give at least one method (and a budget for methods other than full)")
+    return runs
+
+
+@dataclass
+class RunResult:
+    """A finished run: its metrics and per-example predictions (read back when it was skipped)."""
+
+    run: Run
+    folder: Path
+    metrics: dict
+    predictions: list[dict]
+    skipped: bool = False
+
+    def to_dict(self) -> dict:
+        return {"run": self.run.name, "method": self.run.method, "budget": self.run.budget,
+                "folder": str(self.folder), "skipped": self.skipped, **self.metrics}
+
+
+@dataclass
+class EvalResult:
+    folder: Path
+    config: dict
+    runs: list[RunResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The ``--json`` summary: where the results are, the settings, and each run's metrics."""
+        return {"folder": str(self.folder), "suite": self.config["suite"], "model": self.config["model"]["name"],
+                "settings": self.config["settings"], "runs": [r.to_dict() for r in self.runs]}
+
+
+# -- naming ---------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
+
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    """A hash of everything in the examples that changes what the model sees or how it is scored."""
+    digest = hashlib.sha256()
+    for e in examples:
+        record = [e.id, e.task, list(e.prompt_ids), list(e.answers), e.metric, e.max_new_tokens, e.length]
+        digest.update(json.dumps(record, separators=(",", ":")).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def results_folder(out: str | Path, suite: str, model_name: str, identity: dict) -> Path:
+    """``<out>/<suite>-<model>-<10 hex digits>``; the digits hash ``identity`` (settings and examples)."""
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path(out) / f"{_slug(suite)}-{_slug(model_name)}-{key}"
+
+
+def _machine(loaded) -> dict:
+    import torch
+
+    machine = {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+               "torch_threads": torch.get_num_threads()}
+    if loaded.device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(loaded.device)
+    return machine
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    from uncomp_cli import __version__
+
+    return {"uncomp": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+# -- scoring and aggregation ----------------------------------------------------------------------
+
+
+def _metric_functions(examples: Sequence[Example]) -> dict[str, Callable[[str, Example], dict]]:
+    from uncomp_cli.eval.metrics import METRICS
+
+    unknown = sorted({e.metric for e in examples} - set(METRICS))
+    if unknown:
+        raise UncompError(f"unknown metric {', '.join(unknown)}; available: {', '.join(sorted(METRICS))}")
+    return {name: METRICS[name] for name in {e.metric for e in examples}}
+
+
+def _means(rows: Sequence[dict]) -> dict:
+    """Mean of every score over the rows that have it, and how many rows there were."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for row in rows:
+        for key, value in row["scores"].items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+    return {**{key: round(sums[key] / counts[key], 6) for key in sums}, "examples": len(rows)}
+
+
+def _grouped(rows: Sequence[dict], key: Callable[[dict], object]) -> dict:
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        value = key(row)
+        if value is not None:
+            groups.setdefault(f"{value:g}" if isinstance(value, float) else str(value), []).append(row)
+    return {name: _means(members) for name, members in groups.items()}
+
+
+def aggregate(rows: Sequence[dict]) -> dict:
+    """``metrics.json`` from prediction rows: score means overall / per task / length / depth, and costs."""
+    ratios = [r["kv_cache_bytes"] / r["full_kv_cache_bytes"] for r in rows if r["full_kv_cache_bytes"]]
+    metrics = {
+        "examples": len(rows),
+        "overall": _means(rows),
+        "by_task": _grouped(rows, lambda r: r["task"]),
+        "by_length": _grouped(rows, lambda r: r["length"]),
+    }
+    if any("depth" in r["meta"] for r in rows):
+        metrics["by_depth"] = _grouped(rows, lambda r: r["meta"].get("depth"))
+    n = max(len(rows), 1)
+    metrics |= {
+        "kv_bytes_vs_full": round(sum(ratios) / len(ratios), 6) if ratios else None,
+        "kv_cache_bytes_mean": round(sum(r["kv_cache_bytes"] for r in rows) / n),
+        "full_kv_cache_bytes_mean": round(sum(r["full_kv_cache_bytes"] for r in rows) / n),
+        "prompt_tokens_mean": round(sum(r["prompt_tokens"] for r in rows) / n, 1),
+        "prefill_seconds_mean": round(sum(r["prefill_seconds"] for r in rows) / n, 4),
+        "decode_seconds_mean": round(sum(r["decode_seconds"] for r in rows) / n, 4),
+    }
+    return metrics
+
+
+# -- running --------------------------------------------------------------------------------------
+
+
+def check_context(loaded, examples: Sequence[Example]) -> None:
+    """Every prompt plus its answer must fit the model's context; say which does not."""
+    from uncomp_cli.prompting import context_length
+
+    limit = context_length(loaded.model.config)
+    for e in examples:
+        if len(e.prompt_ids) + e.max_new_tokens > limit:
+            raise UncompError(f"example {e.id} needs {len(e.prompt_ids)} + {e.max_new_tokens} tokens; "
+                              f"{loaded.name} has a context of {limit}")
+
+
+def _load_finished(folder: Path) -> tuple[dict, list[dict]] | None:
+    metrics_path = folder / METRICS_FILE
+    if not metrics_path.is_file():
+        return None
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        predictions_path = folder / PREDICTIONS
+        lines = predictions_path.read_text(encoding="utf-8").splitlines() if predictions_path.is_file() else []
+        return metrics, [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise UncompError(f"cannot read the finished run in {folder} ({exc}); delete the folder to rerun it") from None
+
+
+def _batches(examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
+    """Neighbours in prompt length share a batch, so little is spent on padding."""
+    ordered = sorted(examples, key=lambda e: len(e.prompt_ids)) if batch_size > 1 else list(examples)
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def _generate_rows(loaded, policy, batch: Sequence[Example], scorers, eos: list[int], pad_id: int) -> list[dict]:
+    from uncomp_cli.generate import GenerationSettings, generate_ids, left_pad
+
+    input_ids, mask = left_pad([list(e.prompt_ids) for e in batch], pad_id, loaded.device)
+    settings = GenerationSettings(max_new_tokens=max(e.max_new_tokens for e in batch))
+    out = generate_ids(loaded.model, input_ids, mask, settings, eos, policy)
+    rows = []
+    for example, tokens in zip(batch, out.tokens):
+        tokens = tokens[: example.max_new_tokens]
+        prediction = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+        scores = scorers[example.metric](prediction, example)
+        rows.append({
+            "id": example.id,
+            "task": example.task,
+            "length": example.length,
+            "prompt_tokens": len(example.prompt_ids),
+            "new_tokens": len(tokens),
+            "prediction": prediction,
+            "answers": list(example.answers),
+            "scores": {k: float(v) for k, v in scores.items()},
+            "meta": example.meta,
+            "batch_size": len(batch),
+            # Costs are the batch's: time is shared by its rows, bytes are split evenly.
+            "prefill_seconds": round(out.prefill_seconds, 4),
+            "decode_seconds": round(out.decode_seconds, 4),
+            "kv_cache_bytes": out.kv_cache_bytes // len(batch),
+            "full_kv_cache_bytes": out.full_kv_cache_bytes // len(batch),
+        })
+    return rows
+
+
+def run_eval(
+    loaded,
+    examples: Sequence[Example],
+    runs: Sequence[Run],
+    *,
+    suite: str,
+    settings: dict,
+    out: str | Path = DEFAULT_OUT,
+    selection: dict | None = None,
+    profile: str | Path | None = None,
+    batch_size: int = 1,
+    progress: Callable[[Run, int, int], None] | None = None,
+) -> EvalResult:
+    """Generate and score ``examples`` for every run on ``loaded``; write and return the results.
+
+    suite, settings: name the results folder together with the model, ``selection`` (window,
+    kernel, pooling, aggregate), ``profile``, dtype, device type, ``batch_size`` and a digest of the
+    examples (methods and budgets do not: each is a subfolder). ``profile`` goes to the methods that
+    take one; the others ignore it, so a grid resumed with fewer methods keeps its folder.
+    ``progress(run, done, total)`` is called when a run starts and after each batch. Finished runs
+    are read back, not rerun.
+    """
+    from uncomp_cli.generate import eos_token_ids
+    from uncomp_cli.policies.registry import PROFILE_METHODS, policy_for
+
+    if not examples:
+        raise UncompError("no examples to evaluate")
+    if batch_size < 1:
+        raise UncompError(f"--batch-size must be at least 1, got {batch_size}")
+    ids = [e.id for e in examples]
+    if len(set(ids)) != len(ids):
+        raise UncompError(f"{suite}: example ids are not unique")
+    selection = dict(selection or {})
+    scorers = _metric_functions(examples)
+    check_context(loaded, examples)
+
+    model_info = {"name": loaded.name, "kind": loaded.source.kind, "location": loaded.source.location,
+                  "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch.")}
+    identity = {"suite": suite, "settings": settings, "model": [loaded.source.kind, loaded.source.location],
+                "dtype": model_info["dtype"], "device": loaded.device.type, "selection": selection,
+                "profile": None if profile is None else str(Path(profile).resolve()), "batch_size": batch_size,
+                "examples": examples_digest(examples)}
+    folder = results_folder(out, suite, loaded.name, identity)
+    config_path = folder / CONFIG
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    else:
+        config = {"suite": suite, "settings": settings, "model": model_info, "selection": selection,
+                  "profile": identity["profile"], "batch_size": batch_size, "examples": len(examples),
+                  "examples_digest": identity["examples"], "tasks": sorted({e.task for e in examples}),
+                  "machine": _machine(loaded), "versions": _versions(),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write(config_path, json.dumps(config, indent=2) + "\n")
+
+    result = EvalResult(folder, config)
+    pending: list[tuple[Run, object]] = []
+    for run in runs:
+        finished = _load_finished(folder / run.name)
+        if finished is not None:
+            log.info("%s: finished earlier, skipped (%s)", run.name, folder / run.name / METRICS_FILE)
+            result.runs.append(RunResult(run, folder / run.name, finished[0], finished[1], skipped=True))
+            continue
+        # Every policy before any generation: a bad profile fails before minutes of work.
+        options = selection | ({} if run.budget is None else {"budget": run.budget})
+        policy = policy_for(loaded, run.method, profile if run.method in PROFILE_METHODS else None, **options)
+        pending.append((run, policy))
+
+    eos = eos_token_ids(loaded)
+    pad_id = loaded.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = (eos or [0])[0]
+    order = {e.id: i for i, e in enumerate(examples)}
+    for run, policy in pending:
+        if progress is not None:
+            progress(run, 0, len(examples))
+        started = time.perf_counter()
+        rows: list[dict] = []
+        for batch in _batches(examples, batch_size):
+            rows += _generate_rows(loaded, policy, batch, scorers, eos, pad_id)
+            if progress is not None:
+                progress(run, len(rows), len(examples))
+        rows.sort(key=lambda r: order[r["id"]])
+        metrics = {"run": run.name, "method": run.method, "budget": run.budget, "policy": policy.describe(),
+                   **aggregate(rows), "wall_seconds": round(time.perf_counter() - started, 2)}
+        run_dir = folder / run.name
+        atomic_write(run_dir / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")  # last: marks the run done
+        result.runs.append(RunResult(run, run_dir, metrics, rows))
+    by_name = {r.run.name: r for r in result.runs}
+    result.runs = [by_name[run.name] for run in runs]
+    return result
