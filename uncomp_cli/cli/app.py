@@ -34,6 +34,7 @@ def _root(
 # Commands register themselves here, one module each.
 from uncomp_cli.cli import (  # noqa: E402
     calibrate_cmd,
+    eval_cmd,
     generate_cmd,
     inspect_cmd,
 )
@@ -41,6 +42,7 @@ from uncomp_cli.cli import (  # noqa: E402
 app.command("generate")(generate_cmd.generate)
 app.command("calibrate")(calibrate_cmd.calibrate)
 app.command("inspect-heads")(inspect_cmd.inspect_heads)
+app.add_typer(eval_cmd.eval_app, name="eval")
 
 
 def main() -> None:
