@@ -9,6 +9,7 @@ from tiny import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from uncomp_cli.cli.app import app
+from uncomp_cli.policies import available_methods
 
 runner = CliRunner()
 PROMPT = "the quick brown fox jumps over the lazy dog " * 12
@@ -82,7 +83,7 @@ def test_uncomp_without_a_profile_calibrates_once_and_caches_it(tiny_model_dir, 
     (["--method", "snapkv", "--budget", "150%"], "budget 150% must be more than 0% and at most 100%"),
     (["--method", "snapkv", "--budget", "16"], "below the 32-token observation window"),
     (["--method", "snapkv", "--budget", "lots"], "is not a token count (128) or a percentage (5%)"),
-    (["--method", "magic"], "unknown method 'magic'; available: full, snapkv, uncomp"),
+    (["--method", "magic"], f"unknown method 'magic'; available: {', '.join(available_methods())}"),
     (["--method", "snapkv", "--pooling", "median"], "pooling"),
     (["--method", "snapkv", "--profile", "x.safetensors"], "--profile is for --method uncomp"),
 ])
