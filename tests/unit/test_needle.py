@@ -102,3 +102,10 @@ def test_bad_templates_are_user_errors(options, message):
 def test_too_many_distractors_is_a_user_error():
     with pytest.raises(UncompError, match="--distractors must be between 0 and 9"):
         needle.make_cases([1000], [0.5], distractors=len(needle.KEYS))
+
+
+def test_a_tokenised_prefix_of_the_haystack_matches_the_whole_texts_tokens(tok, haystack_dir):
+    hay = needle.load_haystack(haystack_dir)
+    whole = tok(hay, add_special_tokens=False)["input_ids"]
+    for count in (100, 3000):
+        assert needle.tokenize_haystack(tok, hay, count) == whole[:count]

@@ -112,13 +112,17 @@ def make_cases(lengths: list[int], depths: list[float], seed: int = 0, distracto
 
 
 def tokenize_haystack(tokenizer, haystack: str, max_tokens: int | None = None) -> list[int]:
-    """The haystack's token ids, once for a whole grid; with ``max_tokens``, only a long enough prefix."""
+    """The haystack's token ids, once for a whole grid; with ``max_tokens``, only its first ``max_tokens``.
+
+    Only a prefix of the text is tokenised then (the essays run to ~180k tokens); the tokens at a
+    cut may differ from the whole text's, so the prefix is tokenised with a margin and trimmed.
+    """
     if max_tokens is not None:
-        chars = max(4096, 8 * max_tokens)  # no tokenizer here averages under 8 characters per token…
+        chars = max(4096, 8 * max_tokens)
         while chars < len(haystack):
             ids = tokenizer(haystack[:chars], add_special_tokens=False)["input_ids"]
-            if len(ids) > max_tokens:  # …and the last token of a cut prefix may differ: drop it
-                return ids[:-1]
+            if len(ids) >= max_tokens + 64:
+                return ids[:max_tokens]
             chars *= 2
     return tokenizer(haystack, add_special_tokens=False)["input_ids"]
 
