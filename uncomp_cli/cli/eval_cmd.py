@@ -29,7 +29,9 @@ eval_app = typer.Typer(
 
 DEFAULT_OUT = "uncomp-eval"  # uncomp_cli.eval.runner.DEFAULT_OUT, without importing torch for --help
 DEFAULT_METHODS = "full,snapkv,uncomp"
-DEFAULT_BUDGETS = "10%,5%,2%"
+# 2% of a 1k prompt (21 tokens) is under the default 32-token observation window, which the
+# budget rule refuses; 2% needs prompts of 1600 tokens or more.
+DEFAULT_BUDGETS = "10%,5%"
 
 # -- options every eval command shares ------------------------------------------------------------
 

@@ -220,6 +220,18 @@ def _load_finished(folder: Path) -> tuple[dict, list[dict]] | None:
         raise UncompError(f"cannot read the finished run in {folder} ({exc}); delete the folder to rerun it") from None
 
 
+def _check_policy(loaded, run: Run, policy, examples: Sequence[Example]) -> None:
+    """Size a cache for the shortest and the longest prompt (no forward pass): a budget that does not
+    fit a prompt, e.g. 2% of 512 tokens under the observation window, fails before any run starts."""
+    import torch
+
+    for length in sorted({min(len(e.prompt_ids) for e in examples), max(len(e.prompt_ids) for e in examples)}):
+        try:
+            policy.make_cache(loaded.model, torch.ones((1, length), dtype=torch.long, device=loaded.device))
+        except UncompError as exc:
+            raise UncompError(f"{run.name}: {exc}") from None
+
+
 def _batches(examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
     """Neighbours in prompt length share a batch, so little is spent on padding."""
     ordered = sorted(examples, key=lambda e: len(e.prompt_ids)) if batch_size > 1 else list(examples)
@@ -300,6 +312,20 @@ def run_eval(
                 "profile": None if profile is None else str(Path(profile).resolve()), "batch_size": batch_size,
                 "examples": examples_digest(examples)}
     folder = results_folder(out, suite, loaded.name, identity)
+    finished_runs: list[RunResult] = []
+    pending: list[tuple[Run, object]] = []
+    for run in runs:
+        finished = _load_finished(folder / run.name)
+        if finished is not None:
+            log.info("%s: finished earlier, skipped (%s)", run.name, folder / run.name / METRICS_FILE)
+            finished_runs.append(RunResult(run, folder / run.name, finished[0], finished[1], skipped=True))
+            continue
+        # Every policy before any generation: a bad profile or budget fails before minutes of work.
+        options = selection | ({} if run.budget is None else {"budget": run.budget})
+        policy = policy_for(loaded, run.method, profile if run.method in PROFILE_METHODS else None, **options)
+        _check_policy(loaded, run, policy, examples)
+        pending.append((run, policy))
+
     config_path = folder / CONFIG
     if config_path.is_file():
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -310,19 +336,7 @@ def run_eval(
                   "machine": _machine(loaded), "versions": _versions(),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write(config_path, json.dumps(config, indent=2) + "\n")
-
-    result = EvalResult(folder, config)
-    pending: list[tuple[Run, object]] = []
-    for run in runs:
-        finished = _load_finished(folder / run.name)
-        if finished is not None:
-            log.info("%s: finished earlier, skipped (%s)", run.name, folder / run.name / METRICS_FILE)
-            result.runs.append(RunResult(run, folder / run.name, finished[0], finished[1], skipped=True))
-            continue
-        # Every policy before any generation: a bad profile fails before minutes of work.
-        options = selection | ({} if run.budget is None else {"budget": run.budget})
-        policy = policy_for(loaded, run.method, profile if run.method in PROFILE_METHODS else None, **options)
-        pending.append((run, policy))
+    result = EvalResult(folder, config, finished_runs)
 
     eos = eos_token_ids(loaded)
     pad_id = loaded.tokenizer.pad_token_id
