@@ -1,0 +1,137 @@
+"""``uncomp bench``: speed and memory of each cache method against the full cache, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from uncomp_cli.cli.common import handle_errors
+
+DEFAULT_METHODS = "full,snapkv,uncomp"
+DEFAULT_LENGTHS = "1k,4k"
+DEFAULT_BUDGETS = "5%"
+
+
+@handle_errors
+def bench(
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods; full is always run, first. name@B runs one at budget B only.")
+    ] = DEFAULT_METHODS,
+    lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens: 4096, 4k (k = 1024).")] = DEFAULT_LENGTHS,
+    budgets: Annotated[
+        str, typer.Option(help="KV budgets for the compressed methods: 5% of the prompt, or tokens (128).")
+    ] = DEFAULT_BUDGETS,
+    batch_sizes: Annotated[
+        str | None, typer.Option("--batch-sizes", help="Prompts per forward pass, comma-separated (default 1).")
+    ] = None,
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded per prompt (EOS ignored).")] = 32,
+    warmup: Annotated[int, typer.Option(help="Untimed runs of each configuration first.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed runs of each configuration; medians are reported.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the prompts (and of random weights).")] = 0,
+    haystack: Annotated[
+        Path | None, typer.Option(help="Folder of .txt files: prompts are slices of its text instead of random ids.")
+    ] = None,
+    memory_cap: Annotated[
+        str | None,
+        typer.Option(help="Throughput mode: per method, the largest batch whose peak memory fits (8GiB, 512MiB, 8G)."),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="With --memory-cap: the largest batch size tried.")] = 1024,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", envvar="UNCOMP_MODEL",
+                     help="smollm2-135m (default), a model folder, a .gguf, or a hub id."),
+    ] = None,
+    model_config: Annotated[
+        str | None,
+        typer.Option(help="A random-initialised model with real shapes instead (speed only): llama3-8b, "
+                     "llama3.2-1b, mistral-7b, qwen2-0.5b, qwen2-7b, tiny."),
+    ] = None,
+    layers: Annotated[int | None, typer.Option(help="With --model-config: keep only the first N layers.")] = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="UNComp profile for the profile methods (default: as 'uncomp generate').")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON results to this file (atomically).")] = None,
+) -> None:
+    """Time to first token, prefill, decode speed, KV bytes and peak memory of each method, against full."""
+    from uncomp_cli.bench import BenchSettings, parse_batch_sizes, parse_lengths, parse_memory, split_list
+    from uncomp_cli.errors import UncompError
+
+    if memory_cap is not None and batch_sizes is not None:
+        raise UncompError("--memory-cap searches the batch size itself; drop --batch-sizes")
+    if model_config is not None and model is not None:
+        raise UncompError("give either --model or --model-config, not both")
+    if layers is not None and model_config is None:
+        raise UncompError("--layers is for --model-config")
+    if model_config is not None and haystack is not None:
+        raise UncompError("--haystack needs a tokenizer; random models (--model-config) take random token ids")
+    settings = BenchSettings(
+        methods=split_list(methods, "--methods"),
+        lengths=parse_lengths(lengths),
+        budgets=split_list(budgets, "--budgets"),
+        batch_sizes=parse_batch_sizes(batch_sizes or "1"),
+        new_tokens=new_tokens,
+        warmup=warmup,
+        repeats=repeats,
+        seed=seed,
+        haystack=None if haystack is None else str(haystack),
+        profile=None if profile is None else str(profile),
+        memory_cap=None if memory_cap is None else parse_memory(memory_cap),
+        max_batch=max_batch,
+    )
+    settings.validate()  # before the model loads: bad input fails fast
+    loaded = _load(model, model_config, layers, device, dtype, seed, settings)
+    report = _run(loaded, settings)
+    data = report.to_dict()
+    text = json.dumps(data, ensure_ascii=False, indent=1)
+    if out is not None:
+        from uncomp_cli.files import atomic_write
+
+        atomic_write(out, text + "\n")
+    from rich.console import Console
+
+    from uncomp_cli.bench import render_report
+
+    if json_output:
+        sys.stdout.write(text + "\n")
+    # The table is the result without --json, a courtesy on stderr with it; wide enough not to wrap in a pipe.
+    stream = sys.stderr if json_output else sys.stdout
+    render_report(report, Console(file=stream, width=None if stream.isatty() else 200))
+
+
+def _load(model, model_config, layers, device, dtype, seed, settings):
+    """A real model, or a random one of a preset's shapes (lengths and memory checked before allocating)."""
+    if model_config is not None:
+        from uncomp_cli.bench import check_lengths
+        from uncomp_cli.model_configs import load_random_model, preset_config
+
+        check_lengths(preset_config(model_config, layers), settings)
+
+        return load_random_model(model_config, layers, device=device, dtype=dtype, seed=seed)
+    from uncomp_cli.models import load_model
+
+    return load_model(model, device=device, dtype=dtype)
+
+
+def _run(loaded, settings):
+    """run_bench with a progress bar on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from uncomp_cli.bench import run_bench
+    from uncomp_cli.cli.common import stderr_console
+
+    stderr_console.print(f"bench: {loaded.name} on {loaded.device}", style="dim", highlight=False)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=stderr_console, transient=True) as progress:
+        task = progress.add_task("bench", total=None)
+
+        def advance(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, description=what)
+
+        return run_bench(loaded, settings, on_progress=advance)
