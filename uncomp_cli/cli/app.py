@@ -33,6 +33,7 @@ def _root(
 
 # Commands register themselves here, one module each.
 from uncomp_cli.cli import (  # noqa: E402
+    bench_cmd,
     calibrate_cmd,
     eval_cmd,
     generate_cmd,
@@ -42,6 +43,7 @@ from uncomp_cli.cli import (  # noqa: E402
 app.command("generate")(generate_cmd.generate)
 app.command("calibrate")(calibrate_cmd.calibrate)
 app.command("inspect-heads")(inspect_cmd.inspect_heads)
+app.command("bench")(bench_cmd.bench)
 app.add_typer(eval_cmd.eval_app, name="eval")
 
 
