@@ -178,8 +178,8 @@ def test_lengths_over_the_context_fail_before_any_prompt_is_built(tiny_model_dir
     monkeypatch.setattr(needle, "make_examples", lambda *a, **k: pytest.fail("prompts were built"))
     result = invoke("needle", "-m", tiny_model_dir, "--haystack", haystack_dir, "--lengths", "1k,2k",
                     "--out", tmp_path / "o")
-    assert_one_line_error(result, f"length 2060 (prompt and answer) is over {tiny_model_dir.name}'s context of "
-                          "2048 tokens")
+    assert_one_line_error(result, "--lengths 2048: the prompt and 12 tokens of answer are over "
+                          f"{tiny_model_dir.name}'s context of 2048 tokens")
     assert not (tmp_path / "o").exists()
 
 

@@ -123,13 +123,13 @@ def evaluate(
     device: str,
     dtype: str,
     panels: Callable[[object], list] = lambda result: [],
-    max_length: int | None = None,
+    longest: tuple[int, int] | None = None,
 ) -> None:
     """Check every option, load the model once, build the examples once, run the grid, report.
 
     build(loaded) -> examples; panels(result) -> the heatmaps to show and plot (render.Grid);
-    max_length: the longest prompt and answer the suite will build, checked against the model's
-    context before any prompt is built.
+    longest: (prompt tokens, answer tokens) of the longest example the suite will build, checked
+    against the model's context before any prompt is built.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -153,8 +153,9 @@ def evaluate(
 
     loaded = load_model(model, device=device, dtype=dtype)
     limit = context_length(loaded.model.config)
-    if max_length is not None and max_length > limit:
-        raise UncompError(f"length {max_length} (prompt and answer) is over {loaded.name}'s context of {limit} tokens")
+    if longest is not None and sum(longest) > limit:
+        raise UncompError(f"--lengths {longest[0]}: the prompt and {longest[1]} tokens of answer are over "
+                          f"{loaded.name}'s context of {limit} tokens")
     with stderr_console.status(f"building the {suite} prompts"):
         examples = build(loaded)
 
@@ -250,7 +251,7 @@ def needle(
     evaluate("multikey" if distractors else "needle", build, settings, model=model, methods=methods,
              budgets=budgets, profile=profile, window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
              batch_size=batch_size, out=out, plot=plot, json_output=json_output, device=device, dtype=dtype,
-             panels=lambda result: grids(result, "length", "depth"), max_length=max(length_list) + max_new_tokens)
+             panels=lambda result: grids(result, "length", "depth"), longest=(max(length_list), max_new_tokens))
 
 
 @eval_app.command("ruler")
@@ -309,7 +310,7 @@ def ruler(
     evaluate("ruler", build, settings, model=model, methods=methods, budgets=budgets, profile=profile,
              window=window, kernel=kernel, pooling=pooling, aggregate=aggregate, batch_size=batch_size, out=out,
              plot=plot, json_output=json_output, device=device, dtype=dtype,
-             panels=lambda result: grids(result, "task", "length"), max_length=max(length_list) + answer)
+             panels=lambda result: grids(result, "task", "length"), longest=(max(length_list), answer))
 
 
 @eval_app.command("longbench")

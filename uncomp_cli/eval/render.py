@@ -162,12 +162,15 @@ def render_eval(result: EvalResult, console: Console, panels: Sequence[Grid] = (
 def check_plot_path(path: str | Path) -> None:
     """Fail before any work when ``--plot`` cannot be written: no matplotlib, or no such folder."""
     try:
-        import matplotlib  # noqa: F401
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise UncompError("--plot needs matplotlib: pip install 'uncomp[plot]'") from None
     path = Path(path)
     if not path.parent.is_dir():
         raise UncompError(f"--plot {path}: folder {path.parent} does not exist")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise UncompError(f"--plot {path}: name an image file ({', '.join('.' + f for f in sorted(formats))})")
 
 
 def plot_grids(result: EvalResult, panels: Sequence[Grid], path: str | Path) -> Path:
@@ -182,9 +185,9 @@ def plot_grids(result: EvalResult, panels: Sequence[Grid], path: str | Path) -> 
         raise UncompError("--plot: nothing to plot")
     columns = min(len(panels), 4)
     lines = math.ceil(len(panels) / columns)
-    width = max(len(panels[0].cols), 1) * 0.7 + 1.8
-    height = max(len(panels[0].rows), 1) * 0.5 + 1.5
-    figure = Figure(figsize=(columns * width + 1.0, lines * height))
+    width = max(len(panels[0].cols), 1) * 0.7 + 2.2
+    height = max(len(panels[0].rows), 1) * 0.5 + 2.0
+    figure = Figure(figsize=(columns * width + 1.2, lines * height + 0.5), layout="constrained")
     FigureCanvasAgg(figure)
     image = None
     for index, grid in enumerate(panels):
