@@ -85,7 +85,8 @@ def test_uncomp_without_a_profile_calibrates_once_and_caches_it(tiny_model_dir, 
     (["--method", "snapkv", "--budget", "lots"], "is not a token count (128) or a percentage (5%)"),
     (["--method", "magic"], f"unknown method 'magic'; available: {', '.join(available_methods())}"),
     (["--method", "snapkv", "--pooling", "median"], "pooling"),
-    (["--method", "snapkv", "--profile", "x.safetensors"], "--profile is for --method uncomp"),
+    (["--method", "snapkv", "--profile", "x.safetensors"], "--profile is for the methods uncomp, uncomp-noprune, "
+                                                         "uncomp-uniform, not snapkv"),
 ])
 def test_bad_method_settings_exit_2_with_one_line(tiny_model_dir, args, message):
     result = run("-m", tiny_model_dir, "hello", *args)

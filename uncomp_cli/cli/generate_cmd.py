@@ -223,7 +223,8 @@ def generate(
     )
     check_method_options(method, **options)  # before the model loads: bad settings fail fast
     if profile is not None and method not in PROFILE_METHODS:
-        raise typer.BadParameter(f"--profile is for --method uncomp, not {method}", param_hint="--profile")
+        raise typer.BadParameter(f"--profile is for the methods {', '.join(sorted(PROFILE_METHODS))}, not {method}",
+                                param_hint="--profile")
     loaded = load_model(model, device=device, dtype=dtype)
     policy = policy_for(loaded, method, profile, **options)
     if input_path is not None:
