@@ -404,6 +404,7 @@ class BenchSettings:
     profile: str | None = None
     memory_cap: int | None = None
     max_batch: int = 1024
+    prefill_keep: str | None = None  # profile methods: equal layer spans instead of the profile's stages
 
     def cases(self) -> list[Case]:
         """full first, then every method at every budget (or its own), without duplicates."""
@@ -438,7 +439,8 @@ class BenchSettings:
             raise UncompError(f"--max-batch must be at least 1, got {self.max_batch}")
         cases = self.cases()
         for case in cases:
-            check_method_options(case.method, **({} if case.budget is None else {"budget": case.budget}))
+            check_method_options(case.method, prefill_keep=self.prefill_keep,
+                                 **({} if case.budget is None else {"budget": case.budget}))
             for length in self.lengths if case.budget is not None else []:
                 try:
                     resolve_budget(case.budget, length, DEFAULT_WINDOW)
@@ -600,7 +602,7 @@ def resolve_profile(loaded: LoadedModel, settings: BenchSettings, cases: Sequenc
     return profile_for(loaded), "cached for the model (calibrated once on the built-in source if it was missing)"
 
 
-def make_policies(loaded: LoadedModel, cases: Sequence[Case], profile) -> list:
+def make_policies(loaded: LoadedModel, cases: Sequence[Case], profile, prefill_keep: str | None = None) -> list:
     """One policy per case, built as ``uncomp generate`` builds them (the registry), sharing one profile."""
     from uncomp_cli.policies.registry import PROFILE_METHODS, make_policy
 
@@ -609,6 +611,7 @@ def make_policies(loaded: LoadedModel, cases: Sequence[Case], profile) -> list:
         options = {} if case.budget is None else {"budget": case.budget}
         if case.method in PROFILE_METHODS:
             options["profile"] = profile
+            options["prefill_keep"] = prefill_keep
         policies.append(make_policy(case.method, **options))
     return policies
 
@@ -659,6 +662,7 @@ def _meta(loaded: LoadedModel, settings: BenchSettings, meter: PeakMemory, promp
         "warmup": settings.warmup,
         "repeats": settings.repeats,
         "profile": profile_note,
+        "prefill_keep": settings.prefill_keep,
         "memory_measure": meter.description,
         "time_measure": TIME_MEASURE,
         "memory_cap_bytes": settings.memory_cap,
@@ -691,7 +695,7 @@ def run_bench(loaded: LoadedModel, settings: BenchSettings | None = None,
                               f"can hold ({capacity / 2**30:.1f} GiB)")
     prompts = PromptSource(loaded, settings)
     profile, profile_note = resolve_profile(loaded, settings, cases)
-    policies = make_policies(loaded, cases, profile)
+    policies = make_policies(loaded, cases, profile, settings.prefill_keep)
     report = BenchReport(meta=_meta(loaded, settings, meter, prompts, profile_note))
     if settings.memory_cap is None:
         report.rows = _grid(loaded, settings, cases, policies, prompts, meter, on_progress)

@@ -85,6 +85,7 @@ def test_uncomp_without_a_profile_calibrates_once_and_caches_it(tiny_model_dir, 
     (["--method", "snapkv", "--budget", "lots"], "is not a token count (128) or a percentage (5%)"),
     (["--method", "magic"], f"unknown method 'magic'; available: {', '.join(available_methods())}"),
     (["--method", "snapkv", "--pooling", "median"], "pooling"),
+    (["--method", "uncomp", "--prefill-keep", "0.5,0.9"], "--prefill-keep fractions must not rise"),
     (["--method", "snapkv", "--profile", "x.safetensors"], "--profile is for the methods uncomp, uncomp-noprune, "
                                                          "uncomp-uniform, not snapkv"),
 ])

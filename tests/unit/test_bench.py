@@ -328,3 +328,17 @@ def test_throughput_mode_reports_a_cap_nothing_fits_under(tiny):
                              memory_cap=parse_memory("1MiB"), max_batch=4)
     row = run_bench(tiny, settings).throughput[0]
     assert row.max_batch_size == 0 and row.measured is None and row.decode_tokens_per_second is None
+
+
+def test_prefill_keep_reaches_the_profile_methods_only():
+    from tiny import tiny_model
+
+    from uncomp_cli.bench import make_policies
+
+    config = tiny_model("llama-gqa").config
+    cases = [Case("full"), Case("snapkv", "50%"), Case("uncomp", "50%"), Case("uncomp-noprune", "50%")]
+    full, snapkv, uncomp, noprune = make_policies(None, cases, reference_profile(config, "tiny"), "0.5")
+    assert uncomp.prefill_keep == [0.5] and noprune.prefill_keep == [0.5]
+    assert not hasattr(snapkv, "prefill_keep")
+    with pytest.raises(UncompError, match="must not rise"):
+        BenchSettings(methods=["uncomp"], lengths=[1024], prefill_keep="0.5,0.9").validate()

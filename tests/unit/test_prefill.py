@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from uncomp_cli.cache import GroupedKVCache, use_grouped_cache
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.uncomp import UNCompPolicy
-from uncomp_cli.prefill import HiddenStatePruner, validate_layer_keep
+from uncomp_cli.prefill import HiddenStatePruner, parse_keep_fractions, spans_keep, validate_layer_keep
 from uncomp_cli.selection import PRUNE_WINDOW
 
 SHAPES = sorted(TINY_SHAPES)
@@ -159,3 +159,43 @@ def test_hooks_and_flags_are_removed_even_when_the_body_raises():
             raise RuntimeError("boom")
     assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
     assert not any(layer.want_prune_scores for layer in cache.layers)
+
+
+def test_keep_spans_cut_the_prunable_layers_evenly_with_longer_spans_last():
+    assert spans_keep(30, 8, [0.75, 0.5, 0.35]) == [1.0] * 8 + [0.75] * 7 + [0.5] * 7 + [0.35] * 8
+    assert spans_keep(4, 1, "0.5") == [1.0, 0.5, 0.5, 0.5]
+    assert spans_keep(5, 1, [0.9, 0.6]) == [1.0, 0.9, 0.9, 0.6, 0.6]
+
+
+@pytest.mark.parametrize(("fractions", "message"), [
+    ("0.5,0.75", "must not rise"),
+    ("1.5", r"must be in \(0, 1\]"),
+    ("0", r"must be in \(0, 1\]"),
+    ("half", "takes fractions such as"),
+    ("", "takes fractions such as"),
+])
+def test_bad_keep_fractions_are_refused_in_one_line(fractions, message):
+    with pytest.raises(UncompError, match=message):
+        parse_keep_fractions(fractions)
+
+
+def test_more_spans_than_prunable_layers_is_an_error():
+    with pytest.raises(UncompError, match="3 spans but only 2 layers"):
+        spans_keep(4, 2, [0.9, 0.8, 0.7])
+
+
+def test_prefill_keep_replaces_the_profile_stages_and_prunes_as_scheduled():
+    from uncomp_cli.model_configs import reference_profile
+
+    model = tiny_model("llama-gqa")  # 4 layers: the first pruned layer is layer 1
+    ids, mask = left_padded([96], seed=3)
+    profile = reference_profile(model.config, "tiny")
+    policy = UNCompPolicy(profile=profile, budget=1000, window=4, kernel=3, prefill_keep="0.5")
+    _, layer_keep = policy.resolve(model, mask)
+    assert layer_keep == [1.0, 0.5, 0.5, 0.5]
+    with policy.attach(model, mask) as cache:
+        greedy(model, ids, mask, cache, steps=2)
+    assert policy.last_stats["prefill_tokens_per_layer"] == [96, 48, 48, 48]
+    assert policy.describe()["prefill_keep"] == [0.5]
+    off = UNCompPolicy(profile=profile, budget=1000, prefill_keep="0.5", prefill_compression=False)
+    assert off.resolve(model, mask)[1] is None

@@ -54,6 +54,11 @@ def bench(
     profile: Annotated[
         Path | None, typer.Option(help="UNComp profile for the profile methods (default: as 'uncomp generate').")
     ] = None,
+    prefill_keep: Annotated[
+        str | None,
+        typer.Option(help="uncomp methods: prefill keep shares of equal layer spans instead of the profile's "
+                     "stages, e.g. 0.75,0.5,0.35."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
@@ -84,6 +89,7 @@ def bench(
         profile=None if profile is None else str(profile),
         memory_cap=None if memory_cap is None else parse_memory(memory_cap),
         max_batch=max_batch,
+        prefill_keep=prefill_keep,
     )
     settings.validate()  # before the model loads: bad input fails fast
     loaded = _load(model, model_config, layers, device, dtype, seed, settings)

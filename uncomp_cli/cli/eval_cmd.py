@@ -51,6 +51,11 @@ Window = Annotated[int, typer.Option(help="Observation window of the compressed 
 Kernel = Annotated[int, typer.Option(help="Pooling kernel over neighbouring positions (odd).")]
 Pooling = Annotated[str, typer.Option(help="max or avg.")]
 Aggregate = Annotated[str, typer.Option(help="How query heads sharing a KV head combine scores: mean or max.")]
+PrefillKeep = Annotated[
+    str | None,
+    typer.Option(help="uncomp methods: prefill keep shares of equal layer spans instead of the profile's stages, "
+                 "e.g. 0.75,0.5,0.35."),
+]
 BatchSize = Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")]
 Seed = Annotated[int, typer.Option(help="Seed for the generated prompts (needles, numbers, keys).")]
 Out = Annotated[Path, typer.Option(help="Results go to a folder named by the settings under this one.")]
@@ -116,6 +121,7 @@ def evaluate(
     kernel: int,
     pooling: str,
     aggregate: str,
+    prefill_keep: str | None,
     batch_size: int,
     out: Path,
     plot: Path | None,
@@ -143,6 +149,8 @@ def evaluate(
     if batch_size < 1:
         raise UncompError(f"--batch-size must be at least 1, got {batch_size}")
     selection = {"window": window, "kernel": kernel, "pooling": pooling, "aggregate": aggregate}
+    if prefill_keep is not None:  # only when set: older results folders keep their names
+        selection["prefill_keep"] = prefill_keep
     runs = plan_runs(parse_list(methods, "--methods"), parse_list(budgets, "--budgets"))
     for run in runs:  # before the model loads: a typo costs nothing
         check_method_options(run.method, **selection, **({} if run.budget is None else {"budget": run.budget}))
@@ -214,6 +222,7 @@ def needle(
     kernel: Kernel = DEFAULT_KERNEL,
     pooling: Pooling = DEFAULT_POOLING,
     aggregate: Aggregate = DEFAULT_AGGREGATE,
+    prefill_keep: PrefillKeep = None,
     batch_size: BatchSize = 1,
     out: Out = Path(DEFAULT_OUT),
     plot: Plot = None,
@@ -250,6 +259,7 @@ def needle(
 
     evaluate("multikey" if distractors else "needle", build, settings, model=model, methods=methods,
              budgets=budgets, profile=profile, window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
+             prefill_keep=prefill_keep,
              batch_size=batch_size, out=out, plot=plot, json_output=json_output, device=device, dtype=dtype,
              panels=lambda result: grids(result, "length", "depth"), longest=(max(length_list), max_new_tokens))
 
@@ -277,6 +287,7 @@ def ruler(
     kernel: Kernel = DEFAULT_KERNEL,
     pooling: Pooling = DEFAULT_POOLING,
     aggregate: Aggregate = DEFAULT_AGGREGATE,
+    prefill_keep: PrefillKeep = None,
     batch_size: BatchSize = 1,
     out: Out = Path(DEFAULT_OUT),
     plot: Plot = None,
@@ -308,7 +319,8 @@ def ruler(
 
     answer = max(suite.MAX_NEW_TOKENS[t] for t in task_list)
     evaluate("ruler", build, settings, model=model, methods=methods, budgets=budgets, profile=profile,
-             window=window, kernel=kernel, pooling=pooling, aggregate=aggregate, batch_size=batch_size, out=out,
+             window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
+             prefill_keep=prefill_keep, batch_size=batch_size, out=out,
              plot=plot, json_output=json_output, device=device, dtype=dtype,
              panels=lambda result: grids(result, "task", "length"), longest=(max(length_list), answer))
 
@@ -334,6 +346,7 @@ def longbench(
     kernel: Kernel = DEFAULT_KERNEL,
     pooling: Pooling = DEFAULT_POOLING,
     aggregate: Aggregate = DEFAULT_AGGREGATE,
+    prefill_keep: PrefillKeep = None,
     batch_size: BatchSize = 1,
     out: Out = Path(DEFAULT_OUT),
     plot: Plot = None,
@@ -367,6 +380,7 @@ def longbench(
                                    context_length=context_length(loaded.model.config))
 
     evaluate("longbench", build, settings, model=model, methods=methods, budgets=budgets, profile=profile,
-             window=window, kernel=kernel, pooling=pooling, aggregate=aggregate, batch_size=batch_size, out=out,
+             window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
+             prefill_keep=prefill_keep, batch_size=batch_size, out=out,
              plot=plot, json_output=json_output, device=device, dtype=dtype,
              panels=lambda result: [task_grid(result)])

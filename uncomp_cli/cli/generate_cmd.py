@@ -161,6 +161,13 @@ def generate(
             help="uncomp: later layers see fewer prompt tokens during prefill, per the profile's stages.",
         ),
     ] = True,
+    prefill_keep: Annotated[
+        str | None,
+        typer.Option(
+            help="uncomp: instead of the profile's stages, cut the layers after the first quarter into equal "
+            "spans keeping these shares of the prompt, e.g. 0.75,0.5,0.35.",
+        ),
+    ] = None,
     decode_evict: Annotated[
         bool,
         typer.Option(
@@ -217,6 +224,7 @@ def generate(
         aggregate=aggregate,
         decode_evict=decode_evict,
         prefill_compression=prefill_compression,
+        prefill_keep=prefill_keep,
         sinks=sinks,
         beta=beta,
         floor=floor,

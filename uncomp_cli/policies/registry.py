@@ -70,6 +70,10 @@ def check_method_options(method: str, **settings) -> None:
 
     _factory(method)
     policy = make_policy("snapkv" if method in PROFILE_METHODS else method, **settings)
+    if method in PROFILE_METHODS and settings.get("prefill_keep") is not None:
+        from uncomp_cli.prefill import parse_keep_fractions
+
+        parse_keep_fractions(settings["prefill_keep"])
     if hasattr(policy, "check_budget"):  # methods whose budget rule is not the window's
         if settings.get("budget") is not None:
             policy.check_budget(prompt_len=1_000_000)

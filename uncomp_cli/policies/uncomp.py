@@ -20,7 +20,7 @@ from uncomp_cli.cache import GroupedKVCache, check_supported, use_grouped_cache
 from uncomp_cli.defaults import FIRST_PRUNED_LAYER_FRACTION
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.base import CachePolicy
-from uncomp_cli.prefill import HiddenStatePruner, validate_layer_keep
+from uncomp_cli.prefill import HiddenStatePruner, parse_keep_fractions, spans_keep, validate_layer_keep
 from uncomp_cli.profile import Profile
 from uncomp_cli.selection import (
     DEFAULT_AGGREGATE,
@@ -50,7 +50,9 @@ class UNCompPolicy(CachePolicy):
     With pruning, the prefill forward returns logits only for the tokens that reached the last
     layer; the last one is still the last prompt token, so ``logits_to_keep=1`` is unchanged.
     ``decode_evict``: keep each head group at its budget while decoding (the official code's
-    behaviour) instead of appending new tokens.
+    behaviour) instead of appending new tokens. ``prefill_keep`` (e.g. ``"0.75,0.5,0.35"``) replaces
+    the profile's stage fractions by equal spans of the prunable layers (:func:`spans_keep`): for
+    models whose entropy barely falls with depth, where calibrated stages prune little.
     """
 
     kv_head_budgets: torch.Tensor | None = None
@@ -63,12 +65,15 @@ class UNCompPolicy(CachePolicy):
     profile: Profile | None = None
     budget: int | str | None = None
     prefill_compression: bool = True
+    prefill_keep: Sequence[float] | str | None = None
     uniform_heads: bool = False
     name: str = "uncomp"
     last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.scorer = SnapKVScorer(self.window, self.kernel, self.pooling, self.aggregate)  # validates
+        if self.prefill_keep is not None:
+            self.prefill_keep = parse_keep_fractions(self.prefill_keep)
         if self.profile is not None:
             if self.budget is None or self.kv_head_budgets is not None:
                 raise UncompError("give UNCompPolicy either a profile and a budget, or kv_head_budgets")
@@ -90,7 +95,10 @@ class UNCompPolicy(CachePolicy):
             average = resolve_budget(self.budget, prompt_len, self.window, clip=False)  # clipped per head
             keep = self.profile.layer_keep_fraction().clone() if self.prefill_compression else None
             if keep is not None:
-                keep[: max(1, math.ceil(FIRST_PRUNED_LAYER_FRACTION * len(keep)))] = 1.0
+                first_pruned = max(1, math.ceil(FIRST_PRUNED_LAYER_FRACTION * len(keep)))
+                keep[:first_pruned] = 1.0
+                if self.prefill_keep is not None:
+                    keep = torch.tensor(spans_keep(len(keep), first_pruned, self.prefill_keep))
             reach = prompt_len if keep is None else torch.ceil(keep.double() * prompt_len).long()
             profile = self.profile
             if self.uniform_heads:
@@ -132,6 +140,7 @@ class UNCompPolicy(CachePolicy):
                      "pooling": self.pooling, "aggregate": self.aggregate, "decode_evict": self.decode_evict}
         if self.profile is not None:
             return described | {"budget": self.budget, "prefill_compression": self.prefill_compression,
+                                 "prefill_keep": self.prefill_keep,
                                  "uniform_heads": self.uniform_heads, "stages": self.profile.num_stages}
         return described | {"layer_keep": None if self.layer_keep is None else [float(f) for f in self.layer_keep]}
 
