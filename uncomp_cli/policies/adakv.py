@@ -11,15 +11,13 @@ allocated budgets, not a full-size cache with a mask.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, GroupedKVLayer, check_supported, use_grouped_cache
+from uncomp_cli.cache import GroupedKVCache, GroupedKVLayer, check_supported
 from uncomp_cli.defaults import (
     DEFAULT_ADAKV_FLOOR,
     DEFAULT_AGGREGATE,
@@ -29,7 +27,7 @@ from uncomp_cli.defaults import (
     DEFAULT_WINDOW,
 )
 from uncomp_cli.errors import UncompError
-from uncomp_cli.policies.base import CachePolicy
+from uncomp_cli.policies.base import GroupedCachePolicy
 from uncomp_cli.selection import SnapKVScorer, resolve_budget, top_indices
 
 
@@ -63,7 +61,7 @@ def adakv_budgets(scores: torch.Tensor, budget: int, window: int, floor: float =
 
 
 @dataclass
-class AdaKVPolicy(CachePolicy):
+class AdaKVPolicy(GroupedCachePolicy):
     """``budget``: the average tokens per KV head (``128``, or ``"5%"`` of the prompt — of the longest
     row in a batch); ``floor`` (0–1): the safeguard share of it, beyond the window, that every head
     keeps. ``floor=1`` gives every head the average: SnapKV.
@@ -98,11 +96,6 @@ class AdaKVPolicy(CachePolicy):
             GroupedKVLayer([budget] * config.num_key_value_heads, self.scorer, self.decode_evict, allocate)
             for _ in range(config.num_hidden_layers)
         ])
-
-    @contextlib.contextmanager
-    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[GroupedKVCache]:
-        with use_grouped_cache(model, self.make_cache(model, attention_mask)) as cache:
-            yield cache
 
     def describe(self) -> dict:
         return {"method": self.name, "budget": self.budget, "floor": self.floor, "window": self.window,

@@ -32,3 +32,15 @@ class CachePolicy:
     def describe(self) -> dict:
         """Settings that identify this policy in reports (JSON-serialisable)."""
         return {"method": self.name}
+
+
+class GroupedCachePolicy(CachePolicy):
+    """A policy whose cache is a :class:`~uncomp_cli.cache.GroupedKVCache`: ``attach`` installs the
+    grouped attention over the cache ``make_cache`` builds, and puts the model's back on exit."""
+
+    @contextlib.contextmanager
+    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[Cache]:
+        from uncomp_cli.cache import use_grouped_cache
+
+        with use_grouped_cache(model, self.make_cache(model, attention_mask)) as cache:
+            yield cache

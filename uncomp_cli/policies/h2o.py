@@ -14,15 +14,13 @@ to now" rule and costs nothing new. This is a deviation from the paper's decodin
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, check_supported, use_grouped_cache
+from uncomp_cli.cache import GroupedKVCache, check_supported
 from uncomp_cli.defaults import DEFAULT_AGGREGATE, DEFAULT_BUDGET, DEFAULT_WINDOW
-from uncomp_cli.policies.base import CachePolicy
+from uncomp_cli.policies.base import GroupedCachePolicy
 from uncomp_cli.selection import SnapKVScorer, aggregate_heads, resolve_budget
 
 #: Attention elements (rows × keys × heads × batch) computed at once: 64 MiB of float32 logits.
@@ -75,7 +73,7 @@ class H2OScorer(SnapKVScorer):
 
 
 @dataclass
-class H2OPolicy(CachePolicy):
+class H2OPolicy(GroupedCachePolicy):
     """``budget`` tokens per KV head (``128`` or ``"5%"`` of the longest prompt): the last
     ``window`` tokens plus the heaviest hitters among the rest; ``aggregate`` combines the query
     heads of a KV head (GQA). ``--kernel``/``--pooling`` do not apply."""
@@ -97,11 +95,6 @@ class H2OPolicy(CachePolicy):
         rows = [[budget] * config.num_key_value_heads] * config.num_hidden_layers
         self.last_stats = {"kv_budget_tokens": budget}
         return GroupedKVCache.from_budgets(rows, self.scorer, self.decode_evict)
-
-    @contextlib.contextmanager
-    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[GroupedKVCache]:
-        with use_grouped_cache(model, self.make_cache(model, attention_mask)) as cache:
-            yield cache
 
     def describe(self) -> dict:
         return {"method": self.name, "budget": self.budget, "window": self.window, "aggregate": self.aggregate,

@@ -10,15 +10,13 @@ top layer takes up the difference. Every KV head of a layer shares its layer's b
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, check_supported, use_grouped_cache
+from uncomp_cli.cache import GroupedKVCache, check_supported
 from uncomp_cli.defaults import (
     DEFAULT_AGGREGATE,
     DEFAULT_BUDGET,
@@ -28,7 +26,7 @@ from uncomp_cli.defaults import (
     DEFAULT_WINDOW,
 )
 from uncomp_cli.errors import UncompError
-from uncomp_cli.policies.base import CachePolicy
+from uncomp_cli.policies.base import GroupedCachePolicy
 from uncomp_cli.selection import SnapKVScorer, resolve_budget
 
 
@@ -58,7 +56,7 @@ def pyramid_budgets(budget: int, prompt_len: int, window: int, num_layers: int,
 
 
 @dataclass
-class PyramidKVPolicy(CachePolicy):
+class PyramidKVPolicy(GroupedCachePolicy):
     """``budget``: the average tokens per KV head over layers (``128`` or ``"5%"`` of the longest
     prompt); ``beta``: how steep the pyramid is (1 = flat, SnapKV). Selection as SnapKV's."""
 
@@ -90,11 +88,6 @@ class PyramidKVPolicy(CachePolicy):
                            "kv_budget_tokens_per_layer": budgets}
         rows = [[budget] * config.num_key_value_heads for budget in budgets]
         return GroupedKVCache.from_budgets(rows, self.scorer, self.decode_evict)
-
-    @contextlib.contextmanager
-    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[GroupedKVCache]:
-        with use_grouped_cache(model, self.make_cache(model, attention_mask)) as cache:
-            yield cache
 
     def describe(self) -> dict:
         return {"method": self.name, "budget": self.budget, "beta": self.beta, "window": self.window,

@@ -7,20 +7,18 @@ itself. Storage is per KV head and really shrinks (see :mod:`uncomp_cli.cache`).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, check_supported, use_grouped_cache
+from uncomp_cli.cache import GroupedKVCache, check_supported
 from uncomp_cli.defaults import DEFAULT_AGGREGATE, DEFAULT_BUDGET, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAULT_WINDOW
-from uncomp_cli.policies.base import CachePolicy
+from uncomp_cli.policies.base import GroupedCachePolicy
 from uncomp_cli.selection import SnapKVScorer, resolve_budget
 
 
 @dataclass
-class SnapKVPolicy(CachePolicy):
+class SnapKVPolicy(GroupedCachePolicy):
     """``budget``: tokens per KV head (``128``) or a share of the prompt (``"5%"``, of the longest
     row in a batch); resolved with :func:`~uncomp_cli.selection.resolve_budget`."""
 
@@ -44,11 +42,6 @@ class SnapKVPolicy(CachePolicy):
         rows = [[budget] * config.num_key_value_heads] * config.num_hidden_layers
         self.last_stats = {"kv_budget_tokens": budget}
         return GroupedKVCache.from_budgets(rows, self.scorer, self.decode_evict)
-
-    @contextlib.contextmanager
-    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[GroupedKVCache]:
-        with use_grouped_cache(model, self.make_cache(model, attention_mask)) as cache:
-            yield cache
 
     def describe(self) -> dict:
         return {"method": self.name, "budget": self.budget, "window": self.window, "kernel": self.kernel,

@@ -8,16 +8,14 @@ the same top-k selection and the same grouped cache (real bytes) serve it as Sna
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, check_supported, use_grouped_cache
+from uncomp_cli.cache import GroupedKVCache, check_supported
 from uncomp_cli.defaults import DEFAULT_BUDGET, DEFAULT_SINKS
 from uncomp_cli.errors import UncompError
-from uncomp_cli.policies.base import CachePolicy
+from uncomp_cli.policies.base import GroupedCachePolicy
 from uncomp_cli.selection import SnapKVScorer, resolve_budget
 
 
@@ -59,7 +57,7 @@ class StreamingLLMScorer(SnapKVScorer):
 
 
 @dataclass
-class StreamingLLMPolicy(CachePolicy):
+class StreamingLLMPolicy(GroupedCachePolicy):
     """``budget`` tokens per KV head (``128`` or ``"5%"`` of the longest prompt): ``sinks`` first
     tokens plus ``budget − sinks`` recent ones. ``--window``/``--kernel`` do not apply."""
 
@@ -91,11 +89,6 @@ class StreamingLLMPolicy(CachePolicy):
         rows = [[budget] * config.num_key_value_heads] * config.num_hidden_layers
         self.last_stats = {"kv_budget_tokens": budget}
         return GroupedKVCache.from_budgets(rows, self.scorer, self.decode_evict)
-
-    @contextlib.contextmanager
-    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[GroupedKVCache]:
-        with use_grouped_cache(model, self.make_cache(model, attention_mask)) as cache:
-            yield cache
 
     def describe(self) -> dict:
         return {"method": self.name, "budget": self.budget, "sinks": self.sinks, "decode_evict": self.decode_evict}
