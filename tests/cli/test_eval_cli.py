@@ -96,6 +96,17 @@ def test_a_changed_setting_gets_its_own_folder_and_a_new_budget_joins_the_old_on
                                                                 ("snapkv-96", False)]
 
 
+def test_policy_options_reach_the_runs_and_name_their_own_folder(first_run):
+    args, out, result = first_run
+    folder = json.loads(result.stdout)["folder"]
+    summary = json.loads(invoke(*args, "--methods", "uncomp", "--decode-evict", "--prefill-keep", "0.5").stdout)
+    assert summary["folder"] != folder
+    config = json.loads((Path(summary["folder"]) / "config.json").read_text())
+    assert config["selection"]["decode_evict"] is True and config["selection"]["prefill_keep"] == "0.5"
+    policy = json.loads((Path(summary["folder"]) / "uncomp-64" / "metrics.json").read_text())["policy"]
+    assert policy["decode_evict"] is True and policy["prefill_keep"] == [0.5]
+
+
 def test_human_report_has_the_summary_and_a_heatmap_per_run(first_run):
     args, out, result = first_run
     human = invoke(*[a for a in args if a != "--json"])

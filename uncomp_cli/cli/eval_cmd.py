@@ -51,6 +51,9 @@ Window = Annotated[int, typer.Option(help="Observation window of the compressed 
 Kernel = Annotated[int, typer.Option(help="Pooling kernel over neighbouring positions (odd).")]
 Pooling = Annotated[str, typer.Option(help="max or avg.")]
 Aggregate = Annotated[str, typer.Option(help="How query heads sharing a KV head combine scores: mean or max.")]
+DecodeEvict = Annotated[
+    bool, typer.Option("--decode-evict", help="Compressed methods keep each head group at its budget while decoding."),
+]
 PrefillKeep = Annotated[
     str | None,
     typer.Option(help="uncomp methods: prefill keep shares of equal layer spans instead of the profile's stages, "
@@ -122,6 +125,7 @@ def evaluate(
     pooling: str,
     aggregate: str,
     prefill_keep: str | None,
+    decode_evict: bool,
     batch_size: int,
     out: Path,
     plot: Path | None,
@@ -151,6 +155,8 @@ def evaluate(
     selection = {"window": window, "kernel": kernel, "pooling": pooling, "aggregate": aggregate}
     if prefill_keep is not None:  # only when set: older results folders keep their names
         selection["prefill_keep"] = prefill_keep
+    if decode_evict:
+        selection["decode_evict"] = True
     runs = plan_runs(parse_list(methods, "--methods"), parse_list(budgets, "--budgets"))
     for run in runs:  # before the model loads: a typo costs nothing
         check_method_options(run.method, **selection, **({} if run.budget is None else {"budget": run.budget}))
@@ -223,6 +229,7 @@ def needle(
     pooling: Pooling = DEFAULT_POOLING,
     aggregate: Aggregate = DEFAULT_AGGREGATE,
     prefill_keep: PrefillKeep = None,
+    decode_evict: DecodeEvict = False,
     batch_size: BatchSize = 1,
     out: Out = Path(DEFAULT_OUT),
     plot: Plot = None,
@@ -259,7 +266,7 @@ def needle(
 
     evaluate("multikey" if distractors else "needle", build, settings, model=model, methods=methods,
              budgets=budgets, profile=profile, window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
-             prefill_keep=prefill_keep,
+             prefill_keep=prefill_keep, decode_evict=decode_evict,
              batch_size=batch_size, out=out, plot=plot, json_output=json_output, device=device, dtype=dtype,
              panels=lambda result: grids(result, "length", "depth"), longest=(max(length_list), max_new_tokens))
 
@@ -288,6 +295,7 @@ def ruler(
     pooling: Pooling = DEFAULT_POOLING,
     aggregate: Aggregate = DEFAULT_AGGREGATE,
     prefill_keep: PrefillKeep = None,
+    decode_evict: DecodeEvict = False,
     batch_size: BatchSize = 1,
     out: Out = Path(DEFAULT_OUT),
     plot: Plot = None,
@@ -320,7 +328,7 @@ def ruler(
     answer = max(suite.MAX_NEW_TOKENS[t] for t in task_list)
     evaluate("ruler", build, settings, model=model, methods=methods, budgets=budgets, profile=profile,
              window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
-             prefill_keep=prefill_keep, batch_size=batch_size, out=out,
+             prefill_keep=prefill_keep, decode_evict=decode_evict, batch_size=batch_size, out=out,
              plot=plot, json_output=json_output, device=device, dtype=dtype,
              panels=lambda result: grids(result, "task", "length"), longest=(max(length_list), answer))
 
@@ -347,6 +355,7 @@ def longbench(
     pooling: Pooling = DEFAULT_POOLING,
     aggregate: Aggregate = DEFAULT_AGGREGATE,
     prefill_keep: PrefillKeep = None,
+    decode_evict: DecodeEvict = False,
     batch_size: BatchSize = 1,
     out: Out = Path(DEFAULT_OUT),
     plot: Plot = None,
@@ -381,6 +390,6 @@ def longbench(
 
     evaluate("longbench", build, settings, model=model, methods=methods, budgets=budgets, profile=profile,
              window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
-             prefill_keep=prefill_keep, batch_size=batch_size, out=out,
+             prefill_keep=prefill_keep, decode_evict=decode_evict, batch_size=batch_size, out=out,
              plot=plot, json_output=json_output, device=device, dtype=dtype,
              panels=lambda result: [task_grid(result)])
