@@ -35,8 +35,8 @@ _FACTORIES: dict[str, Callable[..., CachePolicy]] = {
     "adakv": AdaKVPolicy,
 }
 
-#: Methods whose policy takes the model's UNComp profile (``profile=``).
-PROFILE_METHODS = frozenset({"uncomp", "uncomp-noprune", "uncomp-uniform"})
+#: Methods whose policy takes the model's UNComp profile (``profile=``): UNComp and its ablations.
+PROFILE_METHODS = frozenset(name for name, factory in _FACTORIES.items() if issubclass(factory, UNCompPolicy))
 
 
 def available_methods() -> list[str]:
