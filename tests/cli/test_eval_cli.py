@@ -29,15 +29,6 @@ def assert_one_line_error(result, message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_profile(tiny_model_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("profiles") / "tiny.safetensors"
-    result = runner.invoke(app, ["calibrate", "-m", str(tiny_model_dir), "--samples", "2", "--seq-len", "64",
-                                 "--out", str(path)])
-    assert result.exit_code == 0, result.stderr
-    return path
-
-
-@pytest.fixture(scope="module")
 def first_run(tiny_model_dir, haystack_dir, tiny_profile, tmp_path_factory):
     """One needle grid (full, snapkv, uncomp at one budget) with --json; later tests resume it."""
     out = tmp_path_factory.mktemp("eval")

@@ -15,16 +15,6 @@ runner = CliRunner()
 PROMPT = "the quick brown fox jumps over the lazy dog " * 12
 
 
-@pytest.fixture(scope="module")
-def tiny_profile(tiny_model_dir, tmp_path_factory):
-    """A profile calibrated on the tiny model (2 windows of 64 tokens of the built-in source)."""
-    path = tmp_path_factory.mktemp("profiles") / "tiny.safetensors"
-    result = runner.invoke(app, ["calibrate", "-m", str(tiny_model_dir), "--samples", "2", "--seq-len", "64",
-                                 "--out", str(path)])
-    assert result.exit_code == 0, result.stderr
-    return path
-
-
 def run(*args, input=None):
     return runner.invoke(app, ["generate", *map(str, args)], input=input)
 
