@@ -2,23 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
-from typer.testing import CliRunner
-
-from uncomp_cli.cli.app import app
-
-runner = CliRunner()
-PROMPT = "the quick brown fox jumps over the lazy dog " * 12
-
-
-def run(*args):
-    return runner.invoke(app, ["generate", *map(str, args)])
-
-
-def as_json(result) -> dict:
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
+from generate_cli import PROMPT, as_json, run
 
 
 def test_adakv_runs_reports_its_settings_and_holds_fewer_bytes(tiny_model_dir):

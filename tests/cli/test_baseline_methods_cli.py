@@ -2,24 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from typer.testing import CliRunner
-
-from uncomp_cli.cli.app import app
-
-runner = CliRunner()
-PROMPT = "the quick brown fox jumps over the lazy dog " * 12
-
-
-def run(*args):
-    return runner.invoke(app, ["generate", *map(str, args)])
-
-
-def as_json(result) -> dict:
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
+from generate_cli import PROMPT, as_json, run
 
 
 @pytest.mark.parametrize("method", ["streamingllm", "pyramidkv", "h2o"])
@@ -46,12 +30,8 @@ def test_small_budgets_hold_fewer_bytes_and_report_their_settings(tiny_model_dir
     assert h2o["aggregate"] == "max" and h2o["kv_cache_bytes"] < 0.5 * h2o["full_kv_cache_bytes"]
 
 
-def test_the_ablations_take_the_profile_and_report_their_names(tiny_model_dir, tmp_path):
-    path = tmp_path / "tiny.safetensors"
-    calibrated = runner.invoke(app, ["calibrate", "-m", str(tiny_model_dir), "--samples", "2", "--seq-len", "64",
-                                     "--out", str(path)])
-    assert calibrated.exit_code == 0, calibrated.stderr
-    common = ["-m", tiny_model_dir, PROMPT, "--raw", "--max-new-tokens", 2, "--json", "--profile", path,
+def test_the_ablations_take_the_profile_and_report_their_names(tiny_model_dir, tiny_profile):
+    common = ["-m", tiny_model_dir, PROMPT, "--raw", "--max-new-tokens", 2, "--json", "--profile", tiny_profile,
               "--budget", 40, "--window", 8]
     noprune = as_json(run(*common, "--method", "uncomp-noprune"))  # --prefill-compression is on by default
     assert noprune["method"] == "uncomp-noprune" and noprune["prefill_compression"] is False

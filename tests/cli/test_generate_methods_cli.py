@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from generate_cli import PROMPT, as_json, run
 from tiny import tiny_model, tiny_tokenizer
-from typer.testing import CliRunner
 
-from uncomp_cli.cli.app import app
 from uncomp_cli.policies import available_methods
-
-runner = CliRunner()
-PROMPT = "the quick brown fox jumps over the lazy dog " * 12
-
-
-def run(*args, input=None):
-    return runner.invoke(app, ["generate", *map(str, args)], input=input)
-
-
-def as_json(result) -> dict:
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 @pytest.mark.parametrize("method", ["snapkv", "uncomp"])
