@@ -98,6 +98,18 @@ def test_policy_options_reach_the_runs_and_name_their_own_folder(first_run):
     assert policy["decode_evict"] is True and policy["prefill_keep"] == [0.5]
 
 
+def test_samples_give_each_cell_several_prompts_and_the_heatmap_their_mean(first_run):
+    args, out, result = first_run
+    summary = json.loads(invoke(*args, "--methods", "full", "--samples", 2).stdout)
+    folder = Path(summary["folder"])
+    assert str(folder) != json.loads(result.stdout)["folder"]
+    assert json.loads((folder / "config.json").read_text())["settings"]["samples"] == 2
+    rows = [json.loads(line) for line in (folder / "full" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["needle-256-0", "needle-256-0-s1", "needle-256-1", "needle-256-1-s1"]
+    metrics = json.loads((folder / "full" / "metrics.json").read_text())
+    assert metrics["by_depth"]["0"]["examples"] == 2 and metrics["overall"]["examples"] == 4
+
+
 def test_human_report_has_the_summary_and_a_heatmap_per_run(first_run):
     args, out, result = first_run
     human = invoke(*[a for a in args if a != "--json"])
@@ -146,6 +158,7 @@ def test_longbench_reads_the_users_files_and_shows_scores_by_task(tiny_model_dir
     (["--methods", "full,nosuch"], None),
     (["--budgets", "0%"], None),
     (["--distractors", "10"], "--distractors must be between 0 and 9, got 10"),
+    (["--samples", "0"], "--samples must be at least 1, got 0"),
     (["--needle-template", "no number here"], "--needle-template must contain {value}, the number to retrieve"),
 ])
 def test_bad_options_fail_in_one_line_before_the_model_loads(haystack_dir, tmp_path, args, message):

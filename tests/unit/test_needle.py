@@ -109,3 +109,29 @@ def test_a_tokenised_prefix_of_the_haystack_matches_the_whole_texts_tokens(tok, 
     whole = tok(hay, add_special_tokens=False)["input_ids"]
     for count in (100, 3000):
         assert needle.tokenize_haystack(tok, hay, count) == whole[:count]
+
+
+def test_samples_are_prompts_of_their_own_and_one_sample_is_the_plain_grid(tok, haystack_dir):
+    hay = needle.load_haystack(haystack_dir)
+    plain = needle.make_examples(tok, hay, [300], [0.0, 1.0], seed=4)
+    sampled = needle.make_examples(tok, hay, [300], [0.0, 1.0], seed=4, samples=3)
+    assert plain == needle.make_examples(tok, hay, [300], [0.0, 1.0], seed=4, samples=1)
+    assert [e.id for e in sampled] == ["needle-300-0", "needle-300-0-s1", "needle-300-0-s2",
+                                       "needle-300-1", "needle-300-1-s1", "needle-300-1-s2"]
+    assert [e.meta["sample"] for e in sampled] == [0, 1, 2] * 2
+    # Each sample has its own number and its own stretch of the haystack around the needle.
+    assert len({e.answers[0] for e in sampled}) == 6
+    contexts = [tok.decode(e.prompt_ids).split(e.meta["needle"])[1][:80] for e in sampled[:3]]
+    assert len(set(contexts)) == 3
+    for example in sampled:
+        assert abs(len(example.prompt_ids) - 300) <= 8 and example.meta["needle"] in tok.decode(example.prompt_ids)
+
+
+def test_samples_past_the_end_of_the_haystack_are_a_user_error(tmp_path, tok):
+    (tmp_path / "a.txt").write_text("A sentence of the haystack. " * 120)
+    hay = needle.load_haystack(tmp_path)
+    needle.make_examples(tok, hay, [300], [0.5], samples=1)
+    with pytest.raises(UncompError, match=r"the haystack has \d+ tokens; length 300 needs \d+ from token \d+ \(--samples"):
+        needle.make_examples(tok, hay, [300], [0.5], samples=50)
+    with pytest.raises(UncompError, match="--samples must be at least 1"):
+        needle.make_cases([300], [0.5], samples=0)

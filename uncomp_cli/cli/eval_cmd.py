@@ -210,6 +210,9 @@ def needle(
         "0,0.25,0.5,0.75,1"
     ),
     distractors: Annotated[int, typer.Option(help="Other keys with their own numbers (multi-key needle).")] = 0,
+    samples: Annotated[
+        int, typer.Option(help="Prompts per length × depth cell, each with its own number, key and stretch of text.")
+    ] = 1,
     needle_template: Annotated[
         str | None, typer.Option(help="The needle sentence, with {key} and {value}.")
     ] = None,
@@ -247,13 +250,15 @@ def needle(
     length_list = parse_lengths(lengths)
     depth_list = parse_depths(depths)
     templates = suite.make_templates(needle_template, question_template, answer_prefix)
-    suite.make_cases(length_list[:1], depth_list[:1], seed=seed, distractors=distractors)  # checks --distractors
+    suite.make_cases(length_list[:1], depth_list[:1], seed=seed, distractors=distractors,
+                     samples=samples)  # checks --distractors and --samples
     text = suite.load_haystack(haystack)
     settings = {
         "haystack": str(haystack.resolve()),
         "lengths": length_list,
         "depths": depth_list,
         "distractors": distractors,
+        "samples": samples,
         "seed": seed,
         "templates": {"needle": templates.needle, "question": templates.question,
                       "answer_prefix": templates.answer_prefix},
@@ -262,7 +267,8 @@ def needle(
 
     def build(loaded) -> list:
         return suite.make_examples(loaded.tokenizer, text, length_list, depth_list, seed=seed,
-                                   distractors=distractors, templates=templates, max_new_tokens=max_new_tokens)
+                                   distractors=distractors, templates=templates, max_new_tokens=max_new_tokens,
+                                   samples=samples)
 
     evaluate("multikey" if distractors else "needle", build, settings, model=model, methods=methods,
              budgets=budgets, profile=profile, window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,

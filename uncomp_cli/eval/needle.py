@@ -95,20 +95,33 @@ class NeedleCase:
     key: str
     value: str
     distractors: tuple[tuple[str, str], ...] = ()
+    #: Which prompt of its length × depth cell: sample s hides its needle in the haystack text that
+    #: starts at token s × length, so the samples of a cell differ in text as well as in key and number.
+    sample: int = 0
 
 
-def make_cases(lengths: list[int], depths: list[float], seed: int = 0, distractors: int = 0) -> list[NeedleCase]:
-    """A deterministic grid of cases; ``distractors`` other keys with their own numbers (multi-key)."""
+def make_cases(lengths: list[int], depths: list[float], seed: int = 0, distractors: int = 0,
+               samples: int = 1) -> list[NeedleCase]:
+    """A deterministic grid of cases, ``samples`` per length × depth cell; ``distractors`` other keys
+    with their own numbers (multi-key). One sample gives the same cases as before samples existed."""
     if not 0 <= distractors < len(KEYS):
         raise UncompError(f"--distractors must be between 0 and {len(KEYS) - 1}, got {distractors}")
+    if samples < 1:
+        raise UncompError(f"--samples must be at least 1, got {samples}")
     rng = random.Random(seed)
     cases = []
     for length in lengths:
         for depth in depths:
-            keys = rng.sample(KEYS, 1 + distractors)
-            values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
-            cases.append(NeedleCase(length, depth, keys[0], values[0], tuple(zip(keys[1:], values[1:]))))
+            for sample in range(samples):
+                keys = rng.sample(KEYS, 1 + distractors)
+                values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
+                cases.append(NeedleCase(length, depth, keys[0], values[0], tuple(zip(keys[1:], values[1:])), sample))
     return cases
+
+
+def haystack_tokens_needed(lengths: list[int], samples: int = 1) -> int:
+    """Haystack tokens a grid reads: sample s of length L reads tokens [s × L, (s + 1) × L)."""
+    return max(lengths) * samples
 
 
 def tokenize_haystack(tokenizer, haystack: str, max_tokens: int | None = None) -> list[int]:
@@ -149,13 +162,15 @@ def build_prompt_ids(tokenizer, haystack: str, case: NeedleCase, seed: int = 0,
     needles += [(rng.random(), templates.needle.format(key=k, value=v)) for k, v in case.distractors]
     overhead = len(chat(" ".join(n for _, n in needles)))
     budget = case.length - overhead
+    start = case.sample * case.length
     if hay_ids is None:
-        hay_ids = tokenize_haystack(tokenizer, haystack, max(budget, 0) + 1)
+        hay_ids = tokenize_haystack(tokenizer, haystack, start + max(budget, 0) + 1)
     if budget < 16:
         raise UncompError(f"length {case.length} is too short for the needle prompt ({overhead} tokens)")
-    if len(hay_ids) < budget:
-        raise UncompError(f"the haystack has {len(hay_ids)} tokens; length {case.length} needs {budget}")
-    context = tokenizer.decode(hay_ids[:budget])
+    if len(hay_ids) < start + budget:
+        where = f" from token {start} (--samples gives each prompt its own stretch of text)" if start else ""
+        raise UncompError(f"the haystack has {len(hay_ids)} tokens; length {case.length} needs {budget}{where}")
+    context = tokenizer.decode(hay_ids[start:start + budget]).lstrip()
     for depth, needle in sorted(needles, key=lambda n: -n[0]):  # insert deepest first: earlier offsets hold
         context = _insert_at_sentence(context, needle, depth)
     return chat(context)
@@ -174,21 +189,22 @@ def _insert_at_sentence(context: str, needle: str, depth: float) -> str:
 
 def make_examples(tokenizer, haystack: str, lengths: list[int], depths: list[float], seed: int = 0,
                   distractors: int = 0, templates: Templates = Templates(),
-                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[Example]:
-    """The length × depth grid as :class:`Example` s; the haystack is tokenised once for all of them.
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, samples: int = 1) -> list[Example]:
+    """The length × depth grid (``samples`` prompts per cell) as :class:`Example` s; the haystack is
+    tokenised once for all of them.
 
     The task is ``needle``, or ``multikey`` with distractors. ``meta`` carries what scoring needs
     (key, needle sentence, answer prefix) besides the depth, so :func:`score_example` works from the
-    example alone.
+    example alone. Sample 0 keeps the id ``<task>-<length>-<depth>``; later ones add ``-s<sample>``.
     """
-    cases = make_cases(lengths, depths, seed=seed, distractors=distractors)
-    hay_ids = tokenize_haystack(tokenizer, haystack, max(lengths))
+    cases = make_cases(lengths, depths, seed=seed, distractors=distractors, samples=samples)
+    hay_ids = tokenize_haystack(tokenizer, haystack, haystack_tokens_needed(lengths, samples))
     task = "multikey" if distractors else "needle"
     examples = []
     for case in cases:
         ids = build_prompt_ids(tokenizer, haystack, case, seed=seed, templates=templates, hay_ids=hay_ids)
         examples.append(Example(
-            id=f"{task}-{case.length}-{case.depth:g}",
+            id=f"{task}-{case.length}-{case.depth:g}" + (f"-s{case.sample}" if case.sample else ""),
             task=task,
             prompt_ids=tuple(ids),
             answers=(case.value,),
@@ -198,7 +214,7 @@ def make_examples(tokenizer, haystack: str, lengths: list[int], depths: list[flo
             meta={"depth": case.depth, "key": case.key,
                   "needle": templates.needle.format(key=case.key, value=case.value),
                   "answer_prefix": templates.answer_prefix.format(key=case.key),
-                  "distractors": [k for k, _ in case.distractors]},
+                  "distractors": [k for k, _ in case.distractors], "sample": case.sample},
         ))
     return examples
 
