@@ -10,6 +10,7 @@ from test_profile import make_profile
 from tiny import tiny_model
 from transformers import DynamicCache
 
+from uncomp_cli.defaults import DEFAULT_AGGREGATE, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAULT_WINDOW
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies import available_methods, make_policy
 from uncomp_cli.policies.h2o import H2OPolicy, H2OScorer, accumulated_attention
@@ -21,7 +22,8 @@ from uncomp_cli.policies.uncomp_ablations import UNCompNoPrunePolicy, UNCompUnif
 from uncomp_cli.selection import aggregate_heads, select_tokens
 
 #: Every option the CLI passes, so the registry's filtering is exercised as the CLI uses it.
-CLI_OPTIONS = dict(budget="10%", window=32, kernel=21, pooling="max", aggregate="mean", decode_evict=False,
+CLI_OPTIONS = dict(budget="10%", window=DEFAULT_WINDOW, kernel=DEFAULT_KERNEL, pooling=DEFAULT_POOLING,
+                   aggregate=DEFAULT_AGGREGATE, decode_evict=False,
                    prefill_compression=True, sinks=4, beta=20.0)
 
 BASELINES = {
