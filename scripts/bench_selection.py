@@ -7,7 +7,7 @@ itself on the model's real shapes — per layer: the last ``window`` queries' at
 (:func:`window_attention`), the pooled per-KV-head scores, top-k, and gathering the kept K/V —
 × the number of layers, and divides by the median full prefill of the same prompt length.
 
-  python scripts/bench_selection.py --length 4096 --budget 5% --repeats 5
+  python scripts/bench_selection.py --length 4096 --budget 5% --repeats 5 [--pooling max]
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import time
 
 import torch
 
+from uncomp_cli.defaults import DEFAULT_POOLING
+from uncomp_cli.selection import POOLINGS
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,6 +29,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--budget", default="5%")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pooling", choices=POOLINGS, default=DEFAULT_POOLING)
     args = parser.parse_args()
 
     from uncomp_cli.models import load_model
@@ -35,7 +39,7 @@ def main() -> None:
     config = loaded.model.config
     layers, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
     dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    scorer = SnapKVScorer()
+    scorer = SnapKVScorer(pooling=args.pooling)
     budget = resolve_budget(args.budget, args.length, scorer.window)
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(1, heads, args.length, dim, generator=generator)
@@ -67,6 +71,7 @@ def main() -> None:
     sel, pre = statistics.median(selection), statistics.median(prefill)
     print(json.dumps({
         "model": loaded.name, "length": args.length, "budget": args.budget, "budget_tokens": budget,
+        "pooling": args.pooling,
         "layers": layers, "repeats": args.repeats, "threads": torch.get_num_threads(),
         "selection_seconds_all_layers": round(sel, 4), "full_prefill_seconds": round(pre, 3),
         "selection_share_of_prefill": round(sel / pre, 4),

@@ -131,7 +131,8 @@ def test_samples_past_the_end_of_the_haystack_are_a_user_error(tmp_path, tok):
     (tmp_path / "a.txt").write_text("A sentence of the haystack. " * 120)
     hay = needle.load_haystack(tmp_path)
     needle.make_examples(tok, hay, [300], [0.5], samples=1)
-    with pytest.raises(UncompError, match=r"the haystack has \d+ tokens; length 300 needs \d+ from token \d+ \(--samples"):
+    too_short = r"the haystack has \d+ tokens; length 300 needs \d+ from token \d+ \(--samples"
+    with pytest.raises(UncompError, match=too_short):
         needle.make_examples(tok, hay, [300], [0.5], samples=50)
     with pytest.raises(UncompError, match="--samples must be at least 1"):
         needle.make_cases([300], [0.5], samples=0)
