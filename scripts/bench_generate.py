@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from uncomp_cli.generate import GenerationSettings, generate_ids, prompt_positions  # noqa: F401
-    from uncomp_cli.models import load_model
+    from uncomp_cli.engine.generation import GenerationSettings, generate_ids, prompt_positions  # noqa: F401
+    from uncomp_cli.models.loading import load_model
 
     report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
                     "threads": torch.get_num_threads()}
@@ -42,7 +42,7 @@ def main() -> None:
         loaded = load_model(None, device="cpu")
         report["first_conversion_seconds"] = round(time.perf_counter() - started, 2)
         probe = ("import time; t = time.perf_counter(); import torch, transformers; "
-                 "from uncomp_cli.models import load_model; i = time.perf_counter(); "
+                 "from uncomp_cli.models.loading import load_model; i = time.perf_counter(); "
                  "load_model(None, device='cpu'); print(i - t, time.perf_counter() - i)")
         runs = [subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                                env=os.environ).stdout.split() for _ in range(3)]

@@ -20,12 +20,12 @@ __version__ = "0.1.0"
 from uncomp_cli.errors import ModelNotFoundError, ProfileError, PromptError, UncompError  # noqa: E402
 
 _LAZY = {
-    "load_model": "uncomp_cli.models",
-    "LoadedModel": "uncomp_cli.models",
-    "generate": "uncomp_cli.generate",
-    "generate_ids": "uncomp_cli.generate",
-    "GenerationSettings": "uncomp_cli.generate",
-    "GenerationResult": "uncomp_cli.generate",
+    "load_model": "uncomp_cli.models.loading.loading",
+    "LoadedModel": "uncomp_cli.models.loading.loading",
+    "generate": "uncomp_cli.engine.generation",
+    "generate_ids": "uncomp_cli.engine.generation",
+    "GenerationSettings": "uncomp_cli.engine.generation",
+    "GenerationResult": "uncomp_cli.engine.generation",
     "make_policy": "uncomp_cli.policies",
     "available_methods": "uncomp_cli.policies",
 }

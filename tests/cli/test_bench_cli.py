@@ -83,7 +83,7 @@ def test_layers_without_a_model_config_and_both_models_are_errors(tiny_model_dir
 
 
 def test_an_8b_model_that_cannot_fit_is_refused_before_allocating(monkeypatch):
-    from uncomp_cli import model_configs
+    from uncomp_cli.models import random_presets as model_configs
 
     monkeypatch.setattr(model_configs, "available_memory_bytes", lambda device: 24 * 2**30)
     result = run("--model-config", "llama3-8b", "--dtype", "float32", "--device", "cpu", "--lengths", "1k")

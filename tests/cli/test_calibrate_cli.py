@@ -12,7 +12,7 @@ from tiny import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from uncomp_cli.cli import calibrate_cmd, inspect_cmd
-from uncomp_cli.profile import load_profile
+from uncomp_cli.profile.file import load_profile
 
 TEXT = "The capital of France is Paris. Hello world, the quick brown fox jumps over the lazy dog. " * 40
 
@@ -215,7 +215,7 @@ def test_an_existing_profile_survives_a_failed_run(tmp_path, loads, text_file):
 
 
 def test_the_cli_default_threshold_is_the_library_default():
-    from uncomp_cli.calibrate import DEFAULT_STAGE_THRESHOLD
+    from uncomp_cli.profile.calibrate import DEFAULT_STAGE_THRESHOLD
 
     assert calibrate_cmd.DEFAULT_STAGE_THRESHOLD == DEFAULT_STAGE_THRESHOLD
 

@@ -32,7 +32,7 @@ def test_uncomp_at_a_small_budget_holds_fewer_bytes_and_reports_its_settings(tin
 
 
 def test_uncomp_without_a_profile_calibrates_once_and_caches_it(tiny_model_dir, monkeypatch):
-    from uncomp_cli import profile_store
+    from uncomp_cli.profile import store as profile_store
 
     monkeypatch.setattr(profile_store, "AUTO_SAMPLES", 2)
     monkeypatch.setattr(profile_store, "AUTO_SEQ_LEN", 64)

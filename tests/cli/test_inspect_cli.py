@@ -16,11 +16,11 @@ from safetensors.torch import save_file
 from tiny import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-from uncomp_cli.calibrate import calibrate
-from uncomp_cli.calibration_data import CalibrationText, token_windows
+from uncomp_cli.profile.calibrate import calibrate
+from uncomp_cli.profile.calibration_text import CalibrationText, token_windows
 from uncomp_cli.cli import calibrate_cmd, inspect_cmd
-from uncomp_cli.profile import save_profile
-from uncomp_cli.report import CSV_COLUMNS
+from uncomp_cli.profile.file import save_profile
+from uncomp_cli.profile.report import CSV_COLUMNS
 
 TEXT = "The capital of France is Paris. Hello world, the quick brown fox jumps over the lazy dog. " * 40
 
@@ -160,7 +160,7 @@ def test_usage_errors(profile_path):
 
 
 def test_spearman_matches_a_hand_computation_with_ties():
-    from uncomp_cli.report import spearman
+    from uncomp_cli.profile.report import spearman
 
     assert spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([10.0, 20, 30, 40])) == pytest.approx(1.0)
     assert spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([4.0, 3, 2, 1])) == pytest.approx(-1.0)
@@ -170,7 +170,7 @@ def test_spearman_matches_a_hand_computation_with_ties():
 
 
 def test_compare_two_profiles(profile_path, tmp_path, tiny_loaded):
-    from uncomp_cli.profile import load_profile
+    from uncomp_cli.profile.file import load_profile
 
     same = invoke("inspect-heads", profile_path, "--compare", profile_path, "--json")
     assert same.exit_code == 0, same.output

@@ -20,7 +20,7 @@ def _shared_conversion_cache(embedded_cache, monkeypatch):
 def embedded(embedded_cache):
     import os
 
-    from uncomp_cli.models import load_model
+    from uncomp_cli.models.loading import load_model
 
     previous = os.environ.get("UNCOMP_CACHE")
     os.environ["UNCOMP_CACHE"] = str(embedded_cache)

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from uncomp_cli.errors import ProfileError
-from uncomp_cli.profile import load_profile
+from uncomp_cli.profile.file import load_profile
 
 
 @pytest.mark.slow

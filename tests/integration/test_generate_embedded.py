@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from uncomp_cli.cli.app import app
-from uncomp_cli.generate import GenerationSettings, generate
+from uncomp_cli.engine.generation import GenerationSettings, generate
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """A small manual prefill + greedy decode loop with explicit positions, for the cache tests.
 
-Kept here (not in uncomp_cli.generate) so the compression tests do not depend on the generation
+Kept here (not in uncomp_cli.engine.generation) so the compression tests do not depend on the generation
 loop being written alongside them.
 """
 

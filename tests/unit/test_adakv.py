@@ -11,12 +11,12 @@ from kvloop import greedy, left_padded
 from tiny import tiny_model
 from transformers import DynamicCache
 
-from uncomp_cli.cache import cache_nbytes
+from uncomp_cli.engine.cache import cache_nbytes
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.adakv import AdaKVPolicy, adakv_budgets
 from uncomp_cli.policies.registry import make_policy
 from uncomp_cli.policies.snapkv import SnapKVPolicy
-from uncomp_cli.selection import select_tokens, select_tokens_per_row
+from uncomp_cli.engine.selection import select_tokens, select_tokens_per_row
 
 INF = float("inf")
 

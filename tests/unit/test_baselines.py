@@ -19,7 +19,7 @@ from uncomp_cli.policies.registry import check_method_options
 from uncomp_cli.policies.snapkv import SnapKVPolicy
 from uncomp_cli.policies.streamingllm import StreamingLLMPolicy, sink_and_recent_scores
 from uncomp_cli.policies.uncomp_ablations import UNCompNoPrunePolicy, UNCompUniformPolicy
-from uncomp_cli.selection import aggregate_heads, select_tokens
+from uncomp_cli.engine.selection import aggregate_heads, select_tokens
 
 #: Every option the CLI passes, so the registry's filtering is exercised as the CLI uses it.
 CLI_OPTIONS = dict(budget="10%", window=DEFAULT_WINDOW, kernel=DEFAULT_KERNEL, pooling=DEFAULT_POOLING,

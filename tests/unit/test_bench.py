@@ -1,4 +1,4 @@
-"""uncomp_cli.bench: parsing, statistics, the memory-cap search, and run_bench on a tiny random model.
+"""uncomp_cli.bench.runner: parsing, statistics, the memory-cap search, and run_bench on a tiny random model.
 
 Nothing here asserts a time or a speed ratio: only structure, exact byte counts and arithmetic.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uncomp_cli import bench
-from uncomp_cli.bench import (
+from uncomp_cli.bench import runner as bench
+from uncomp_cli.bench.runner import (
     BenchSettings,
     Case,
     parse_batch_sizes,
@@ -21,7 +21,8 @@ from uncomp_cli.bench import (
     summarize,
 )
 from uncomp_cli.errors import UncompError
-from uncomp_cli.model_configs import PRESETS, check_fits, load_random_model, preset_config, reference_profile
+from uncomp_cli.models.random_presets import PRESETS, check_fits, load_random_model, preset_config
+from uncomp_cli.profile.reference import reference_profile
 
 # -- statistics -----------------------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ def test_cpu_peak_memory_is_per_run_not_process_lifetime():
 
 
 def test_presets_have_real_shapes_and_known_sizes():
-    from uncomp_cli.model_configs import parameter_count
+    from uncomp_cli.models.random_presets import parameter_count
 
     config = preset_config("qwen2-0.5b")
     assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (24, 14, 2)
@@ -201,7 +202,7 @@ def test_presets_have_real_shapes_and_known_sizes():
 
 
 def test_weights_that_do_not_fit_are_refused_before_allocating(monkeypatch):
-    from uncomp_cli import model_configs
+    from uncomp_cli.models import random_presets as model_configs
 
     monkeypatch.setattr(model_configs, "available_memory_bytes", lambda device: 24 * 2**30)
     with pytest.raises(UncompError, match=r"needs 29\.\d GiB .* 24\.0 GiB available"):
@@ -333,7 +334,7 @@ def test_throughput_mode_reports_a_cap_nothing_fits_under(tiny):
 def test_prefill_keep_reaches_the_profile_methods_only():
     from tiny import tiny_model
 
-    from uncomp_cli.bench import make_policies
+    from uncomp_cli.bench.runner import make_policies
 
     config = tiny_model("llama-gqa").config
     cases = [Case("full"), Case("snapkv", "50%"), Case("uncomp", "50%"), Case("uncomp-noprune", "50%")]

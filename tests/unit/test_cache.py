@@ -9,7 +9,7 @@ from kvloop import greedy, left_padded
 from tiny import TINY_SHAPES, tiny_model
 from transformers import DynamicCache
 
-from uncomp_cli.cache import (
+from uncomp_cli.engine.cache import (
     GroupedKVCache,
     GroupedKVLayer,
     cache_nbytes,
@@ -19,7 +19,7 @@ from uncomp_cli.cache import (
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.snapkv import SnapKVPolicy
 from uncomp_cli.policies.uncomp import UNCompPolicy
-from uncomp_cli.selection import SnapKVScorer
+from uncomp_cli.engine.selection import SnapKVScorer
 
 SHAPES = sorted(TINY_SHAPES)
 SMALL = SnapKVScorer(window=4, kernel=3)

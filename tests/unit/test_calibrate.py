@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
-from uncomp_cli.calibrate import (
+from uncomp_cli.profile.calibrate import (
     ATTENTION_NAME,
     EntropyRecorder,
     aggregate_kv_heads,
@@ -23,16 +23,16 @@ from uncomp_cli.calibrate import (
     rank_labels,
     stage_keep_fractions,
 )
-from uncomp_cli.calibration_data import (
+from uncomp_cli.profile.calibration_text import (
     CalibrationText,
     builtin_texts,
     iter_builtin_documents,
     read_texts,
     token_windows,
 )
-from uncomp_cli.entropy import normalized_truncated_entropy
+from uncomp_cli.profile.entropy import normalized_truncated_entropy
 from uncomp_cli.errors import UncompError
-from uncomp_cli.profile import ModelShape
+from uncomp_cli.profile.file import ModelShape
 
 SEQ = 48
 

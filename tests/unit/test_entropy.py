@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from uncomp_cli.entropy import (
+from uncomp_cli.profile.entropy import (
     check_rank_k,
     covariance_spectrum,
     default_rank_k,

@@ -7,8 +7,8 @@ import torch
 from tiny import TINY_SHAPES, tiny_model, tiny_tokenizer
 from transformers import DynamicCache
 
-from uncomp_cli.cache import cache_nbytes
-from uncomp_cli.generate import (
+from uncomp_cli.engine.cache import cache_nbytes
+from uncomp_cli.engine.generation import (
     GenerationSettings,
     TextStream,
     full_kv_cache_bytes,

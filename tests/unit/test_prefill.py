@@ -11,11 +11,11 @@ from kvloop import greedy, left_padded
 from tiny import TINY_SHAPES, tiny_model
 from transformers import DynamicCache
 
-from uncomp_cli.cache import GroupedKVCache, use_grouped_cache
+from uncomp_cli.engine.cache import GroupedKVCache, use_grouped_cache
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.uncomp import UNCompPolicy
-from uncomp_cli.prefill import HiddenStatePruner, parse_keep_fractions, spans_keep, validate_layer_keep
-from uncomp_cli.selection import PRUNE_WINDOW
+from uncomp_cli.engine.prefill import HiddenStatePruner, parse_keep_fractions, spans_keep, validate_layer_keep
+from uncomp_cli.engine.selection import PRUNE_WINDOW
 
 SHAPES = sorted(TINY_SHAPES)
 KEEP = [1.0, 1.0, 0.6, 0.4]
@@ -185,7 +185,7 @@ def test_more_spans_than_prunable_layers_is_an_error():
 
 
 def test_prefill_keep_replaces_the_profile_stages_and_prunes_as_scheduled():
-    from uncomp_cli.model_configs import reference_profile
+    from uncomp_cli.profile.reference import reference_profile
 
     model = tiny_model("llama-gqa")  # 4 layers: the first pruned layer is layer 1
     ids, mask = left_padded([96], seed=3)

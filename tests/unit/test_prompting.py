@@ -6,7 +6,7 @@ import pytest
 from tiny import tiny_tokenizer
 
 from uncomp_cli.errors import PromptError
-from uncomp_cli.prompting import build_prompt_ids, fit_to_context
+from uncomp_cli.models.prompting import build_prompt_ids, fit_to_context
 
 
 def test_chat_template_is_applied_unless_raw():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from uncomp_cli.errors import UncompError
-from uncomp_cli.selection import (
+from uncomp_cli.engine.selection import (
     SnapKVScorer,
     aggregate_heads,
     pool_scores,

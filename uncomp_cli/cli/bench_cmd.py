@@ -65,7 +65,7 @@ def bench(
     out: Annotated[Path | None, typer.Option(help="Also write the JSON results to this file (atomically).")] = None,
 ) -> None:
     """Time to first token, prefill, decode speed, KV bytes and peak memory of each method, against full."""
-    from uncomp_cli.bench import BenchSettings, parse_batch_sizes, parse_lengths, parse_memory, split_list
+    from uncomp_cli.bench.runner import BenchSettings, parse_batch_sizes, parse_lengths, parse_memory, split_list
     from uncomp_cli.errors import UncompError
 
     if memory_cap is not None and batch_sizes is not None:
@@ -102,7 +102,7 @@ def bench(
         atomic_write(out, text + "\n")
     from rich.console import Console
 
-    from uncomp_cli.bench import render_report
+    from uncomp_cli.bench.runner import render_report
 
     if json_output:
         sys.stdout.write(text + "\n")
@@ -114,13 +114,13 @@ def bench(
 def _load(model, model_config, layers, device, dtype, seed, settings):
     """A real model, or a random one of a preset's shapes (lengths and memory checked before allocating)."""
     if model_config is not None:
-        from uncomp_cli.bench import check_lengths
-        from uncomp_cli.model_configs import load_random_model, preset_config
+        from uncomp_cli.bench.runner import check_lengths
+        from uncomp_cli.models.random_presets import load_random_model, preset_config
 
         check_lengths(preset_config(model_config, layers), settings)
 
         return load_random_model(model_config, layers, device=device, dtype=dtype, seed=seed)
-    from uncomp_cli.models import load_model
+    from uncomp_cli.models.loading import load_model
 
     return load_model(model, device=device, dtype=dtype)
 
@@ -129,7 +129,7 @@ def _run(loaded, settings):
     """run_bench with a progress bar on stderr."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from uncomp_cli.bench import run_bench
+    from uncomp_cli.bench.runner import run_bench
     from uncomp_cli.cli.common import stderr_console
 
     stderr_console.print(f"bench: {loaded.name} on {loaded.device}", style="dim", highlight=False)

@@ -13,7 +13,7 @@ from uncomp_cli.cli.common import handle_errors, stderr_console
 from uncomp_cli.defaults import DEFAULT_STAGE_THRESHOLD
 
 if TYPE_CHECKING:
-    from uncomp_cli.profile import Profile
+    from uncomp_cli.profile.file import Profile
 
 STAGE_THRESHOLD_HELP = (
     "ε: a layer whose mean head entropy (H_k / ln d) is more than this below the previous layer's starts a new stage."
@@ -26,7 +26,7 @@ DATA_HELP = (
 
 def _load_model(spec: str | None, device: str, dtype: str) -> Any:
     """The one place commands load a model (tests replace it)."""
-    from uncomp_cli.models import load_model
+    from uncomp_cli.models.loading import load_model
 
     return load_model(spec, device=device, dtype=dtype)
 
@@ -58,11 +58,11 @@ def run_calibration(
         TimeRemainingColumn,
     )
 
-    from uncomp_cli.calibrate import KV_AGGREGATIONS, calibrate, resolve_settings
-    from uncomp_cli.calibration_data import builtin_texts, check_window_settings, read_texts, token_windows
-    from uncomp_cli.entropy import ENTROPY_SOURCES
+    from uncomp_cli.profile.calibrate import KV_AGGREGATIONS, calibrate, resolve_settings
+    from uncomp_cli.profile.calibration_text import builtin_texts, check_window_settings, read_texts, token_windows
+    from uncomp_cli.profile.entropy import ENTROPY_SOURCES
     from uncomp_cli.errors import UncompError
-    from uncomp_cli.profile import ModelShape
+    from uncomp_cli.profile.file import ModelShape
 
     check_window_settings(samples, seq_len)
     if source not in ENTROPY_SOURCES:
@@ -124,7 +124,7 @@ def run_calibration(
 
 def summary_lines(profile: Profile, out: Path | None, seconds: float) -> list[str]:
     """A few human lines describing a new profile."""
-    from uncomp_cli.report import stage_spans
+    from uncomp_cli.profile.report import stage_spans
 
     stages = ", ".join(
         f"{s['first_layer']}–{s['last_layer']} keep {s['keep_fraction']:.0%}" for s in stage_spans(profile)
@@ -175,7 +175,7 @@ def calibrate(
 ) -> None:
     """Measure the truncated matrix entropy of every attention head and save a calibration profile."""
     from uncomp_cli.errors import UncompError
-    from uncomp_cli.profile import save_profile
+    from uncomp_cli.profile.file import save_profile
 
     if out.is_dir():
         raise UncompError(f"--out {out} is a folder; give a file name such as {out / 'profile.safetensors'}")

@@ -146,9 +146,9 @@ def evaluate(
 
     from uncomp_cli.eval.render import check_plot_path, plot_grids, render_eval
     from uncomp_cli.eval.runner import plan_runs, run_eval
-    from uncomp_cli.models import load_model
+    from uncomp_cli.models.loading import load_model
     from uncomp_cli.policies.registry import check_method_options
-    from uncomp_cli.prompting import context_length
+    from uncomp_cli.models.prompting import context_length
 
     if batch_size < 1:
         raise UncompError(f"--batch-size must be at least 1, got {batch_size}")
@@ -375,7 +375,7 @@ def longbench(
     """
     from uncomp_cli.eval import longbench as suite
     from uncomp_cli.eval.render import task_grid
-    from uncomp_cli.prompting import context_length
+    from uncomp_cli.models.prompting import context_length
 
     if not data.is_dir():
         raise UncompError(f"LongBench folder not found: {data}")

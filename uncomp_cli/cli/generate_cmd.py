@@ -61,7 +61,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 def read_batch(source: str) -> list:
     """Parse JSONL prompts (``-`` = stdin): one object per line with ``prompt`` and optional
     ``system``, ``raw``, ``max_new_tokens``, ``id``. Any bad line stops the run before it starts."""
-    from uncomp_cli.generate import BatchItem
+    from uncomp_cli.engine.generation import BatchItem
 
     if source == "-":
         data = sys.stdin.buffer.read()
@@ -198,11 +198,11 @@ def generate(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
 ) -> None:
     """Generate text from a prompt, with a full or a compressed KV cache."""
-    from uncomp_cli.generate import GenerationSettings
-    from uncomp_cli.generate import generate as run_generate
-    from uncomp_cli.models import load_model
+    from uncomp_cli.engine.generation import GenerationSettings
+    from uncomp_cli.engine.generation import generate as run_generate
+    from uncomp_cli.models.loading import load_model
     from uncomp_cli.policies.registry import PROFILE_METHODS, check_method_options, policy_for
-    from uncomp_cli.prompting import TRUNCATE_MODES
+    from uncomp_cli.models.prompting import TRUNCATE_MODES
 
     if truncate not in TRUNCATE_MODES:
         raise typer.BadParameter(f"use one of {', '.join(TRUNCATE_MODES)}", param_hint="--truncate")
@@ -268,7 +268,7 @@ def _run_batch(loaded, batch, settings, batch_size, truncate, output, system, ra
 
     from uncomp_cli.cli.common import stderr_console
     from uncomp_cli.files import atomic_write
-    from uncomp_cli.generate import generate_batch
+    from uncomp_cli.engine.generation import generate_batch
 
     ids = [item_id for item_id, _ in batch]
     items = [item for _, item in batch]

@@ -59,8 +59,8 @@ def inspect_heads(
     from rich.console import Console
 
     from uncomp_cli.errors import UncompError
-    from uncomp_cli.profile import load_profile
-    from uncomp_cli.report import (
+    from uncomp_cli.profile.file import load_profile
+    from uncomp_cli.profile.report import (
         compare_profiles,
         comparison_lines,
         csv_text,

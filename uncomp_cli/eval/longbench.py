@@ -14,7 +14,7 @@ from pathlib import Path
 
 from uncomp_cli.errors import UncompError
 from uncomp_cli.eval.examples import Example
-from uncomp_cli.prompting import build_prompt_ids
+from uncomp_cli.models.prompting import build_prompt_ids
 
 #: LongBench's ``config/dataset2prompt.json``: the benchmark's prompt format, as data.
 PROMPTS = {

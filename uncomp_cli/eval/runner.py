@@ -198,7 +198,7 @@ def aggregate(rows: Sequence[dict]) -> dict:
 
 def check_context(loaded, examples: Sequence[Example]) -> None:
     """Every prompt plus its answer must fit the model's context; say which does not."""
-    from uncomp_cli.prompting import context_length
+    from uncomp_cli.models.prompting import context_length
 
     limit = context_length(loaded.model.config)
     for e in examples:
@@ -239,7 +239,7 @@ def _batches(examples: Sequence[Example], batch_size: int) -> list[list[Example]
 
 
 def _generate_rows(loaded, policy, batch: Sequence[Example], scorers, eos: list[int], pad_id: int) -> list[dict]:
-    from uncomp_cli.generate import GenerationSettings, generate_ids, left_pad
+    from uncomp_cli.engine.generation import GenerationSettings, generate_ids, left_pad
 
     input_ids, mask = left_pad([list(e.prompt_ids) for e in batch], pad_id, loaded.device)
     settings = GenerationSettings(max_new_tokens=max(e.max_new_tokens for e in batch))
@@ -291,7 +291,7 @@ def run_eval(
     ``progress(run, done, total)`` is called when a run starts and after each batch. Finished runs
     are read back, not rerun.
     """
-    from uncomp_cli.generate import eos_token_ids
+    from uncomp_cli.engine.generation import eos_token_ids
     from uncomp_cli.policies.registry import PROFILE_METHODS, policy_for
 
     if not examples:

@@ -5,7 +5,7 @@ A head whose attention is spread over many tokens takes more of the layer's budg
 concentrates on a few, which needs few to keep most of its attention mass; a safeguard ``floor``
 keeps every head at least that share of the average. Each head then keeps its own top tokens plus
 the observation window, SnapKV-style. Budgets are known only at prefill, so each layer re-forms its
-groups then (see ``budget_allocator`` in :mod:`uncomp_cli.cache`): the bytes held are the
+groups then (see ``budget_allocator`` in :mod:`uncomp_cli.engine.cache`): the bytes held are the
 allocated budgets, not a full-size cache with a mask.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, GroupedKVLayer, check_supported
+from uncomp_cli.engine.cache import GroupedKVCache, GroupedKVLayer, check_supported
 from uncomp_cli.defaults import (
     DEFAULT_ADAKV_FLOOR,
     DEFAULT_AGGREGATE,
@@ -28,7 +28,7 @@ from uncomp_cli.defaults import (
 )
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.base import GroupedCachePolicy
-from uncomp_cli.selection import SnapKVScorer, resolve_budget, top_indices
+from uncomp_cli.engine.selection import SnapKVScorer, resolve_budget, top_indices
 
 
 def adakv_budgets(scores: torch.Tensor, budget: int, window: int, floor: float = DEFAULT_ADAKV_FLOOR

@@ -1,6 +1,6 @@
 """The contract between the generation loop and a cache policy.
 
-The loop in :mod:`uncomp_cli.generate` does not know what a method keeps; it asks the policy for
+The loop in :mod:`uncomp_cli.engine.generation` does not know what a method keeps; it asks the policy for
 a cache and runs prefill and decoding inside :meth:`CachePolicy.attach`, which may install an
 attention implementation or hooks for the duration and must remove them on exit.
 """
@@ -35,12 +35,12 @@ class CachePolicy:
 
 
 class GroupedCachePolicy(CachePolicy):
-    """A policy whose cache is a :class:`~uncomp_cli.cache.GroupedKVCache`: ``attach`` installs the
+    """A policy whose cache is a :class:`~uncomp_cli.engine.cache.GroupedKVCache`: ``attach`` installs the
     grouped attention over the cache ``make_cache`` builds, and puts the model's back on exit."""
 
     @contextlib.contextmanager
     def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[Cache]:
-        from uncomp_cli.cache import use_grouped_cache
+        from uncomp_cli.engine.cache import use_grouped_cache
 
         with use_grouped_cache(model, self.make_cache(model, attention_mask)) as cache:
             yield cache

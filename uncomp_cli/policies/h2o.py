@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, check_supported
+from uncomp_cli.engine.cache import GroupedKVCache, check_supported
 from uncomp_cli.defaults import DEFAULT_AGGREGATE, DEFAULT_BUDGET, DEFAULT_WINDOW
 from uncomp_cli.policies.base import GroupedCachePolicy
-from uncomp_cli.selection import SnapKVScorer, aggregate_heads, resolve_budget
+from uncomp_cli.engine.selection import SnapKVScorer, aggregate_heads, resolve_budget
 
 #: Attention elements (rows × keys × heads × batch) computed at once: 64 MiB of float32 logits.
 CHUNK_ELEMENTS = 1 << 24

@@ -16,7 +16,7 @@ from fractions import Fraction
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, check_supported
+from uncomp_cli.engine.cache import GroupedKVCache, check_supported
 from uncomp_cli.defaults import (
     DEFAULT_AGGREGATE,
     DEFAULT_BUDGET,
@@ -27,7 +27,7 @@ from uncomp_cli.defaults import (
 )
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.base import GroupedCachePolicy
-from uncomp_cli.selection import SnapKVScorer, resolve_budget
+from uncomp_cli.engine.selection import SnapKVScorer, resolve_budget
 
 
 def pyramid_budgets(budget: int, prompt_len: int, window: int, num_layers: int,

@@ -66,12 +66,12 @@ def check_method_options(method: str, **settings) -> None:
     Profile methods are checked with SnapKV's selection settings, which they share, since their
     profile is not at hand yet.
     """
-    from uncomp_cli.selection import resolve_budget
+    from uncomp_cli.engine.selection import resolve_budget
 
     _factory(method)
     policy = make_policy("snapkv" if method in PROFILE_METHODS else method, **settings)
     if method in PROFILE_METHODS and settings.get("prefill_keep") is not None:
-        from uncomp_cli.prefill import parse_keep_fractions
+        from uncomp_cli.engine.prefill import parse_keep_fractions
 
         parse_keep_fractions(settings["prefill_keep"])
     if hasattr(policy, "check_budget"):  # methods whose budget rule is not the window's
@@ -83,14 +83,14 @@ def check_method_options(method: str, **settings) -> None:
 
 
 def policy_for(loaded, method: str, profile_path: str | Path | None = None, **settings) -> CachePolicy:
-    """The policy for ``method`` on ``loaded`` (a :class:`~uncomp_cli.models.LoadedModel`).
+    """The policy for ``method`` on ``loaded`` (a :class:`~uncomp_cli.models.loading.LoadedModel`).
 
     Profile methods use ``profile_path``, or the profile cached for the model, or calibrate once
-    (:func:`~uncomp_cli.profile_store.profile_for`); a profile given to another method is an error.
+    (:func:`~uncomp_cli.profile.store.profile_for`); a profile given to another method is an error.
     """
     _factory(method)
     if method in PROFILE_METHODS:
-        from uncomp_cli.profile_store import profile_for
+        from uncomp_cli.profile.store import profile_for
 
         return make_policy(method, profile=profile_for(loaded, profile_path), **settings)
     if profile_path is not None:

@@ -2,7 +2,7 @@
 
 Each KV head keeps the tokens the last ``window`` queries attended to most (scores pooled over
 ``kernel`` neighbours, query heads of a GQA group combined by ``aggregate``) plus the window
-itself. Storage is per KV head and really shrinks (see :mod:`uncomp_cli.cache`).
+itself. Storage is per KV head and really shrinks (see :mod:`uncomp_cli.engine.cache`).
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, check_supported
+from uncomp_cli.engine.cache import GroupedKVCache, check_supported
 from uncomp_cli.defaults import DEFAULT_AGGREGATE, DEFAULT_BUDGET, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAULT_WINDOW
 from uncomp_cli.policies.base import GroupedCachePolicy
-from uncomp_cli.selection import SnapKVScorer, resolve_budget
+from uncomp_cli.engine.selection import SnapKVScorer, resolve_budget
 
 
 @dataclass
 class SnapKVPolicy(GroupedCachePolicy):
     """``budget``: tokens per KV head (``128``) or a share of the prompt (``"5%"``, of the longest
-    row in a batch); resolved with :func:`~uncomp_cli.selection.resolve_budget`."""
+    row in a batch); resolved with :func:`~uncomp_cli.engine.selection.resolve_budget`."""
 
     budget: int | str = DEFAULT_BUDGET
     window: int = DEFAULT_WINDOW

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, check_supported
+from uncomp_cli.engine.cache import GroupedKVCache, check_supported
 from uncomp_cli.defaults import DEFAULT_BUDGET, DEFAULT_SINKS
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.base import GroupedCachePolicy
-from uncomp_cli.selection import SnapKVScorer, resolve_budget
+from uncomp_cli.engine.selection import SnapKVScorer, resolve_budget
 
 
 def sink_and_recent_scores(key_valid: torch.Tensor | None, batch: int, num_kv_heads: int, n: int, sinks: int,

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, check_supported, use_grouped_cache
+from uncomp_cli.engine.cache import GroupedKVCache, check_supported, use_grouped_cache
 from uncomp_cli.defaults import FIRST_PRUNED_LAYER_FRACTION
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.base import CachePolicy
-from uncomp_cli.prefill import HiddenStatePruner, parse_keep_fractions, spans_keep, validate_layer_keep
-from uncomp_cli.profile import Profile
-from uncomp_cli.selection import (
+from uncomp_cli.engine.prefill import HiddenStatePruner, parse_keep_fractions, spans_keep, validate_layer_keep
+from uncomp_cli.profile.file import Profile
+from uncomp_cli.engine.selection import (
     DEFAULT_AGGREGATE,
     DEFAULT_KERNEL,
     DEFAULT_POOLING,

@@ -30,7 +30,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
 from uncomp_cli.errors import UncompError
-from uncomp_cli.selection import (
+from uncomp_cli.engine.selection import (
     PRUNE_WINDOW,
     SnapKVScorer,
     prune_scores,

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from uncomp_cli.cache import cache_nbytes
+from uncomp_cli.engine.cache import cache_nbytes
 from uncomp_cli.errors import UncompError
-from uncomp_cli.models import LoadedModel
+from uncomp_cli.models.loading import LoadedModel
 from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.policies.full import FullCachePolicy
-from uncomp_cli.prompting import build_prompt_ids, context_length, fit_to_context
+from uncomp_cli.models.prompting import build_prompt_ids, context_length, fit_to_context
 
 
 @dataclass

@@ -163,7 +163,7 @@ _METADATA: dict[str, Callable[[str], Any]] = {
 class Profile:
     """Entropies, layer stages and KV-head groups of one model (shapes in brackets).
 
-    Entropies are ``H_k / ln(head_dim)`` (see :mod:`uncomp_cli.entropy`), averaged over samples.
+    Entropies are ``H_k / ln(head_dim)`` (see :mod:`uncomp_cli.profile.entropy`), averaged over samples.
     L = layers, H = query heads, H_kv = KV heads, S = calibration samples, G = groups.
     """
 

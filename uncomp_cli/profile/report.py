@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from uncomp_cli.errors import UncompError
-from uncomp_cli.profile import Profile
+from uncomp_cli.profile.file import Profile
 
 CSV_COLUMNS = (
     "layer",

@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from uncomp_cli.models import LoadedModel, cache_root
-from uncomp_cli.profile import Profile, load_profile, model_fingerprint, save_profile
+from uncomp_cli.models.loading import LoadedModel, cache_root
+from uncomp_cli.profile.file import Profile, load_profile, model_fingerprint, save_profile
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ def profile_for(loaded: LoadedModel, path: str | Path | None = None, samples: in
         log.debug("using the cached profile %s", cached)
         return profile
 
-    from uncomp_cli.calibrate import calibrate
-    from uncomp_cli.calibration_data import builtin_texts, token_windows
-    from uncomp_cli.prompting import context_length
+    from uncomp_cli.profile.calibrate import calibrate
+    from uncomp_cli.profile.calibration_text import builtin_texts, token_windows
+    from uncomp_cli.models.prompting import context_length
 
     seq_len = min(seq_len, context_length(config))
     log.info("no profile for %s yet: calibrating once on the built-in source (%d × %d tokens), "

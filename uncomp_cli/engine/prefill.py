@@ -1,7 +1,7 @@
 """Hidden-state pruning during prefill (UNComp §3): later layers run on fewer prompt tokens.
 
 Before decoder layer ``l`` whose keep fraction drops below layer ``l − 1``'s, the tokens that the
-last :data:`~uncomp_cli.selection.PRUNE_WINDOW` queries of layer ``l − 1`` attended to most
+last :data:`~uncomp_cli.engine.selection.PRUNE_WINDOW` queries of layer ``l − 1`` attended to most
 (softmax probabilities summed over heads and rows, computed by that layer's attention function
 anyway) are carried on; the observation window always is. Hidden states, the *original* position
 ids and RoPE (cos, sin), and the padding mask are gathered alike, so RoPE stays right and a
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from uncomp_cli.cache import GroupedKVCache, decoder_layers
+from uncomp_cli.engine.cache import GroupedKVCache, decoder_layers
 from uncomp_cli.errors import UncompError
-from uncomp_cli.selection import PRUNE_WINDOW, select_rows
+from uncomp_cli.engine.selection import PRUNE_WINDOW, select_rows
 
 
 def validate_layer_keep(layer_keep: Sequence[float], num_layers: int) -> list[float]:

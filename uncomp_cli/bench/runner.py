@@ -10,7 +10,7 @@ stays under the cap (:func:`search_max_batch`) and that batch's decode throughpu
 
 How it measures (docs/cli.md says the same for users):
 
-* Time: :func:`~uncomp_cli.generate.generate_ids`, the loop ``uncomp generate`` runs, with EOS
+* Time: :func:`~uncomp_cli.engine.generation.generate_ids`, the loop ``uncomp generate`` runs, with EOS
   ignored so that every method decodes the same number of tokens. The device is synchronised
   before each clock read. TTFT runs from the call (before the policy builds its cache) until the
   first new token id is on the host; prefill is the prompt's forward pass with any selection, plus
@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from uncomp_cli.errors import UncompError
-from uncomp_cli.models import LoadedModel
+from uncomp_cli.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class PeakMemory:
         machine still has available. None where unknown."""
         if self.device.type == "cuda":
             return int(torch.cuda.get_device_properties(self.device).total_memory)
-        from uncomp_cli.model_configs import available_memory_bytes
+        from uncomp_cli.models.random_presets import available_memory_bytes
 
         return available_memory_bytes(self.device) + (_proc_status_bytes("VmRSS") or 0)
 
@@ -267,7 +267,7 @@ class RunSample:
 def run_once(model: torch.nn.Module, input_ids: torch.Tensor, policy, new_tokens: int,
              meter: PeakMemory) -> RunSample:
     """Prefill ``input_ids`` [B, S] (no padding) and decode exactly ``new_tokens`` tokens per row."""
-    from uncomp_cli.generate import GenerationSettings, generate_ids
+    from uncomp_cli.engine.generation import GenerationSettings, generate_ids
 
     first: list[float] = []
 
@@ -420,7 +420,7 @@ class BenchSettings:
         """Every problem a user can fix, before a model is loaded (context lengths are checked later)."""
         from uncomp_cli.defaults import DEFAULT_WINDOW
         from uncomp_cli.policies.registry import PROFILE_METHODS, check_method_options
-        from uncomp_cli.selection import resolve_budget
+        from uncomp_cli.engine.selection import resolve_budget
 
         if self.new_tokens < 2:
             raise UncompError(f"--new-tokens must be at least 2 (one prefill token, then decoding), got "
@@ -571,7 +571,7 @@ ProgressCallback = Callable[[int, int, str], None]
 
 def check_lengths(config, settings: BenchSettings) -> None:
     """Every prompt length plus the new tokens must fit the model's context."""
-    from uncomp_cli.prompting import context_length
+    from uncomp_cli.models.prompting import context_length
 
     context = context_length(config)
     for length in settings.lengths:
@@ -583,18 +583,18 @@ def check_lengths(config, settings: BenchSettings) -> None:
 def resolve_profile(loaded: LoadedModel, settings: BenchSettings, cases: Sequence[Case]):
     """The profile the profile methods use, and how it was obtained (for the report); (None, None) if none does.
 
-    A given file; for a random model, :func:`~uncomp_cli.model_configs.reference_profile` (its
+    A given file; for a random model, :func:`~uncomp_cli.profile.reference.reference_profile` (its
     entropies mean nothing); otherwise the profile cached for the model, calibrated once if missing.
     """
     from uncomp_cli.policies.registry import PROFILE_METHODS
-    from uncomp_cli.profile_store import profile_for
+    from uncomp_cli.profile.store import profile_for
 
     if not any(case.method in PROFILE_METHODS for case in cases):
         return None, None
     if settings.profile is not None:
         return profile_for(loaded, settings.profile), f"file {settings.profile}"
     if loaded.source.kind == "random":
-        from uncomp_cli.model_configs import reference_profile
+        from uncomp_cli.profile.reference import reference_profile
 
         profile = reference_profile(loaded.model.config, loaded.name)
         return profile, (f"reference structure for a random model: {profile.num_stages} prefill stages "

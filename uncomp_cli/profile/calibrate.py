@@ -29,11 +29,11 @@ from typing import Any
 import torch
 
 from uncomp_cli import __version__
-from uncomp_cli.calibration_data import CalibrationWindows
+from uncomp_cli.profile.calibration_text import CalibrationWindows
 from uncomp_cli.defaults import DEFAULT_GROUPS, DEFAULT_STAGE_THRESHOLD
-from uncomp_cli.entropy import ENTROPY_SOURCES, check_rank_k, default_rank_k, normalized_truncated_entropy
+from uncomp_cli.profile.entropy import ENTROPY_SOURCES, check_rank_k, default_rank_k, normalized_truncated_entropy
 from uncomp_cli.errors import UncompError
-from uncomp_cli.profile import ModelShape, Profile, fingerprint_fields, model_fingerprint
+from uncomp_cli.profile.file import ModelShape, Profile, fingerprint_fields, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
