@@ -11,7 +11,7 @@ import typer
 from tiny import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-from uncomp_cli.cli import calibrate_cmd, inspect_cmd
+from uncomp_cli.cli import calibrate_cmd, calibration, inspect_cmd
 from uncomp_cli.profile.file import load_profile
 
 TEXT = "The capital of France is Paris. Hello world, the quick brown fox jumps over the lazy dog. " * 40
@@ -48,7 +48,7 @@ def loads(monkeypatch, tiny_loaded):
         calls.append((spec, device, dtype))
         return tiny_loaded
 
-    monkeypatch.setattr(calibrate_cmd, "_load_model", fake_load)
+    monkeypatch.setattr(calibration, "_load_model", fake_load)
     return calls
 
 

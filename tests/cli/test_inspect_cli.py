@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from tiny import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
+from uncomp_cli.cli import calibrate_cmd, calibration, inspect_cmd
 from uncomp_cli.profile.calibrate import calibrate
 from uncomp_cli.profile.calibration_text import CalibrationText, token_windows
-from uncomp_cli.cli import calibrate_cmd, inspect_cmd
 from uncomp_cli.profile.file import save_profile
 from uncomp_cli.profile.report import CSV_COLUMNS
 
@@ -116,7 +116,7 @@ def test_plot_writes_a_png(profile_path, tmp_path):
 
 
 def test_on_the_fly_report_saves_nothing(tmp_path, monkeypatch, tiny_loaded):
-    monkeypatch.setattr(calibrate_cmd, "_load_model", lambda spec, device, dtype: tiny_loaded)
+    monkeypatch.setattr(calibration, "_load_model", lambda spec, device, dtype: tiny_loaded)
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
     result = invoke("inspect-heads", "--model", "tiny", "--data", data, "--samples", 2, "--seq-len", 32, "--json")

@@ -14,10 +14,10 @@ from uncomp_cli.profile.file import load_profile
 
 @pytest.mark.slow
 def test_calibrate_the_embedded_model_and_inspect_it(embedded, haystack_dir, tmp_path, monkeypatch):
-    from uncomp_cli.cli import calibrate_cmd
+    from uncomp_cli.cli import calibration
     from uncomp_cli.cli.app import app
 
-    monkeypatch.setattr(calibrate_cmd, "_load_model", lambda spec, device, dtype: embedded)  # loaded once per session
+    monkeypatch.setattr(calibration, "_load_model", lambda spec, device, dtype: embedded)  # loaded once per session
     out = tmp_path / "smollm.safetensors"
     result = CliRunner().invoke(
         app,

@@ -12,11 +12,11 @@ from tiny import tiny_model
 from transformers import DynamicCache
 
 from uncomp_cli.engine.cache import cache_nbytes
+from uncomp_cli.engine.selection import select_tokens, select_tokens_per_row
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.adakv import AdaKVPolicy, adakv_budgets
 from uncomp_cli.policies.registry import make_policy
 from uncomp_cli.policies.snapkv import SnapKVPolicy
-from uncomp_cli.engine.selection import select_tokens, select_tokens_per_row
 
 INF = float("inf")
 
@@ -154,7 +154,7 @@ def test_stored_sizes_are_the_allocated_budgets_and_bytes_follow_the_formula(sha
     assert cache_nbytes(cache) == cache.nbytes() == total
     assert any(len(set(row.tolist())) > 1 for per_row in allocated for row in per_row), "budgets differ by head"
     assert total < layers * 2 * heads * (ids.shape[1] + steps) * dim * 2 * 4
-    assert policy.last_stats == {"kv_budget_tokens": budget}
+    assert policy.stats(cache) == {"kv_budget_tokens": budget}
 
 
 @pytest.mark.parametrize("lengths, decode_evict", [([41, 30], False), ([41, 30], True), ([41, 12], True)],

@@ -10,21 +10,14 @@ from test_profile import make_profile
 from tiny import tiny_model
 from transformers import DynamicCache
 
-from uncomp_cli.defaults import DEFAULT_AGGREGATE, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAULT_WINDOW
+from uncomp_cli.engine.selection import aggregate_heads, select_tokens
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies import available_methods, make_policy
 from uncomp_cli.policies.h2o import H2OPolicy, H2OScorer, accumulated_attention
 from uncomp_cli.policies.pyramidkv import PyramidKVPolicy, pyramid_budgets
-from uncomp_cli.policies.registry import check_method_options
 from uncomp_cli.policies.snapkv import SnapKVPolicy
 from uncomp_cli.policies.streamingllm import StreamingLLMPolicy, sink_and_recent_scores
 from uncomp_cli.policies.uncomp_ablations import UNCompNoPrunePolicy, UNCompUniformPolicy
-from uncomp_cli.engine.selection import aggregate_heads, select_tokens
-
-#: Every option the CLI passes, so the registry's filtering is exercised as the CLI uses it.
-CLI_OPTIONS = dict(budget="10%", window=DEFAULT_WINDOW, kernel=DEFAULT_KERNEL, pooling=DEFAULT_POOLING,
-                   aggregate=DEFAULT_AGGREGATE, decode_evict=False,
-                   prefill_compression=True, sinks=4, beta=20.0)
 
 BASELINES = {
     "streamingllm": lambda budget, evict: StreamingLLMPolicy(budget=budget, sinks=4, decode_evict=evict),
@@ -49,18 +42,27 @@ def full_keys(model, ids, mask) -> DynamicCache:
     return cache
 
 
-def test_the_registry_builds_every_method_from_the_cli_options():
+def test_the_registry_builds_every_method_from_its_own_options():
     assert {"streamingllm", "pyramidkv", "h2o", "uncomp-noprune", "uncomp-uniform"} <= set(available_methods())
-    assert make_policy("streamingllm", **CLI_OPTIONS) == StreamingLLMPolicy(budget="10%", sinks=4)
-    assert make_policy("pyramidkv", **CLI_OPTIONS) == PyramidKVPolicy(budget="10%", beta=20.0)
-    assert make_policy("h2o", **CLI_OPTIONS) == H2OPolicy(budget="10%")
+    assert make_policy("streamingllm", budget="10%", sinks=4) == StreamingLLMPolicy(budget="10%", sinks=4)
+    assert make_policy("pyramidkv", budget="10%", beta=20.0) == PyramidKVPolicy(budget="10%", beta=20.0)
+    assert make_policy("h2o", budget="10%") == H2OPolicy(budget="10%")
     profile = make_profile(tiny_model().config)
-    noprune = make_policy("uncomp-noprune", profile=profile, **CLI_OPTIONS)  # --prefill-compression is ignored
-    uniform = make_policy("uncomp-uniform", profile=profile, **CLI_OPTIONS)
+    noprune = make_policy("uncomp-noprune", profile=profile, budget="10%")
+    uniform = make_policy("uncomp-uniform", profile=profile, budget="10%", prefill_compression=True)
     assert isinstance(noprune, UNCompNoPrunePolicy) and not noprune.prefill_compression and not noprune.uniform_heads
     assert isinstance(uniform, UNCompUniformPolicy) and uniform.uniform_heads and uniform.prefill_compression
     assert noprune.describe()["method"] == "uncomp-noprune" and noprune.describe()["prefill_compression"] is False
     assert uniform.describe()["method"] == "uncomp-uniform" and uniform.describe()["uniform_heads"] is True
+
+
+@pytest.mark.parametrize("method,option,value", [
+    ("uncomp-noprune", "prefill_compression", True), ("uncomp-noprune", "prefill_keep", "0.5"),
+    ("streamingllm", "window", 8), ("h2o", "kernel", 7), ("snapkv", "sinks", 4), ("full", "budget", "5%"),
+])
+def test_the_registry_refuses_an_option_the_method_does_not_take(method, option, value):
+    with pytest.raises(UncompError, match=f"--{option.replace('_', '-')} applies to .*, not {method}$"):
+        make_policy(method, **{option: value})
 
 
 @pytest.mark.parametrize("name,shape", [("streamingllm", "llama-gqa"), ("pyramidkv", "qwen2-gqa"),
@@ -81,8 +83,9 @@ def test_ablations_with_a_budget_that_holds_the_prompt_match_the_full_cache(meth
     model = tiny_model("llama-gqa", seed=1)
     ids, mask = left_padded([24, 17], seed=1)
     ref_logits, ref_tokens = greedy(model, ids, mask, DynamicCache(config=model.config), steps=4)
-    # uniform still prunes hidden states unless told not to; noprune never does
-    policy = make_policy(method, profile=make_profile(model.config), budget=4096, prefill_compression=False)
+    # uniform still prunes hidden states unless told not to; noprune never does (and takes no such option)
+    off = {"prefill_compression": False} if method == "uncomp-uniform" else {}
+    policy = make_policy(method, profile=make_profile(model.config), budget=4096, **off)
     with policy.attach(model, mask) as cache:
         logits, tokens = greedy(model, ids, mask, cache, steps=4)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
@@ -271,10 +274,10 @@ def test_uncomp_noprune_never_prunes_and_uncomp_uniform_gives_every_head_the_sam
     profile = make_profile(model.config)
     runs = {}
     for method in ("uncomp", "uncomp-noprune", "uncomp-uniform"):
-        policy = make_policy(method, profile=profile, budget=24, window=4, kernel=3, prefill_compression=True)
+        policy = make_policy(method, profile=profile, budget=24, window=4, kernel=3)
         with policy.attach(model, mask) as cache:
             greedy(model, ids, mask, cache, steps=1)
-            runs[method] = (policy.last_stats["prefill_tokens_per_layer"],
+            runs[method] = (policy.stats(cache)["prefill_tokens_per_layer"],
                             [[g.budget for g in layer.groups] for layer in cache.layers])
     assert runs["uncomp-noprune"][0] == [64] * 4 and runs["uncomp"][0][-1] < 64
     assert runs["uncomp-uniform"][0] == runs["uncomp"][0]  # pruning as uncomp's
@@ -288,9 +291,9 @@ def test_uncomp_noprune_never_prunes_and_uncomp_uniform_gives_every_head_the_sam
     (lambda: PyramidKVPolicy(beta=0.5), "--beta must be at least 1"),
     (lambda: PyramidKVPolicy(kernel=4), "odd"),
     (lambda: H2OPolicy(aggregate="min"), "aggregate"),
-    (lambda: check_method_options("streamingllm", **(CLI_OPTIONS | {"budget": "4"})), "no room for recent tokens"),
-    (lambda: check_method_options("h2o", **(CLI_OPTIONS | {"budget": "16"})), "below the 32-token"),
-    (lambda: check_method_options("pyramidkv", **(CLI_OPTIONS | {"budget": "16"})), "below the 32-token"),
+    (lambda: make_policy("streamingllm", budget="4", sinks=4), "no room for recent tokens"),
+    (lambda: make_policy("h2o", budget="16"), "below the 32-token"),
+    (lambda: make_policy("pyramidkv", budget="16"), "below the 32-token"),
 ])
 def test_bad_settings_are_one_clear_error(build, message):
     with pytest.raises(UncompError, match=message):
@@ -298,10 +301,13 @@ def test_bad_settings_are_one_clear_error(build, message):
 
 
 def test_streamingllm_budgets_below_the_window_are_fine():
-    check_method_options("streamingllm", **(CLI_OPTIONS | {"budget": "5"}))  # 4 sinks + 1 recent token
+    make_policy("streamingllm", budget="5", sinks=4)  # 4 sinks + 1 recent token
     model = tiny_model("llama-gqa")
     _, mask = left_padded([30])
+    policy = StreamingLLMPolicy(budget="10%")  # 3 tokens of 30, no room after the sinks: too short to compress
+    with policy.attach(model, mask) as cache:
+        assert {group.budget for layer in cache.layers for group in layer.groups} == {30}
+    assert policy.stats(cache)["kv_budget_tokens"] == 30 and "kept all 30" in policy.stats(cache)["budget_note"]
     with pytest.raises(UncompError, match="no room for recent tokens after the 4 attention sinks"):
-        with StreamingLLMPolicy(budget="10%").attach(model, mask):  # 3 tokens of 30
-            pass
+        StreamingLLMPolicy(budget="3")
     assert model.config._attn_implementation == "sdpa"

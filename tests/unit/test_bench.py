@@ -1,4 +1,4 @@
-"""uncomp_cli.bench.runner: parsing, statistics, the memory-cap search, and run_bench on a tiny random model.
+"""uncomp_cli.bench: parsing, statistics, the memory-cap search, and run_bench on a tiny random model.
 
 Nothing here asserts a time or a speed ratio: only structure, exact byte counts and arithmetic.
 """
@@ -8,21 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uncomp_cli.bench import runner as bench
-from uncomp_cli.bench.runner import (
-    BenchSettings,
-    Case,
-    parse_batch_sizes,
-    parse_length,
-    parse_memory,
-    predict_peak,
-    run_bench,
-    search_max_batch,
-    summarize,
-)
+from uncomp_cli.bench import measure as bench
+from uncomp_cli.bench.measure import summarize
+from uncomp_cli.bench.results import BenchSettings, Case
+from uncomp_cli.bench.runner import run_bench
+from uncomp_cli.bench.search import predict_peak, search_max_batch
 from uncomp_cli.errors import UncompError
+from uncomp_cli.memory import PeakMemory
 from uncomp_cli.models.random_presets import PRESETS, check_fits, load_random_model, preset_config
 from uncomp_cli.profile.reference import reference_profile
+from uncomp_cli.units import parse_batch_sizes, parse_length, parse_memory
 
 # -- statistics -----------------------------------------------------------------------------------
 
@@ -89,7 +84,7 @@ def test_cases_put_full_first_once_and_honour_own_budgets():
 @pytest.mark.parametrize("changes, message", [
     ({"methods": ["full", "nope"]}, "unknown method"),
     ({"budgets": ["0%"]}, "budget"),
-    ({"budgets": ["5%"], "lengths": [256]}, "at 256 tokens"),  # 13 tokens < the 32-token window
+    ({"budgets": ["16"], "lengths": [256]}, "below the 32-token observation window"),
     ({"new_tokens": 1}, "--new-tokens"),
     ({"repeats": 0}, "--repeats"),
     ({"warmup": -1}, "--warmup"),
@@ -172,7 +167,7 @@ def test_haystack_prompts_wrap_to_any_length():
 
 
 def test_cpu_peak_memory_is_per_run_not_process_lifetime():
-    meter = bench.PeakMemory(torch.device("cpu"))
+    meter = PeakMemory(torch.device("cpu"))
     if not meter.available:
         pytest.skip("per-run peak RSS needs Linux /proc/self/clear_refs")
     meter.start()
@@ -331,15 +326,13 @@ def test_throughput_mode_reports_a_cap_nothing_fits_under(tiny):
     assert row.max_batch_size == 0 and row.measured is None and row.decode_tokens_per_second is None
 
 
-def test_prefill_keep_reaches_the_profile_methods_only():
-    from tiny import tiny_model
-
-    from uncomp_cli.bench.runner import make_policies
-
-    config = tiny_model("llama-gqa").config
-    cases = [Case("full"), Case("snapkv", "50%"), Case("uncomp", "50%"), Case("uncomp-noprune", "50%")]
-    full, snapkv, uncomp, noprune = make_policies(None, cases, reference_profile(config, "tiny"), "0.5")
-    assert uncomp.prefill_keep == [0.5] and noprune.prefill_keep == [0.5]
-    assert not hasattr(snapkv, "prefill_keep")
+def test_method_options_reach_the_methods_that_take_them_and_no_others():
+    settings = BenchSettings(methods=["snapkv", "uncomp", "uncomp-noprune"], budgets=["50%"], lengths=[1024],
+                             method_options={"prefill_keep": "0.5", "window": 16})
+    full, snapkv, uncomp, noprune = settings.policies()
+    assert uncomp.prefill_keep == [0.5] and noprune.prefill_keep is None  # noprune never prunes
+    assert not hasattr(snapkv, "prefill_keep") and snapkv.window == uncomp.window == 16
     with pytest.raises(UncompError, match="must not rise"):
-        BenchSettings(methods=["uncomp"], lengths=[1024], prefill_keep="0.5,0.9").validate()
+        BenchSettings(methods=["uncomp"], lengths=[1024], method_options={"prefill_keep": "0.5,0.9"}).validate()
+    with pytest.raises(UncompError, match="^--sinks applies to streamingllm, not full, snapkv$"):
+        BenchSettings(methods=["snapkv"], lengths=[1024], method_options={"sinks": 8}).validate()

@@ -9,17 +9,12 @@ from kvloop import greedy, left_padded
 from tiny import TINY_SHAPES, tiny_model
 from transformers import DynamicCache
 
-from uncomp_cli.engine.cache import (
-    GroupedKVCache,
-    GroupedKVLayer,
-    cache_nbytes,
-    grouped_attention,
-    use_grouped_cache,
-)
+from uncomp_cli.engine.attention import grouped_attention, use_grouped_cache
+from uncomp_cli.engine.cache import GroupedKVCache, GroupedKVLayer, cache_nbytes
+from uncomp_cli.engine.selection import SnapKVScorer
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.snapkv import SnapKVPolicy
 from uncomp_cli.policies.uncomp import UNCompPolicy
-from uncomp_cli.engine.selection import SnapKVScorer
 
 SHAPES = sorted(TINY_SHAPES)
 SMALL = SnapKVScorer(window=4, kernel=3)

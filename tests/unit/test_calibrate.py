@@ -11,6 +11,7 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
+from uncomp_cli.errors import UncompError
 from uncomp_cli.profile.calibrate import (
     ATTENTION_NAME,
     EntropyRecorder,
@@ -31,7 +32,6 @@ from uncomp_cli.profile.calibration_text import (
     token_windows,
 )
 from uncomp_cli.profile.entropy import normalized_truncated_entropy
-from uncomp_cli.errors import UncompError
 from uncomp_cli.profile.file import ModelShape
 
 SEQ = 48

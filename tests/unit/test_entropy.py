@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from uncomp_cli.errors import UncompError
 from uncomp_cli.profile.entropy import (
     check_rank_k,
     covariance_spectrum,
@@ -15,7 +16,6 @@ from uncomp_cli.profile.entropy import (
     normalized_truncated_entropy,
     truncated_matrix_entropy,
 )
-from uncomp_cli.errors import UncompError
 
 
 def numpy_entropy(x: np.ndarray, k: int) -> float:

@@ -164,7 +164,7 @@ def test_bad_input_fails_before_anything_is_written(loaded, tmp_path):
 
 def test_a_budget_that_does_not_fit_the_prompts_fails_before_any_run(loaded, tmp_path):
     examples = make_examples(loaded.tokenizer, lengths=(60,), depths=(0.0,))
-    with pytest.raises(UncompError, match="^snapkv-10pct: budget 10% is 6 tokens for this 57-token prompt"):
-        run_eval(loaded, examples, [Run("full"), Run("snapkv", "10%")], suite="test", settings={}, out=tmp_path,
+    with pytest.raises(UncompError, match="^snapkv-6: budget 6 is below the 8-token observation window"):
+        run_eval(loaded, examples, [Run("full"), Run("snapkv", "6")], suite="test", settings={}, out=tmp_path,
                  selection=SELECTION)
     assert list(tmp_path.iterdir()) == []

@@ -7,8 +7,8 @@ import torch
 from gguf_writer import write_tiny_gguf
 from tiny import tiny_tokenizer
 
-from uncomp_cli.models import loading as models
 from uncomp_cli.errors import ModelNotFoundError, UncompError
+from uncomp_cli.models import loading as models
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from tiny import tiny_tokenizer
 
 from uncomp_cli.errors import UncompError
 from uncomp_cli.eval import needle
+from uncomp_cli.haystack import load_haystack
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def tok():
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_prompt_has_the_target_length_and_the_needle_at_its_depth(tok, haystack_dir, depth):
-    hay = needle.load_haystack(haystack_dir)
+    hay = load_haystack(haystack_dir)
     case = needle.make_cases([600], [depth], seed=1)[0]
     ids = needle.build_prompt_ids(tok, hay, case)
     assert abs(len(ids) - 600) <= 8  # re-tokenising at the needle's edges may shift a few tokens
@@ -32,7 +33,7 @@ def test_prompt_has_the_target_length_and_the_needle_at_its_depth(tok, haystack_
 
 def test_distractors_carry_other_keys_and_numbers(tok, haystack_dir):
     case = needle.make_cases([800], [0.5], seed=2, distractors=3)[0]
-    text = tok.decode(needle.build_prompt_ids(tok, needle.load_haystack(haystack_dir), case))
+    text = tok.decode(needle.build_prompt_ids(tok, load_haystack(haystack_dir), case))
     keys = {k for k, _ in case.distractors}
     assert len(keys) == 3 and case.key not in keys
     for key, value in case.distractors:
@@ -54,16 +55,16 @@ def test_scoring():
 
 def test_bad_haystacks_are_user_errors(tmp_path, tok):
     with pytest.raises(UncompError, match="haystack folder not found"):
-        needle.load_haystack(tmp_path / "missing")
+        load_haystack(tmp_path / "missing")
     with pytest.raises(UncompError, match="has no text files"):
-        needle.load_haystack(tmp_path)
+        load_haystack(tmp_path)
     (tmp_path / "a.txt").write_text("short text. " * 5)
     with pytest.raises(UncompError, match="the haystack has"):
-        needle.build_prompt_ids(tok, needle.load_haystack(tmp_path), needle.make_cases([5000], [0.5])[0])
+        needle.build_prompt_ids(tok, load_haystack(tmp_path), needle.make_cases([5000], [0.5])[0])
 
 
 def test_examples_share_one_haystack_tokenisation_and_score_from_the_example_alone(tok, haystack_dir):
-    hay = needle.load_haystack(haystack_dir)
+    hay = load_haystack(haystack_dir)
     examples = needle.make_examples(tok, hay, [300, 500], [0.0, 1.0], seed=3)
     assert [e.id for e in examples] == ["needle-300-0", "needle-300-1", "needle-500-0", "needle-500-1"]
     cases = needle.make_cases([300, 500], [0.0, 1.0], seed=3)
@@ -80,7 +81,7 @@ def test_examples_share_one_haystack_tokenisation_and_score_from_the_example_alo
 def test_custom_templates_reach_the_prompt_and_the_score(tok, haystack_dir):
     templates = needle.make_templates(needle="The code of {key} is {value}.", question="Which code has {key}?")
     assert templates.answer_prefix == ""  # the default prefix would speak of a magic number
-    example = needle.make_examples(tok, needle.load_haystack(haystack_dir), [400], [0.5], templates=templates)[0]
+    example = needle.make_examples(tok, load_haystack(haystack_dir), [400], [0.5], templates=templates)[0]
     text = tok.decode(example.prompt_ids)
     key, value = example.meta["key"], example.answers[0]
     assert f"The code of {key} is {value}." in text and f"Which code has {key}?" in text
@@ -105,14 +106,14 @@ def test_too_many_distractors_is_a_user_error():
 
 
 def test_a_tokenised_prefix_of_the_haystack_matches_the_whole_texts_tokens(tok, haystack_dir):
-    hay = needle.load_haystack(haystack_dir)
+    hay = load_haystack(haystack_dir)
     whole = tok(hay, add_special_tokens=False)["input_ids"]
     for count in (100, 3000):
         assert needle.tokenize_haystack(tok, hay, count) == whole[:count]
 
 
 def test_samples_are_prompts_of_their_own_and_one_sample_is_the_plain_grid(tok, haystack_dir):
-    hay = needle.load_haystack(haystack_dir)
+    hay = load_haystack(haystack_dir)
     plain = needle.make_examples(tok, hay, [300], [0.0, 1.0], seed=4)
     sampled = needle.make_examples(tok, hay, [300], [0.0, 1.0], seed=4, samples=3)
     assert plain == needle.make_examples(tok, hay, [300], [0.0, 1.0], seed=4, samples=1)
@@ -129,7 +130,7 @@ def test_samples_are_prompts_of_their_own_and_one_sample_is_the_plain_grid(tok, 
 
 def test_samples_past_the_end_of_the_haystack_are_a_user_error(tmp_path, tok):
     (tmp_path / "a.txt").write_text("A sentence of the haystack. " * 120)
-    hay = needle.load_haystack(tmp_path)
+    hay = load_haystack(tmp_path)
     needle.make_examples(tok, hay, [300], [0.5], samples=1)
     too_short = r"the haystack has \d+ tokens; length 300 needs \d+ from token \d+ \(--samples"
     with pytest.raises(UncompError, match=too_short):

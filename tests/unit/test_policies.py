@@ -8,6 +8,7 @@ import pytest
 import torch
 from kvloop import greedy, left_padded
 from tiny import tiny_model
+from transformers import DynamicCache
 
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies import available_methods, make_policy
@@ -81,15 +82,29 @@ def test_snapkv_budget_share_is_of_the_longest_prompt():
     policy = SnapKVPolicy(budget="10%", window=8)
     with policy.attach(model, mask) as cache:
         assert {group.budget for layer in cache.layers for group in layer.groups} == {30}
-    assert policy.last_stats == {"kv_budget_tokens": 30}
+    assert policy.stats(cache) == {"kv_budget_tokens": 30}
 
 
-def test_snapkv_refuses_a_budget_below_the_window_before_touching_the_model():
-    model = tiny_model("llama-gqa")
-    _, mask = left_padded([300])
+def test_snapkv_refuses_a_token_budget_below_the_window_before_touching_the_model():
     with pytest.raises(UncompError, match="below the 32-token observation window"):
-        with SnapKVPolicy(budget="5%").attach(model, mask):
-            pass
+        SnapKVPolicy(budget="16")
+
+
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "h2o", "adakv", "streamingllm"])
+def test_a_share_too_small_to_compress_keeps_the_whole_prompt_and_says_so(method):
+    model = tiny_model("llama-gqa")
+    ids, mask = left_padded([300])
+    ref_logits, ref_tokens = greedy(model, ids, mask, DynamicCache(config=model.config))
+    policy = make_policy(method, budget="1%")  # 3 tokens of 300, under the 32-token window (or 4 sinks + 1)
+    with policy.attach(model, mask) as cache:
+        logits, tokens = greedy(model, ids, mask, cache)
+        assert {group.budget for layer in cache.layers for group in layer.groups} == {300}
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    stats = policy.stats(cache)
+    assert stats.get("kv_budget_tokens", stats.get("kv_budget_tokens_mean")) == 300
+    floor = 5 if method == "streamingllm" else 32
+    assert stats["budget_note"] == (f"budget 1% of this 300-token prompt is 3 tokens, under the {floor} the method "
+                                    "keeps at least: too short to compress, kept all 300")
     assert model.config._attn_implementation == "sdpa"
 
 

@@ -11,11 +11,12 @@ from kvloop import greedy, left_padded
 from tiny import TINY_SHAPES, tiny_model
 from transformers import DynamicCache
 
-from uncomp_cli.engine.cache import GroupedKVCache, use_grouped_cache
-from uncomp_cli.errors import UncompError
-from uncomp_cli.policies.uncomp import UNCompPolicy
+from uncomp_cli.engine.attention import use_grouped_cache
+from uncomp_cli.engine.cache import GroupedKVCache
 from uncomp_cli.engine.prefill import HiddenStatePruner, parse_keep_fractions, spans_keep, validate_layer_keep
 from uncomp_cli.engine.selection import PRUNE_WINDOW
+from uncomp_cli.errors import UncompError
+from uncomp_cli.policies.uncomp import UNCompPolicy
 
 SHAPES = sorted(TINY_SHAPES)
 KEEP = [1.0, 1.0, 0.6, 0.4]
@@ -36,7 +37,7 @@ def test_keeping_every_token_is_identical_to_the_full_cache(shape, lengths):
         logits, tokens = greedy(model, ids, mask, cache)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     assert torch.equal(tokens, ref_tokens)
-    assert policy.last_stats["prefill_tokens_per_layer"] == [26] * 4
+    assert policy.stats(cache)["prefill_tokens_per_layer"] == [26] * 4
 
 
 def manual_forward(model, ids: torch.Tensor, kept: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -116,12 +117,12 @@ def test_a_left_padded_batch_is_pruned_and_compressed_like_each_prompt_alone():
                           window=4, kernel=3)
     with policy.attach(model, mask) as cache:
         batch_logits, batch_tokens = greedy(model, ids, mask, cache, steps=8)
-    assert policy.last_stats["prefill_tokens_per_layer"] == [37, 37, 23, 15]  # the longer row's counts
+    assert policy.stats(cache)["prefill_tokens_per_layer"] == [37, 37, 23, 15]  # the longer row's counts
     for row, n in enumerate(lengths):
         alone_ids, alone_mask = ids[row:row + 1, -n:], mask[row:row + 1, -n:]
         with policy.attach(model, alone_mask) as cache:
             logits, tokens = greedy(model, alone_ids, alone_mask, cache, steps=8)
-        assert policy.last_stats["prefill_tokens_per_layer"] == [n, n, math.ceil(0.6 * n), math.ceil(0.4 * n)]
+        assert policy.stats(cache)["prefill_tokens_per_layer"] == [n, n, math.ceil(0.6 * n), math.ceil(0.4 * n)]
         assert torch.equal(batch_tokens[row], tokens[0])
         torch.testing.assert_close(batch_logits[:, row], logits[:, 0], atol=1e-4, rtol=0)
 
@@ -132,7 +133,7 @@ def test_decoding_is_not_pruned_and_positions_count_the_whole_prompt():
     policy = UNCompPolicy(budgets(model, 10_000), layer_keep=KEEP)
     with policy.attach(model, mask) as cache:
         greedy(model, ids, mask, cache, steps=5)
-        assert policy.last_stats["prefill_tokens_per_layer"] == [30, 30, 18, 12]
+        assert policy.stats(cache)["prefill_tokens_per_layer"] == [30, 30, 18, 12]
         assert [layer.group_lengths()[0] for layer in cache.layers] == [35, 35, 23, 17]
         assert [layer.get_seq_length() for layer in cache.layers] == [35] * 4
 
@@ -195,7 +196,7 @@ def test_prefill_keep_replaces_the_profile_stages_and_prunes_as_scheduled():
     assert layer_keep == [1.0, 0.5, 0.5, 0.5]
     with policy.attach(model, mask) as cache:
         greedy(model, ids, mask, cache, steps=2)
-    assert policy.last_stats["prefill_tokens_per_layer"] == [96, 48, 48, 48]
+    assert policy.stats(cache)["prefill_tokens_per_layer"] == [96, 48, 48, 48]
     assert policy.describe()["prefill_keep"] == [0.5]
     off = UNCompPolicy(profile=profile, budget=1000, prefill_keep="0.5", prefill_compression=False)
     assert off.resolve(model, mask)[1] is None

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from uncomp_cli.profile.calibrate import group_budget_shares, group_sizes, stage_keep_fractions
 from uncomp_cli.errors import ProfileError
+from uncomp_cli.profile.calibrate import group_budget_shares, group_sizes, stage_keep_fractions
 from uncomp_cli.profile.file import (
     Profile,
     fingerprint_fields,

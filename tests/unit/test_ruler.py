@@ -11,7 +11,7 @@ from tiny import tiny_tokenizer
 from uncomp_cli.errors import UncompError
 from uncomp_cli.eval import ruler
 from uncomp_cli.eval.metrics import METRICS
-from uncomp_cli.eval.needle import load_haystack
+from uncomp_cli.haystack import load_haystack
 
 # The tiny tokenizer is nearly character-level, so the word-list tasks need more tokens than a real one.
 LENGTHS = {"niah_single": 700, "niah_multikey": 700, "niah_multivalue": 700, "niah_multiquery": 700,

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from uncomp_cli.cli.common import handle_errors
+from uncomp_cli.cli.options import Device, Dtype, Model, with_method_options
 
 DEFAULT_METHODS = "full,snapkv,uncomp"
 DEFAULT_LENGTHS = "1k,4k"
@@ -17,6 +18,7 @@ DEFAULT_BUDGETS = "5%"
 
 
 @handle_errors
+@with_method_options(exclude=("budget",))
 def bench(
     methods: Annotated[
         str, typer.Option(help="Comma-separated methods; full is always run, first. name@B runs one at budget B only.")
@@ -40,11 +42,7 @@ def bench(
         typer.Option(help="Throughput mode: per method, the largest batch whose peak memory fits (8GiB, 512MiB, 8G)."),
     ] = None,
     max_batch: Annotated[int, typer.Option(help="With --memory-cap: the largest batch size tried.")] = 1024,
-    model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", envvar="UNCOMP_MODEL",
-                     help="smollm2-135m (default), a model folder, a .gguf, or a hub id."),
-    ] = None,
+    model: Model = None,
     model_config: Annotated[
         str | None,
         typer.Option(help="A random-initialised model with real shapes instead (speed only): llama3-8b, "
@@ -54,19 +52,16 @@ def bench(
     profile: Annotated[
         Path | None, typer.Option(help="UNComp profile for the profile methods (default: as 'uncomp generate').")
     ] = None,
-    prefill_keep: Annotated[
-        str | None,
-        typer.Option(help="uncomp methods: prefill keep shares of equal layer spans instead of the profile's "
-                     "stages, e.g. 0.75,0.5,0.35."),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON results to this file (atomically).")] = None,
+    method_options: dict | None = None,
 ) -> None:
     """Time to first token, prefill, decode speed, KV bytes and peak memory of each method, against full."""
-    from uncomp_cli.bench.runner import BenchSettings, parse_batch_sizes, parse_lengths, parse_memory, split_list
+    from uncomp_cli.bench.results import BenchSettings
     from uncomp_cli.errors import UncompError
+    from uncomp_cli.units import parse_batch_sizes, parse_lengths, parse_memory, split_list
 
     if memory_cap is not None and batch_sizes is not None:
         raise UncompError("--memory-cap searches the batch size itself; drop --batch-sizes")
@@ -89,7 +84,7 @@ def bench(
         profile=None if profile is None else str(profile),
         memory_cap=None if memory_cap is None else parse_memory(memory_cap),
         max_batch=max_batch,
-        prefill_keep=prefill_keep,
+        method_options=method_options or {},
     )
     settings.validate()  # before the model loads: bad input fails fast
     loaded = _load(model, model_config, layers, device, dtype, seed, settings)
@@ -102,7 +97,7 @@ def bench(
         atomic_write(out, text + "\n")
     from rich.console import Console
 
-    from uncomp_cli.bench.runner import render_report
+    from uncomp_cli.bench.render import render_report
 
     if json_output:
         sys.stdout.write(text + "\n")

@@ -5,122 +5,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from uncomp_cli.cli.common import handle_errors, stderr_console
+from uncomp_cli.cli.calibration import DATA_HELP, STAGE_THRESHOLD_HELP, run_calibration
+from uncomp_cli.cli.common import handle_errors
 from uncomp_cli.defaults import DEFAULT_STAGE_THRESHOLD
 
 if TYPE_CHECKING:
     from uncomp_cli.profile.file import Profile
-
-STAGE_THRESHOLD_HELP = (
-    "ε: a layer whose mean head entropy (H_k / ln d) is more than this below the previous layer's starts a new stage."
-)
-DATA_HELP = (
-    "Calibration text: files, folders, globs (quote them: 'essays/*.txt'), JSONL with a 'text' field, "
-    "or - for stdin. Repeatable. Default: the built-in source (Python standard library docstrings)."
-)
-
-
-def _load_model(spec: str | None, device: str, dtype: str) -> Any:
-    """The one place commands load a model (tests replace it)."""
-    from uncomp_cli.models.loading import load_model
-
-    return load_model(spec, device=device, dtype=dtype)
-
-
-def run_calibration(
-    *,
-    model: str | None,
-    data: list[str],
-    samples: int,
-    seq_len: int,
-    groups: int | None,
-    stage_threshold: float,
-    rank_k: int | None,
-    source: str,
-    kv_aggregation: str,
-    device: str,
-    dtype: str,
-) -> Profile:
-    """Validate the options, read the data, load the model and calibrate with a progress bar on stderr.
-
-    Cheap checks and data reading come before the model is loaded, so bad input fails fast.
-    """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from uncomp_cli.profile.calibrate import KV_AGGREGATIONS, calibrate, resolve_settings
-    from uncomp_cli.profile.calibration_text import builtin_texts, check_window_settings, read_texts, token_windows
-    from uncomp_cli.profile.entropy import ENTROPY_SOURCES
-    from uncomp_cli.errors import UncompError
-    from uncomp_cli.profile.file import ModelShape
-
-    check_window_settings(samples, seq_len)
-    if source not in ENTROPY_SOURCES:
-        raise UncompError(f"--source must be one of {', '.join(ENTROPY_SOURCES)} (got {source!r})")
-    if kv_aggregation not in KV_AGGREGATIONS:
-        raise UncompError(f"--kv-aggregation must be one of {', '.join(KV_AGGREGATIONS)} (got {kv_aggregation!r})")
-    if not stage_threshold >= 0:
-        raise UncompError(f"--stage-threshold must be zero or positive (got {stage_threshold})")
-    if rank_k is not None and rank_k < 1:
-        raise UncompError(f"--rank-k must be at least 1 (got {rank_k})")
-    if groups is not None and groups < 1:
-        raise UncompError(f"--groups must be at least 1 (got {groups})")
-    text = read_texts(data) if data else None
-
-    with stderr_console.status(f"loading {model or 'the default model'}…"):
-        loaded = _load_model(model, device, dtype)
-        if text is None:
-            text = builtin_texts(samples * seq_len, loaded.tokenizer)
-        windows = token_windows(text, loaded.tokenizer, samples, seq_len)
-    shape = ModelShape.from_config(loaded.model.config)
-    resolve_settings(
-        shape,
-        groups=groups,
-        rank_k=rank_k,
-        source=source,
-        kv_aggregation=kv_aggregation,
-        stage_threshold=stage_threshold,
-    )
-
-    columns = (
-        TextColumn("[bold]calibrating[/] {task.fields[sample]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("layer passes"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=stderr_console, transient=False) as progress:
-        layers = max(1, shape.num_layers)
-        task = progress.add_task("calibrate", total=samples * layers, sample=f"sample 1/{samples}")
-
-        def advance(done: int, total: int) -> None:
-            current = min(samples, done // layers + 1)
-            progress.update(task, completed=done, total=total, sample=f"sample {current}/{samples}")
-
-        return calibrate(
-            loaded.model,
-            windows,
-            model_name=loaded.name,
-            groups=groups,
-            stage_threshold=stage_threshold,
-            rank_k=rank_k,
-            source=source,
-            kv_aggregation=kv_aggregation,
-            progress=advance,
-        )
-
 
 def summary_lines(profile: Profile, out: Path | None, seconds: float) -> list[str]:
     """A few human lines describing a new profile."""

@@ -9,7 +9,6 @@ runs and the results folder go to stderr.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -17,8 +16,10 @@ from typing import Annotated
 import typer
 
 from uncomp_cli.cli.common import handle_errors, stderr_console
-from uncomp_cli.defaults import DEFAULT_AGGREGATE, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAULT_WINDOW
+from uncomp_cli.cli.options import Device, Dtype, Model, with_method_options
 from uncomp_cli.errors import UncompError
+from uncomp_cli.haystack import load_haystack
+from uncomp_cli.units import parse_lengths, split_list
 
 eval_app = typer.Typer(
     help="Evaluate cache methods and budgets on long-context tasks (needle, RULER-style, LongBench).",
@@ -29,35 +30,18 @@ eval_app = typer.Typer(
 
 DEFAULT_OUT = "uncomp-eval"  # uncomp_cli.eval.runner.DEFAULT_OUT, without importing torch for --help
 DEFAULT_METHODS = "full,snapkv,uncomp"
-# 2% of a 1k prompt (21 tokens) is under the default 32-token observation window, which the
-# budget rule refuses; 2% needs prompts of 1600 tokens or more.
+# 2% of a 1k prompt (21 tokens) is under the default 32-token observation window: such a share keeps
+# the window, so 2% only means 2% from prompts of 1600 tokens on.
 DEFAULT_BUDGETS = "10%,5%"
 
 # -- options every eval command shares ------------------------------------------------------------
 
-Model = Annotated[
-    str | None,
-    typer.Option("--model", "-m", envvar="UNCOMP_MODEL",
-                 help="smollm2-135m (default), a model folder, a .gguf, or a hub id."),
-]
 Methods = Annotated[str, typer.Option(help="Comma-separated cache methods; full runs once, without a budget.")]
 Budgets = Annotated[str, typer.Option(help="Comma-separated budgets for every method but full: 10%, 5%, or 128.")]
 Profile = Annotated[
     Path | None,
     typer.Option(help="UNComp profile for the uncomp methods, ignored by the others "
                  "(default: the cached one, calibrated once if missing)."),
-]
-Window = Annotated[int, typer.Option(help="Observation window of the compressed methods.")]
-Kernel = Annotated[int, typer.Option(help="Pooling kernel over neighbouring positions (odd).")]
-Pooling = Annotated[str, typer.Option(help="max or avg.")]
-Aggregate = Annotated[str, typer.Option(help="How query heads sharing a KV head combine scores: mean or max.")]
-DecodeEvict = Annotated[
-    bool, typer.Option("--decode-evict", help="Compressed methods keep each head group at its budget while decoding."),
-]
-PrefillKeep = Annotated[
-    str | None,
-    typer.Option(help="uncomp methods: prefill keep shares of equal layer spans instead of the profile's stages, "
-                 "e.g. 0.75,0.5,0.35."),
 ]
 BatchSize = Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")]
 Seed = Annotated[int, typer.Option(help="Seed for the generated prompts (needles, numbers, keys).")]
@@ -67,37 +51,15 @@ Plot = Annotated[
     typer.Option(help="Also write the heatmaps as an image (needs matplotlib: pip install 'uncomp[plot]')."),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the tables.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 
 
 # -- parsing --------------------------------------------------------------------------------------
 
 
-def parse_list(text: str, option: str) -> list[str]:
-    """``"a, b,,c"`` -> ``["a", "b", "c"]``; nothing at all is an error."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise UncompError(f"{option} is empty")
-    return list(dict.fromkeys(items))
-
-
-def parse_lengths(text: str, option: str = "--lengths") -> list[int]:
-    """Token counts, ``k`` meaning 1024: ``"512,1k,1.5k,4K"`` -> ``[512, 1024, 1536, 4096]``."""
-    lengths = []
-    for item in parse_list(text, option):
-        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kK]?)", item)
-        value = float(match.group(1)) * (1024 if match.group(2) else 1) if match else 0.0
-        if not match or value < 1 or value != int(value):
-            raise UncompError(f"{option}: {item!r} is not a length in tokens (write 512, 1k, 4k…)")
-        lengths.append(int(value))
-    return sorted(dict.fromkeys(lengths))
-
-
 def parse_depths(text: str, option: str = "--depths") -> list[float]:
     """Fractions of the context from 0 (start) to 1 (end)."""
     depths = []
-    for item in parse_list(text, option):
+    for item in split_list(text, option):
         try:
             value = float(item)
         except ValueError:
@@ -120,12 +82,7 @@ def evaluate(
     methods: str,
     budgets: str,
     profile: Path | None,
-    window: int,
-    kernel: int,
-    pooling: str,
-    aggregate: str,
-    prefill_keep: str | None,
-    decode_evict: bool,
+    method_options: dict,
     batch_size: int,
     out: Path,
     plot: Path | None,
@@ -145,21 +102,14 @@ def evaluate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from uncomp_cli.eval.render import check_plot_path, plot_grids, render_eval
-    from uncomp_cli.eval.runner import plan_runs, run_eval
+    from uncomp_cli.eval.runner import check_runs, plan_runs, run_eval
     from uncomp_cli.models.loading import load_model
-    from uncomp_cli.policies.registry import check_method_options
     from uncomp_cli.models.prompting import context_length
 
     if batch_size < 1:
         raise UncompError(f"--batch-size must be at least 1, got {batch_size}")
-    selection = {"window": window, "kernel": kernel, "pooling": pooling, "aggregate": aggregate}
-    if prefill_keep is not None:  # only when set: older results folders keep their names
-        selection["prefill_keep"] = prefill_keep
-    if decode_evict:
-        selection["decode_evict"] = True
-    runs = plan_runs(parse_list(methods, "--methods"), parse_list(budgets, "--budgets"))
-    for run in runs:  # before the model loads: a typo costs nothing
-        check_method_options(run.method, **selection, **({} if run.budget is None else {"budget": run.budget}))
+    runs = plan_runs(split_list(methods, "--methods"), split_list(budgets, "--budgets"))
+    check_runs(runs, method_options)  # before the model loads: a typo costs nothing
     if profile is not None and not profile.is_file():
         raise UncompError(f"profile not found: {profile}")
     if plot is not None:
@@ -182,7 +132,7 @@ def evaluate(
                 tasks[run.name] = bar.add_task(run.name, total=total)
             bar.update(tasks[run.name], completed=done)
 
-        result = run_eval(loaded, examples, runs, suite=suite, settings=settings, out=out, selection=selection,
+        result = run_eval(loaded, examples, runs, suite=suite, settings=settings, out=out, selection=method_options,
                           profile=profile, batch_size=batch_size, progress=progress)
 
     heatmaps = panels(result)
@@ -201,6 +151,7 @@ def evaluate(
 
 @eval_app.command("needle")
 @handle_errors
+@with_method_options(exclude=("budget",))
 def needle(
     haystack: Annotated[
         Path, typer.Option(help="Folder of .txt files the needle is hidden in (e.g. ../shared/data/haystack).")
@@ -227,18 +178,13 @@ def needle(
     budgets: Budgets = DEFAULT_BUDGETS,
     model: Model = None,
     profile: Profile = None,
-    window: Window = DEFAULT_WINDOW,
-    kernel: Kernel = DEFAULT_KERNEL,
-    pooling: Pooling = DEFAULT_POOLING,
-    aggregate: Aggregate = DEFAULT_AGGREGATE,
-    prefill_keep: PrefillKeep = None,
-    decode_evict: DecodeEvict = False,
     batch_size: BatchSize = 1,
     out: Out = Path(DEFAULT_OUT),
     plot: Plot = None,
     json_output: Json = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    method_options: dict | None = None,
 ) -> None:
     """Needle in a haystack: a number hidden at each depth of prompts of each length; exact match.
 
@@ -252,7 +198,7 @@ def needle(
     templates = suite.make_templates(needle_template, question_template, answer_prefix)
     suite.make_cases(length_list[:1], depth_list[:1], seed=seed, distractors=distractors,
                      samples=samples)  # checks --distractors and --samples
-    text = suite.load_haystack(haystack)
+    text = load_haystack(haystack)
     settings = {
         "haystack": str(haystack.resolve()),
         "lengths": length_list,
@@ -271,14 +217,14 @@ def needle(
                                    samples=samples)
 
     evaluate("multikey" if distractors else "needle", build, settings, model=model, methods=methods,
-             budgets=budgets, profile=profile, window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
-             prefill_keep=prefill_keep, decode_evict=decode_evict,
-             batch_size=batch_size, out=out, plot=plot, json_output=json_output, device=device, dtype=dtype,
+             budgets=budgets, profile=profile, method_options=method_options or {}, batch_size=batch_size,
+             out=out, plot=plot, json_output=json_output, device=device, dtype=dtype,
              panels=lambda result: grids(result, "length", "depth"), longest=(max(length_list), max_new_tokens))
 
 
 @eval_app.command("ruler")
 @handle_errors
+@with_method_options(exclude=("budget",))
 def ruler(
     tasks: Annotated[
         str,
@@ -296,35 +242,29 @@ def ruler(
     budgets: Budgets = DEFAULT_BUDGETS,
     model: Model = None,
     profile: Profile = None,
-    window: Window = DEFAULT_WINDOW,
-    kernel: Kernel = DEFAULT_KERNEL,
-    pooling: Pooling = DEFAULT_POOLING,
-    aggregate: Aggregate = DEFAULT_AGGREGATE,
-    prefill_keep: PrefillKeep = None,
-    decode_evict: DecodeEvict = False,
     batch_size: BatchSize = 1,
     out: Out = Path(DEFAULT_OUT),
     plot: Plot = None,
     json_output: Json = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    method_options: dict | None = None,
 ) -> None:
     """RULER-style synthetic tasks (needles, variable tracking, common/frequent words), generated locally.
 
     Shows a task × length heatmap of the score per method and budget.
     """
-    from uncomp_cli.eval import needle as needle_suite
     from uncomp_cli.eval import ruler as suite
     from uncomp_cli.eval.render import grids
 
-    task_list = list(suite.TASKS) if tasks.strip() == "all" else parse_list(tasks, "--tasks")
+    task_list = list(suite.TASKS) if tasks.strip() == "all" else split_list(tasks, "--tasks")
     unknown = [t for t in task_list if t not in suite.TASKS]
     if unknown:
         raise UncompError(f"unknown RULER task {unknown[0]!r}; known: {', '.join(suite.TASKS)}")
     if samples < 1:
         raise UncompError(f"--samples must be at least 1, got {samples}")
     length_list = parse_lengths(lengths)
-    text = needle_suite.load_haystack(haystack) if haystack is not None else None
+    text = load_haystack(haystack) if haystack is not None else None
     settings = {"tasks": task_list, "lengths": length_list, "samples": samples, "seed": seed,
                 "haystack": None if haystack is None else str(haystack.resolve())}
 
@@ -333,14 +273,14 @@ def ruler(
 
     answer = max(suite.MAX_NEW_TOKENS[t] for t in task_list)
     evaluate("ruler", build, settings, model=model, methods=methods, budgets=budgets, profile=profile,
-             window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
-             prefill_keep=prefill_keep, decode_evict=decode_evict, batch_size=batch_size, out=out,
+             method_options=method_options or {}, batch_size=batch_size, out=out,
              plot=plot, json_output=json_output, device=device, dtype=dtype,
              panels=lambda result: grids(result, "task", "length"), longest=(max(length_list), answer))
 
 
 @eval_app.command("longbench")
 @handle_errors
+@with_method_options(exclude=("budget",))
 def longbench(
     data: Annotated[
         Path, typer.Option(help="Folder of LongBench JSONL files named <task>.jsonl (or LongBench-E's <task>_e.jsonl).")
@@ -356,18 +296,13 @@ def longbench(
     budgets: Budgets = DEFAULT_BUDGETS,
     model: Model = None,
     profile: Profile = None,
-    window: Window = DEFAULT_WINDOW,
-    kernel: Kernel = DEFAULT_KERNEL,
-    pooling: Pooling = DEFAULT_POOLING,
-    aggregate: Aggregate = DEFAULT_AGGREGATE,
-    prefill_keep: PrefillKeep = None,
-    decode_evict: DecodeEvict = False,
     batch_size: BatchSize = 1,
     out: Out = Path(DEFAULT_OUT),
     plot: Plot = None,
     json_output: Json = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    method_options: dict | None = None,
 ) -> None:
     """LongBench from your own JSONL files, scored with each task's LongBench metric.
 
@@ -381,7 +316,7 @@ def longbench(
         raise UncompError(f"LongBench folder not found: {data}")
     # "all" becomes the file stems, so the folder's settings name the tasks and `--tasks` in the same
     # order finds the same results.
-    task_list = sorted(f.stem for f in data.glob("*.jsonl")) if tasks.strip() == "all" else parse_list(tasks, "--tasks")
+    task_list = sorted(f.stem for f in data.glob("*.jsonl")) if tasks.strip() == "all" else split_list(tasks, "--tasks")
     if not task_list:
         raise UncompError(f"no .jsonl files in {data} (LongBench files are named <task>.jsonl, e.g. hotpotqa.jsonl)")
     if max_length < 1:
@@ -395,7 +330,6 @@ def longbench(
                                    context_length=context_length(loaded.model.config))
 
     evaluate("longbench", build, settings, model=model, methods=methods, budgets=budgets, profile=profile,
-             window=window, kernel=kernel, pooling=pooling, aggregate=aggregate,
-             prefill_keep=prefill_keep, decode_evict=decode_evict, batch_size=batch_size, out=out,
+             method_options=method_options or {}, batch_size=batch_size, out=out,
              plot=plot, json_output=json_output, device=device, dtype=dtype,
              panels=lambda result: [task_grid(result)])

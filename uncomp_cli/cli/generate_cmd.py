@@ -10,17 +10,8 @@ from typing import Annotated
 import typer
 
 from uncomp_cli.cli.common import handle_errors
-from uncomp_cli.defaults import (
-    DEFAULT_ADAKV_FLOOR,
-    DEFAULT_AGGREGATE,
-    DEFAULT_BUDGET,
-    DEFAULT_KERNEL,
-    DEFAULT_METHOD,
-    DEFAULT_POOLING,
-    DEFAULT_PYRAMID_BETA,
-    DEFAULT_SINKS,
-    DEFAULT_WINDOW,
-)
+from uncomp_cli.cli.options import METHOD_NAMES, Device, Dtype, Model, with_method_options
+from uncomp_cli.defaults import DEFAULT_METHOD
 from uncomp_cli.errors import PromptError
 
 
@@ -105,17 +96,13 @@ def read_batch(source: str) -> list:
 
 
 @handle_errors
+@with_method_options()
 def generate(
     prompt: Annotated[
         str | None, typer.Argument(help="The prompt; '-' reads stdin. Piped stdin is joined to it.")
     ] = None,
     prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model", "-m", envvar="UNCOMP_MODEL", help="smollm2-135m (default), a model folder, a .gguf, or a hub id."
-        ),
-    ] = None,
+    model: Model = None,
     system: Annotated[str | None, typer.Option(help="System message (chat models).")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Pass the prompt exactly as given: no chat template.")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
@@ -138,15 +125,7 @@ def generate(
         Path | None, typer.Option(help="With --input: write the JSONL results here (atomically) instead of stdout.")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="With --input: prompts per forward pass.")] = 8,
-    method: Annotated[
-        str,
-        typer.Option(
-            help="KV cache: full, snapkv, pyramidkv, h2o, streamingllm, adakv, uncomp, uncomp-noprune, uncomp-uniform."
-        ),
-    ] = DEFAULT_METHOD,
-    budget: Annotated[
-        str, typer.Option(help="Average KV entries kept per KV head: 5% of the prompt, or tokens (128).")
-    ] = DEFAULT_BUDGET,
+    method: Annotated[str, typer.Option(help=f"KV cache: {', '.join(METHOD_NAMES)}.")] = DEFAULT_METHOD,
     profile: Annotated[
         Path | None,
         typer.Option(
@@ -154,55 +133,20 @@ def generate(
             "(default: the one cached for the model, calibrated once if missing)."
         ),
     ] = None,
-    prefill_compression: Annotated[
-        bool,
-        typer.Option(
-            "--prefill-compression/--no-prefill-compression",
-            help="uncomp: later layers see fewer prompt tokens during prefill, per the profile's stages.",
-        ),
-    ] = True,
-    prefill_keep: Annotated[
-        str | None,
-        typer.Option(
-            help="uncomp: instead of the profile's stages, cut the layers after the first quarter into equal "
-            "spans keeping these shares of the prompt, e.g. 0.75,0.5,0.35.",
-        ),
-    ] = None,
-    decode_evict: Annotated[
-        bool,
-        typer.Option(
-            "--decode-evict", help="Keep each head group at its budget while decoding (evict one entry per new token)."
-        ),
-    ] = False,
-    window: Annotated[
-        int,
-        typer.Option(
-            help="Observation window: the last prompt tokens whose attention scores the others (always kept)."
-        ),
-    ] = DEFAULT_WINDOW,
-    kernel: Annotated[int, typer.Option(help="Pooling kernel over neighbouring positions (odd).")] = DEFAULT_KERNEL,
-    pooling: Annotated[str, typer.Option(help="max or avg.")] = DEFAULT_POOLING,
-    aggregate: Annotated[
-        str, typer.Option(help="How query heads sharing a KV head combine scores: mean or max.")
-    ] = DEFAULT_AGGREGATE,
-    sinks: Annotated[
-        int, typer.Option(min=0, help="streamingllm: first tokens every KV head keeps (attention sinks).")
-    ] = DEFAULT_SINKS,
-    beta: Annotated[
-        float, typer.Option(help="pyramidkv: the top layer keeps 1/beta of the average beyond the window (1 = flat).")
-    ] = DEFAULT_PYRAMID_BETA,
-    floor: Annotated[
-        float, typer.Option(help="adakv: share of the average budget (beyond the window) every KV head keeps at least.")
-    ] = DEFAULT_ADAKV_FLOOR,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    method_options: dict | None = None,
 ) -> None:
-    """Generate text from a prompt, with a full or a compressed KV cache."""
+    """Generate text from a prompt, with a full or a compressed KV cache.
+
+    Method options (--budget, --window, --sinks…) apply to the methods that take them; giving one
+    that --method does not take is an error.
+    """
     from uncomp_cli.engine.generation import GenerationSettings
     from uncomp_cli.engine.generation import generate as run_generate
     from uncomp_cli.models.loading import load_model
-    from uncomp_cli.policies.registry import PROFILE_METHODS, check_method_options, policy_for
     from uncomp_cli.models.prompting import TRUNCATE_MODES
+    from uncomp_cli.policies.registry import make_policy, with_profile
 
     if truncate not in TRUNCATE_MODES:
         raise typer.BadParameter(f"use one of {', '.join(TRUNCATE_MODES)}", param_hint="--truncate")
@@ -216,25 +160,14 @@ def generate(
         raise typer.BadParameter("--output is for --input batches; redirect stdout instead", param_hint="--output")
     else:
         text = read_prompt(prompt, prompt_file)
-    options = dict(
-        budget=budget,
-        window=window,
-        kernel=kernel,
-        pooling=pooling,
-        aggregate=aggregate,
-        decode_evict=decode_evict,
-        prefill_compression=prefill_compression,
-        prefill_keep=prefill_keep,
-        sinks=sinks,
-        beta=beta,
-        floor=floor,
-    )
-    check_method_options(method, **options)  # before the model loads: bad settings fail fast
-    if profile is not None and method not in PROFILE_METHODS:
-        raise typer.BadParameter(f"--profile is for the methods {', '.join(sorted(PROFILE_METHODS))}, not {method}",
-                                param_hint="--profile")
+    policy = make_policy(method, **(method_options or {}))  # before the model loads: bad settings fail fast
+    if profile is not None and not policy.needs_profile:
+        from uncomp_cli.policies.registry import profile_methods
+
+        raise typer.BadParameter(f"--profile is for the methods {', '.join(profile_methods())}, not {method}",
+                                 param_hint="--profile")
     loaded = load_model(model, device=device, dtype=dtype)
-    policy = policy_for(loaded, method, profile, **options)
+    policy = with_profile(policy, loaded, profile)
     if input_path is not None:
         _run_batch(loaded, batch, settings, batch_size, truncate, output, system, raw, policy)
         return
@@ -254,6 +187,8 @@ def generate(
         truncate=truncate,
         on_text=write if streaming else None,
     )
+    if "budget_note" in result.stats:
+        typer.echo(f"note: {result.stats['budget_note']}", err=True)
     if json_output:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
     elif streaming:
@@ -267,8 +202,8 @@ def _run_batch(loaded, batch, settings, batch_size, truncate, output, system, ra
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from uncomp_cli.cli.common import stderr_console
-    from uncomp_cli.files import atomic_write
     from uncomp_cli.engine.generation import generate_batch
+    from uncomp_cli.files import atomic_write
 
     ids = [item_id for item_id, _ in batch]
     items = [item for _, item in batch]

@@ -8,13 +8,9 @@ from typing import Annotated
 
 import typer
 
-from uncomp_cli.cli.calibrate_cmd import (
-    DATA_HELP,
-    DEFAULT_STAGE_THRESHOLD,
-    STAGE_THRESHOLD_HELP,
-    run_calibration,
-)
+from uncomp_cli.cli.calibration import DATA_HELP, STAGE_THRESHOLD_HELP, run_calibration
 from uncomp_cli.cli.common import handle_errors, stderr_console
+from uncomp_cli.defaults import DEFAULT_STAGE_THRESHOLD
 
 
 @handle_errors

@@ -7,12 +7,12 @@ head). Each group also keeps the per-row validity of its stored tokens ``[B, hea
 left padding), because transformers builds one mask per forward, sized for one length, and that
 cannot describe groups of different lengths or non-contiguous kept positions.
 
-So attention runs in a custom attention function registered as ``"uncomp"``: the cache layer's
-``update`` only counts tokens; the attention function finds the layer through a reference set on
-each attention module, and the layer attends per group with SDPA using its own validity and a
-causal rule. At prefill (the first forward a layer sees) it attends with full K/V, scores the
-tokens with the last ``window`` queries and stores only the selected ones, so at most one layer's
-full K/V exists at a time.
+So attention runs in a custom attention function registered as ``"uncomp"``
+(:mod:`uncomp_cli.engine.attention`): the cache layer's ``update`` only counts tokens; the attention
+function finds the layer through a reference set on each attention module, and the layer attends
+per group with SDPA using its own validity and a causal rule. At prefill (the first forward a
+layer sees) it attends with full K/V, scores the tokens with the last ``window`` queries and
+stores only the selected ones, so at most one layer's full K/V exists at a time.
 
 ``get_seq_length()`` counts tokens *seen* (positions never come from stored lengths); callers pass
 explicit ``position_ids``, or use ``generate``, which derives them from the attention mask.
@@ -20,16 +20,14 @@ explicit ``position_ids``, or use ``generate``, which derives them from the atte
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, Cache
+from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
-from transformers.masking_utils import AttentionMaskInterface
 
-from uncomp_cli.errors import UncompError
+from uncomp_cli.engine.attention import ATTN_IMPLEMENTATION
 from uncomp_cli.engine.selection import (
     PRUNE_WINDOW,
     SnapKVScorer,
@@ -38,10 +36,7 @@ from uncomp_cli.engine.selection import (
     select_tokens_per_row,
     window_attention,
 )
-
-#: Name under which the grouped attention (and its mask function) is registered in transformers.
-ATTN_IMPLEMENTATION = "uncomp"
-_CACHE_ATTR = "_uncomp_cache"
+from uncomp_cli.errors import UncompError
 
 
 class HeadGroup:
@@ -162,6 +157,7 @@ class GroupedKVLayer(CacheLayerMixin):
         self.decode_evict = decode_evict
         self.seen = 0  # tokens this layer received
         self.skipped = 0  # prompt tokens pruned before reaching this layer (still seen by the model)
+        self.prefill_tokens: int | None = None  # tokens this layer ran on at prefill (padding included)
         #: Set by the hidden-state pruner: keep the pruning score of the prefill for the next layer.
         self.want_prune_scores = False
         self.prune_scores: torch.Tensor | None = None  # [B, N] after prefill when wanted
@@ -208,6 +204,7 @@ class GroupedKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.groups = _group_heads(self.budgets)  # empty, and as before any allocation
         self.seen = self.skipped = 0
+        self.prefill_tokens = None
         self.prune_scores = self._query_window = self._query_valid = None
         self._awaiting_attention = False
 
@@ -261,6 +258,7 @@ class GroupedKVLayer(CacheLayerMixin):
                  valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """Full attention over the prompt, then keep each group's budget. Returns [B, H_q, N, d]."""
         batch, q_heads, n, dim = query.shape
+        self.prefill_tokens = n
         mask = None
         if valid is not None:
             causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
@@ -377,20 +375,30 @@ class GroupedKVLayer(CacheLayerMixin):
 
 
 class GroupedKVCache(Cache):
-    """One :class:`GroupedKVLayer` per decoder layer (transformers ``Cache`` API)."""
+    """One :class:`GroupedKVLayer` per decoder layer (transformers ``Cache`` API).
 
-    def __init__(self, layers: Sequence[GroupedKVLayer]):
+    ``stats``: what the policy resolved for this run (budgets in tokens, notes), reported with the
+    run's results; the cache is per run, so the policy that made it stays unchanged.
+    """
+
+    def __init__(self, layers: Sequence[GroupedKVLayer], stats: dict | None = None):
         super().__init__(layers=list(layers))
+        self.stats = dict(stats or {})
 
     @classmethod
     def from_budgets(cls, kv_head_budgets: Sequence[Sequence[int | None]] | torch.Tensor,
-                     scorer: SnapKVScorer | None = None, decode_evict: bool = False) -> GroupedKVCache:
+                     scorer: SnapKVScorer | None = None, decode_evict: bool = False,
+                     stats: dict | None = None) -> GroupedKVCache:
         """``kv_head_budgets``: [L, H_kv] tokens per KV head (None = keep all)."""
         rows = kv_head_budgets.tolist() if isinstance(kv_head_budgets, torch.Tensor) else kv_head_budgets
-        return cls([GroupedKVLayer(row, scorer, decode_evict) for row in rows])
+        return cls([GroupedKVLayer(row, scorer, decode_evict) for row in rows], stats)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def prefill_tokens_per_layer(self) -> list[int | None]:
+        """Tokens each layer ran on at prefill: fewer in later layers under hidden-state pruning."""
+        return [layer.prefill_tokens for layer in self.layers]
 
 
 def cache_nbytes(cache: Cache) -> int:
@@ -403,93 +411,3 @@ def cache_nbytes(cache: Cache) -> int:
             total += layer.keys.numel() * layer.keys.element_size()
             total += layer.values.numel() * layer.values.element_size()
     return total
-
-
-# -- the attention implementation -------------------------------------------------------------------
-
-
-def grouped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                      **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention function for grouped caches (registered as ``"uncomp"``).
-
-    query: [B, H_q, q, d]; key/value: [B, H_kv, q, d] (the new tokens, as ``update`` returned them);
-    attention_mask: the 2-D padding mask [B, seen + q] from :func:`padding_mask`, or None (no
-    padding: plain causal). Returns ([B, q, H_q, d], None).
-    """
-    cache = getattr(module, _CACHE_ATTR, None)
-    if cache is None:
-        raise UncompError(
-            f"attention implementation {ATTN_IMPLEMENTATION!r} needs a grouped KV cache; run the model "
-            "inside the policy's attach()"
-        )
-    if kwargs.get("sliding_window") is not None:
-        raise UncompError("compressed caches do not support sliding-window attention layers")
-    valid = None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise UncompError("the grouped KV cache takes a 2-D padding mask [batch, tokens], not a 4-D mask")
-        valid = attention_mask[:, -query.shape[2]:].to(torch.bool)
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = cache.layers[module.layer_idx].attend(query, key, value, valid, scaling)
-    return out, None
-
-
-def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
-                 mask_function=None, attention_mask: torch.Tensor | None = None,
-                 **kwargs) -> torch.Tensor | None:
-    """Mask function for ``"uncomp"``: pass the 2-D padding mask through, build nothing.
-
-    The grouped layer applies its own per-group validity and causal rule, so a 4-D mask (sized
-    for one length) would be both wasted and wrong.
-    """
-    return attention_mask
-
-
-def register_grouped_attention() -> None:
-    """Make ``"uncomp"`` an attention implementation (process-wide; idempotent)."""
-    AttentionInterface.register(ATTN_IMPLEMENTATION, grouped_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, padding_mask)
-
-
-#: Architectures whose attention, RoPE and decoder-layer arguments the compressed caches are tested on.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-def check_supported(config) -> None:
-    """Compressed caches and prefill pruning rely on the attention interface, rotary positions and
-    decoder-layer arguments of the tested architectures; refuse others in one line."""
-    model_type = getattr(config, "model_type", "unknown")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UncompError(f"compressed caches support {', '.join(SUPPORTED_MODEL_TYPES)} models; "
-                          f"this model is {model_type!r} (use --method full)")
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers of a causal LM (``model.model.layers`` for Llama-like models)."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not all(hasattr(lay, "self_attn") for lay in layers):
-        raise UncompError(f"{type(model).__name__} is not a decoder-only model with self-attention layers")
-    return layers
-
-
-@contextlib.contextmanager
-def use_grouped_cache(model: torch.nn.Module, cache: GroupedKVCache) -> Iterator[GroupedKVCache]:
-    """Run ``model`` with grouped attention over ``cache``; restore the previous attention after."""
-    check_supported(model.config)
-    attention = [layer.self_attn for layer in decoder_layers(model)]
-    if len(attention) != len(cache.layers):
-        raise UncompError(f"the cache has {len(cache.layers)} layers but the model has {len(attention)}")
-    register_grouped_attention()
-    previous = model.config._attn_implementation
-    try:
-        for module in attention:
-            setattr(module, _CACHE_ATTR, cache)
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        yield cache
-    finally:
-        model.set_attn_implementation(previous)
-        for module in attention:
-            if hasattr(module, _CACHE_ATTR):
-                delattr(module, _CACHE_ATTR)

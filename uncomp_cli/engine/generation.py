@@ -2,24 +2,29 @@
 
 The loop passes explicit ``position_ids`` everywhere: a compressed cache stores fewer tokens than it
 has seen, so positions are taken from the prompt's attention mask (left padding aware) and grow by
-one per step, never from a cache length.
+one per step, never from a cache length. Without a policy the loop runs on transformers'
+``DynamicCache`` (the full cache); a policy (:mod:`uncomp_cli.policies`) brings its own.
 """
 
 from __future__ import annotations
 
-import resource
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+from transformers import DynamicCache
 
 from uncomp_cli.engine.cache import cache_nbytes
 from uncomp_cli.errors import UncompError
+from uncomp_cli.memory import PeakMemory
 from uncomp_cli.models.loading import LoadedModel
-from uncomp_cli.policies.base import CachePolicy
-from uncomp_cli.policies.full import FullCachePolicy
 from uncomp_cli.models.prompting import build_prompt_ids, context_length, fit_to_context
+
+if TYPE_CHECKING:  # policies build on the engine, not the other way round
+    from uncomp_cli.policies.base import CachePolicy
 
 
 @dataclass
@@ -53,7 +58,8 @@ class GenerationResult:
     decode_tokens_per_second: float
     kv_cache_bytes: int
     full_kv_cache_bytes: int
-    peak_memory_bytes: int
+    #: This run's peak (:class:`~uncomp_cli.memory.PeakMemory`), the same measure as ``uncomp bench``'s.
+    peak_memory_bytes: int | None
     model: str
     device: str
     dtype: str
@@ -137,8 +143,8 @@ def generate_ids(
 
     Each row stops at its first end-of-sequence token (not included) or after
     ``settings.max_new_tokens``; ``on_tokens`` sees each step's tokens [B] as they are chosen.
+    ``policy``: what the cache keeps (None: everything, in a ``DynamicCache``).
     """
-    policy = policy or FullCachePolicy()
     device = input_ids.device
     generator = None
     if settings.seed is not None:
@@ -149,7 +155,9 @@ def generate_ids(
     rows: list[list[int]] = [[] for _ in range(batch)]
     next_position = attention_mask.long().sum(-1, keepdim=True)  # [B, 1]
 
-    with policy.attach(model, attention_mask) as cache:
+    attached = contextlib.nullcontext(DynamicCache(config=model.config)) if policy is None \
+        else policy.attach(model, attention_mask)
+    with attached as cache:
         _sync(device)
         started = time.perf_counter()
         logits = prefill(model, input_ids, attention_mask, cache)
@@ -171,7 +179,7 @@ def generate_ids(
             tokens = pick_tokens(logits, settings, generator)
         _sync(device)
         decode_seconds = time.perf_counter() - started
-        stats = dict(getattr(policy, "last_stats", {}) or {})
+        stats = {} if policy is None else policy.stats(cache)
         return LoopOutput(
             tokens=rows,
             prefill_seconds=prefill_seconds,
@@ -191,13 +199,6 @@ def full_kv_cache_bytes(config, batch: int, tokens: int, dtype: torch.dtype) -> 
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     element = torch.empty((), dtype=dtype).element_size()
     return config.num_hidden_layers * batch * kv_heads * tokens * head_dim * 2 * element
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA allocation on GPU; peak resident set size of the process on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 # -- text in, text out ----------------------------------------------------------------------------
@@ -250,8 +251,8 @@ def encode_prompt(loaded: LoadedModel, prompt: str, settings: GenerationSettings
     return fit_to_context(ids, context_length(loaded.model.config), settings.max_new_tokens, truncate)
 
 
-def _result(loaded: LoadedModel, policy: CachePolicy, new_ids: list[int], prompt_tokens: int,
-            out: LoopOutput, extra: dict | None = None) -> GenerationResult:
+def _result(loaded: LoadedModel, policy: CachePolicy | None, new_ids: list[int], prompt_tokens: int,
+            out: LoopOutput, peak: int | None, extra: dict | None = None) -> GenerationResult:
     decode_steps = max(len(new_ids) - 1, 0)  # the first new token comes out of the prefill
     return GenerationResult(
         text=loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
@@ -263,13 +264,17 @@ def _result(loaded: LoadedModel, policy: CachePolicy, new_ids: list[int], prompt
         decode_tokens_per_second=decode_steps / out.decode_seconds if out.decode_seconds > 0 else 0.0,
         kv_cache_bytes=out.kv_cache_bytes,
         full_kv_cache_bytes=out.full_kv_cache_bytes,
-        peak_memory_bytes=peak_memory_bytes(loaded.device),
+        peak_memory_bytes=peak,
         model=loaded.name,
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),
-        method=policy.name,
-        stats={k: v for k, v in policy.describe().items() if k != "method"} | out.stats | (extra or {}),
+        method="full" if policy is None else policy.name,
+        stats=_settings(policy) | out.stats | (extra or {}),
     )
+
+
+def _settings(policy: CachePolicy | None) -> dict:
+    return {} if policy is None else {k: v for k, v in policy.describe().items() if k != "method"}
 
 
 def generate(
@@ -285,7 +290,6 @@ def generate(
     """Generate a reply to one prompt; ``on_text`` receives the text as it is produced."""
     settings = settings or GenerationSettings()
     settings.validate()
-    policy = policy or FullCachePolicy()
     ids = encode_prompt(loaded, prompt, settings, system=system, raw=raw, truncate=truncate)
     input_ids = torch.tensor([ids], device=loaded.device)
     attention_mask = torch.ones_like(input_ids)
@@ -297,12 +301,13 @@ def generate(
             if delta:
                 on_text(delta)
 
-    if loaded.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(loaded.device)
+    meter = PeakMemory(loaded.device)
+    meter.start()
     out = generate_ids(loaded.model, input_ids, attention_mask, settings, eos_token_ids(loaded), policy, emit)
+    peak = meter.peak()
     if on_text is not None and (rest := stream.flush()):
         on_text(rest)
-    return _result(loaded, policy, out.tokens[0], len(ids), out)
+    return _result(loaded, policy, out.tokens[0], len(ids), out, peak)
 
 
 @dataclass
@@ -346,7 +351,6 @@ def generate_batch(
     settings.validate()
     if batch_size < 1:
         raise UncompError(f"--batch-size must be at least 1, got {batch_size}")
-    policy = policy or FullCachePolicy()
     encoded: list[list[int]] = []
     limits: list[int] = []
     for item in items:
@@ -368,9 +372,12 @@ def generate_batch(
         input_ids, mask = left_pad([encoded[i] for i in chunk], pad_id, loaded.device)
         run = GenerationSettings(max_new_tokens=max(limits[i] for i in chunk), temperature=settings.temperature,
                                  top_p=settings.top_p, seed=settings.seed)
+        meter = PeakMemory(loaded.device)
+        meter.start()
         out = generate_ids(loaded.model, input_ids, mask, run, eos_token_ids(loaded), policy)
+        peak = meter.peak()
         for row, index in enumerate(chunk):
-            result = _result(loaded, policy, out.tokens[row][: limits[index]], len(encoded[index]), out,
+            result = _result(loaded, policy, out.tokens[row][: limits[index]], len(encoded[index]), out, peak,
                              {"batch_size": len(chunk)})
             results[index] = result
             if on_result is not None:

@@ -1,9 +1,12 @@
 """Hidden-state pruning during prefill (UNComp §3): later layers run on fewer prompt tokens.
 
 Before decoder layer ``l`` whose keep fraction drops below layer ``l − 1``'s, the tokens that the
-last :data:`~uncomp_cli.engine.selection.PRUNE_WINDOW` queries of layer ``l − 1`` attended to most
-(softmax probabilities summed over heads and rows, computed by that layer's attention function
-anyway) are carried on; the observation window always is. Hidden states, the *original* position
+last ``window`` queries of layer ``l − 1`` attended to most are carried on: the KV selection's
+observation window, softmax probabilities summed over those rows and all heads, then pooled with
+the selection's kernel and pooling (:func:`~uncomp_cli.engine.selection.prune_scores`, computed by
+that layer's attention function anyway). The official code sums the last 8 rows without pooling;
+on SmolLM2-135M that drops a needle's digits piecemeal (docs/methods.md). The last
+:data:`~uncomp_cli.engine.selection.PRUNE_WINDOW` (8) tokens are always carried. Hidden states, the *original* position
 ids and RoPE (cos, sin), and the padding mask are gathered alike, so RoPE stays right and a
 layer's cache only ever holds tokens that reached it. The kept indices stay sorted, so the last
 position is still the last prompt token and the first generated token comes out of it.
@@ -24,9 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from uncomp_cli.engine.cache import GroupedKVCache, decoder_layers
-from uncomp_cli.errors import UncompError
+from uncomp_cli.engine.attention import decoder_layers
+from uncomp_cli.engine.cache import GroupedKVCache
 from uncomp_cli.engine.selection import PRUNE_WINDOW, select_rows
+from uncomp_cli.errors import UncompError
 
 
 def validate_layer_keep(layer_keep: Sequence[float], num_layers: int) -> list[float]:
@@ -91,9 +95,9 @@ class HiddenStatePruner:
 
     ``layer_keep[l]``: share of each row's prompt tokens that layer ``l`` runs on. Rows keep
     ``ceil(f · own length)`` tokens (at least the window), so a left-padded batch prunes each row
-    as if alone. After each prefill, :attr:`stats` holds ``prefill_tokens_per_layer`` (tokens
-    each layer ran on, padding included) and :attr:`kept_positions` maps each pruning layer to
-    the original positions it received ([B, n]).
+    as if alone. After each prefill, the cache's layers know the tokens they ran on
+    (:meth:`~uncomp_cli.engine.cache.GroupedKVCache.prefill_tokens_per_layer`) and
+    :attr:`kept_positions` maps each pruning layer to the original positions it received ([B, n]).
     """
 
     def __init__(self, model: torch.nn.Module, cache: GroupedKVCache, layer_keep: Sequence[float],
@@ -105,7 +109,6 @@ class HiddenStatePruner:
         self.cache = cache
         self.window = window
         self.points = {i for i in range(1, len(self.keep)) if self.keep[i] < self.keep[i - 1]}
-        self.stats: dict = {}
         self.kept_positions: dict[int, torch.Tensor] = {}
         self._state: _PrefillState | None = None
         self._handles: list = []
@@ -141,7 +144,6 @@ class HiddenStatePruner:
             return None
         if index in self.points:
             hidden = self._prune(index, hidden, kwargs, state)
-        self.stats["prefill_tokens_per_layer"].append(state.index.shape[1])
         self.cache.layers[index].skipped = state.prompt_len - state.index.shape[1]
         if state.rewritten is None:
             return None
@@ -160,7 +162,6 @@ class HiddenStatePruner:
             else mask[:, -n:].to(torch.bool)
         index = torch.arange(n, device=hidden.device).expand(batch, n)
         self._state = _PrefillState(index=index, valid=valid, lengths=valid.sum(-1), prompt_len=n)
-        self.stats["prefill_tokens_per_layer"] = [n]
         self.kept_positions.clear()
 
     def _prune(self, index: int, hidden: torch.Tensor, kwargs: dict, state: _PrefillState) -> torch.Tensor:

@@ -126,17 +126,6 @@ def snapkv_scores(window_probs: torch.Tensor, key_valid: torch.Tensor | None, nu
     return scores if kv is None else scores.masked_fill(~kv, float("-inf"))
 
 
-def window_scores(query_window: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None,
-                  scaling: float, window: int | None = None, kernel: int = DEFAULT_KERNEL,
-                  pooling: str = DEFAULT_POOLING, aggregate: str = DEFAULT_AGGREGATE,
-                  query_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """SnapKV scores straight from queries and keys. query_window: [B, H_q, w, d];
-    keys: [B, H_kv, N, d]; key_valid: [B, N] or None -> [B, H_kv, N] (invalid keys -inf)."""
-    probs = window_attention(query_window, keys, key_valid, scaling, query_valid)
-    rows = query_window.shape[2] if window is None else window
-    return snapkv_scores(probs, key_valid, keys.shape[1], rows, kernel, pooling, aggregate)
-
-
 def prune_scores(window_probs: torch.Tensor, rows: int = DEFAULT_WINDOW, kernel: int = DEFAULT_KERNEL,
                  pooling: str = DEFAULT_POOLING, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden-state pruning score: probabilities of the last ``rows`` queries summed over rows and
@@ -218,39 +207,67 @@ def select_tokens_per_row(scores: torch.Tensor, budgets: torch.Tensor, window: i
     return ranked.gather(-1, order), kept.gather(-1, order)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A KV budget as written: a token count (``128``) or a share of the prompt (``"5%"``)."""
+
+    text: str
+    tokens: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str | int) -> Budget:
+        """Read ``"5%"``, ``128`` or ``"128"``; bare fractions such as ``0.05`` are refused as ambiguous."""
+        text = str(spec).strip()
+        try:
+            if text.endswith("%"):
+                percent = float(text[:-1])
+                if not 0 < percent <= 100:  # also refuses nan
+                    raise UncompError(f"budget {text} must be more than 0% and at most 100%")
+                return cls(text, percent=percent)
+            if isinstance(spec, float) or "." in text:
+                raise UncompError(f"budget {text!r} is ambiguous: write a token count (128) or a percentage (5%)")
+            tokens = int(text)
+        except ValueError:
+            raise UncompError(f"budget {text!r} is not a token count (128) or a percentage (5%)") from None
+        if tokens < 1:
+            raise UncompError(f"budget {text} must be at least 1 token")
+        return cls(text, tokens=tokens)
+
+    def share_of(self, prompt_len: int) -> int:
+        """Tokens before any floor or clipping: the count, or the share rounded up."""
+        return self.tokens if self.tokens is not None else math.ceil(self.percent / 100 * prompt_len)
+
+    def too_small(self, prompt_len: int, floor: int) -> bool:
+        """Whether this is a *share* that falls below ``floor`` (the tokens the selection itself must
+        keep, e.g. the observation window) on a prompt this short.
+
+        Such a prompt has nothing worth compressing (10 % of a 37-token question is 4 tokens): it is
+        kept whole, since keeping only the window would drop its first tokens, which the model
+        attends to as sinks. A token count below the floor is the user's explicit choice and stays
+        an error (:func:`resolve_budget`).
+        """
+        return self.percent is not None and min(self.share_of(prompt_len), prompt_len) < min(floor, prompt_len)
+
+
 def resolve_budget(spec: str | int, prompt_len: int, window: int = DEFAULT_WINDOW, clip: bool = True) -> int:
     """Tokens kept per KV head for a prompt of ``prompt_len`` tokens.
 
-    ``"5%"`` is a share of the prompt (rounded up); ``128`` or ``"128"`` is a token count.
-    Bare fractions such as ``0.05`` are refused as ambiguous. A budget larger than the prompt
-    keeps everything (clipped to ``prompt_len`` unless ``clip`` is off: an average that a profile
-    spreads over heads is clipped per head instead). Raises :class:`UncompError` for 0, negative,
-    over 100 %, or a budget below the observation ``window`` that would still drop tokens.
+    ``"5%"`` is a share of the prompt (rounded up) and ``128`` or ``"128"`` a token count
+    (:meth:`Budget.parse`). A budget larger than the prompt keeps everything (clipped to
+    ``prompt_len`` unless ``clip`` is off: an average that a profile spreads over heads is clipped
+    per head instead). A share below the observation ``window`` keeps the whole prompt
+    (:meth:`Budget.too_small`); a token count below it that would still drop tokens is an error.
     """
-    text = str(spec).strip()
-    try:
-        if text.endswith("%"):
-            percent = float(text[:-1])
-            if not 0 < percent <= 100:  # also refuses nan
-                raise UncompError(f"budget {text} must be more than 0% and at most 100%")
-            tokens = math.ceil(percent / 100 * prompt_len)
-        else:
-            if isinstance(spec, float) or "." in text:
-                raise UncompError(
-                    f"budget {text!r} is ambiguous: write a token count (128) or a percentage (5%)"
-                )
-            tokens = int(text)
-            if tokens < 1:
-                raise UncompError(f"budget {text} must be at least 1 token")
-    except ValueError:
-        raise UncompError(f"budget {text!r} is not a token count (128) or a percentage (5%)") from None
+    budget = Budget.parse(spec)
+    if budget.too_small(prompt_len, window):
+        return prompt_len
+    tokens = budget.share_of(prompt_len)
     if clip:
         tokens = min(tokens, prompt_len)
-    if tokens < min(window, prompt_len):
-        raise UncompError(
-            f"budget {text} is {tokens} tokens for this {prompt_len}-token prompt, below the "
-            f"{window}-token observation window; raise the budget or lower the window"
-        )
+    if tokens < min(window, prompt_len):  # only a token count gets here: it is below the window
+        raise UncompError(f"budget {budget.text} is below the {window}-token observation window; raise the budget "
+                          "or lower the window")
     return tokens
 
 

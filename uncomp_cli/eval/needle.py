@@ -11,7 +11,6 @@ import random
 import re
 import string
 from dataclasses import dataclass
-from pathlib import Path
 
 from uncomp_cli.errors import UncompError
 from uncomp_cli.eval.examples import Example
@@ -66,24 +65,6 @@ def make_templates(needle: str | None = None, question: str | None = None,
     if not templates.question.strip():
         raise UncompError("--question-template is empty")
     return templates
-
-
-def load_haystack(folder: str | Path) -> str:
-    """All ``.txt`` files of ``folder`` (licence files excepted), sorted by name, joined."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UncompError(f"haystack folder not found: {folder}")
-    files = [p for p in sorted(folder.glob("*.txt")) if not p.name.upper().startswith("LICENSE")]
-    texts = []
-    for path in files:
-        try:
-            texts.append(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise UncompError(f"haystack file {path} is not UTF-8 text") from None
-    text = "\n\n".join(t.strip() for t in texts if t.strip())
-    if not text:
-        raise UncompError(f"haystack folder {folder} has no text files")
-    return re.sub(r"[ \t]+", " ", text)
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ _MIN_FILL = 32  # the least haystack, in tokens, that a needle or variable-track
 def make_examples(tokenizer, tasks, lengths, samples: int, seed: int = 0, haystack: str | None = None) -> list[Example]:
     """``samples`` prompts per task and length, in that order; the same arguments give the same examples.
 
-    ``haystack`` (e.g. :func:`uncomp_cli.eval.needle.load_haystack`) fills the needle tasks, repeated
+    ``haystack`` (e.g. :func:`uncomp_cli.haystack.load_haystack`) fills the needle tasks, repeated
     if it is too short; without it they use RULER's noise sentences. Variable tracking always uses
     the noise, as RULER does.
     """

@@ -31,10 +31,14 @@ from pathlib import Path
 from uncomp_cli.errors import UncompError
 from uncomp_cli.eval.examples import Example
 from uncomp_cli.files import atomic_write
+from uncomp_cli.policies.options import CATALOGUE
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "uncomp-eval"
+#: Selection options that always name a results folder (at their defaults unless given), so a run
+#: with ``--window 32`` finds the results of one with the default window.
+NAMED_SELECTION = ("window", "kernel", "pooling", "aggregate")
 CONFIG = "config.json"
 PREDICTIONS = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -56,16 +60,41 @@ class Run:
 
 
 def plan_runs(methods: Sequence[str], budgets: Sequence[str]) -> list[Run]:
-    """Every method × budget, in the order given; ``full`` once, without a budget."""
+    """Every method × budget, in the order given; a method without a budget (``full``) once."""
+    from uncomp_cli.policies.registry import policy_class
+
     runs: list[Run] = []
     for method in methods:
-        for budget in [None] if method == "full" else budgets:
+        takes_budget = "budget" in policy_class(method).option_names()
+        for budget in budgets if takes_budget else [None]:
             run = Run(method, budget)
             if run not in runs:
                 runs.append(run)
     if not runs:
         raise UncompError("no runs: give at least one method (and a budget for methods other than full)")
     return runs
+
+
+def check_runs(runs: Sequence[Run], selection: dict) -> None:
+    """Refuse, before a model loads, an option no run's method takes (what ``uncomp eval`` does;
+    :func:`run_eval` itself gives each run what its method takes) and any setting a policy refuses."""
+    from uncomp_cli.policies.registry import check_options
+
+    check_options([run.method for run in runs], selection)
+    for run in runs:
+        build_policy(run, selection)
+
+
+def build_policy(run: Run, selection: dict):
+    """The run's policy from the registry, with the options of ``selection`` its method takes (no profile
+    yet); a setting the policy refuses names the run."""
+    from uncomp_cli.policies.registry import make_policy, options_for
+
+    budget = {} if run.budget is None else {"budget": run.budget}
+    try:
+        return make_policy(run.method, **options_for(run.method, selection), **budget)
+    except UncompError as exc:
+        raise UncompError(f"{run.name}: {exc}") from None
 
 
 @dataclass
@@ -220,18 +249,6 @@ def _load_finished(folder: Path) -> tuple[dict, list[dict]] | None:
         raise UncompError(f"cannot read the finished run in {folder} ({exc}); delete the folder to rerun it") from None
 
 
-def _check_policy(loaded, run: Run, policy, examples: Sequence[Example]) -> None:
-    """Size a cache for the shortest and the longest prompt (no forward pass): a budget that does not
-    fit a prompt, e.g. 2% of 512 tokens under the observation window, fails before any run starts."""
-    import torch
-
-    for length in sorted({min(len(e.prompt_ids) for e in examples), max(len(e.prompt_ids) for e in examples)}):
-        try:
-            policy.make_cache(loaded.model, torch.ones((1, length), dtype=torch.long, device=loaded.device))
-        except UncompError as exc:
-            raise UncompError(f"{run.name}: {exc}") from None
-
-
 def _batches(examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
     """Neighbours in prompt length share a batch, so little is spent on padding."""
     ordered = sorted(examples, key=lambda e: len(e.prompt_ids)) if batch_size > 1 else list(examples)
@@ -284,15 +301,16 @@ def run_eval(
 ) -> EvalResult:
     """Generate and score ``examples`` for every run on ``loaded``; write and return the results.
 
-    suite, settings: name the results folder together with the model, ``selection`` (window,
-    kernel, pooling, aggregate), ``profile``, dtype, device type, ``batch_size`` and a digest of the
-    examples (methods and budgets do not: each is a subfolder). ``profile`` goes to the methods that
-    take one; the others ignore it, so a grid resumed with fewer methods keeps its folder.
-    ``progress(run, done, total)`` is called when a run starts and after each batch. Finished runs
-    are read back, not rerun.
+    suite, settings: name the results folder together with the model, ``selection`` (the method
+    options given, e.g. ``{"window": 8}``, each passed to the methods that take it; the folder is
+    named by them over the defaults of :data:`NAMED_SELECTION`), ``profile``, dtype, device type,
+    ``batch_size`` and a digest of the examples (methods and budgets do not: each is a subfolder).
+    ``profile`` goes to the methods that take one; the others ignore it, so a grid resumed with
+    fewer methods keeps its folder. ``progress(run, done, total)`` is called when a run starts and
+    after each batch. Finished runs are read back, not rerun.
     """
     from uncomp_cli.engine.generation import eos_token_ids
-    from uncomp_cli.policies.registry import PROFILE_METHODS, policy_for
+    from uncomp_cli.policies.registry import with_profile
 
     if not examples:
         raise UncompError("no examples to evaluate")
@@ -302,13 +320,14 @@ def run_eval(
     if len(set(ids)) != len(ids):
         raise UncompError(f"{suite}: example ids are not unique")
     selection = dict(selection or {})
+    named = {name: CATALOGUE[name].default for name in NAMED_SELECTION} | selection
     scorers = _metric_functions(examples)
     check_context(loaded, examples)
 
     model_info = {"name": loaded.name, "kind": loaded.source.kind, "location": loaded.source.location,
                   "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch.")}
     identity = {"suite": suite, "settings": settings, "model": [loaded.source.kind, loaded.source.location],
-                "dtype": model_info["dtype"], "device": loaded.device.type, "selection": selection,
+                "dtype": model_info["dtype"], "device": loaded.device.type, "selection": named,
                 "profile": None if profile is None else str(Path(profile).resolve()), "batch_size": batch_size,
                 "examples": examples_digest(examples)}
     folder = results_folder(out, suite, loaded.name, identity)
@@ -321,9 +340,8 @@ def run_eval(
             finished_runs.append(RunResult(run, folder / run.name, finished[0], finished[1], skipped=True))
             continue
         # Every policy before any generation: a bad profile or budget fails before minutes of work.
-        options = selection | ({} if run.budget is None else {"budget": run.budget})
-        policy = policy_for(loaded, run.method, profile if run.method in PROFILE_METHODS else None, **options)
-        _check_policy(loaded, run, policy, examples)
+        policy = build_policy(run, selection)
+        policy = with_profile(policy, loaded, profile if policy.needs_profile else None)
         pending.append((run, policy))
 
     config_path = folder / CONFIG

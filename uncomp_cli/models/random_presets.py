@@ -11,13 +11,13 @@ Compressed methods that need a profile get :func:`uncomp_cli.profile.reference.r
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import torch
 
 from uncomp_cli.errors import UncompError
+from uncomp_cli.memory import available_memory_bytes
 from uncomp_cli.models.loading import LoadedModel, ModelSource, resolve_device, resolve_dtype
 
 # name -> (model_type, config fields). Shapes as published in each model's config.json.
@@ -92,20 +92,6 @@ def parameter_count(config) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    """Memory a new allocation can use: free GPU memory, or ``MemAvailable`` on a Linux CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _gib(n: int) -> str:

@@ -13,22 +13,17 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from uncomp_cli.engine.cache import GroupedKVCache, GroupedKVLayer, check_supported
-from uncomp_cli.defaults import (
-    DEFAULT_ADAKV_FLOOR,
-    DEFAULT_AGGREGATE,
-    DEFAULT_BUDGET,
-    DEFAULT_KERNEL,
-    DEFAULT_POOLING,
-    DEFAULT_WINDOW,
-)
+from uncomp_cli.defaults import DEFAULT_ADAKV_FLOOR
+from uncomp_cli.engine.cache import GroupedKVLayer
+from uncomp_cli.engine.selection import top_indices
 from uncomp_cli.errors import UncompError
+from uncomp_cli.policies import options
 from uncomp_cli.policies.base import GroupedCachePolicy
-from uncomp_cli.engine.selection import SnapKVScorer, resolve_budget, top_indices
 
 
 def adakv_budgets(scores: torch.Tensor, budget: int, window: int, floor: float = DEFAULT_ADAKV_FLOOR
@@ -70,34 +65,21 @@ class AdaKVPolicy(GroupedCachePolicy):
     and marks a row's surplus entries invalid, so every row keeps exactly what it would alone.
     """
 
-    budget: int | str = DEFAULT_BUDGET
-    floor: float = DEFAULT_ADAKV_FLOOR
-    window: int = DEFAULT_WINDOW
-    kernel: int = DEFAULT_KERNEL
-    pooling: str = DEFAULT_POOLING
-    aggregate: str = DEFAULT_AGGREGATE
-    decode_evict: bool = False
-    name: str = "adakv"
-    last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    name: ClassVar[str] = "adakv"
 
-    def __post_init__(self) -> None:
-        self.scorer = SnapKVScorer(self.window, self.kernel, self.pooling, self.aggregate)  # validates
+    budget: int | str = options.BUDGET.field()
+    floor: float = options.FLOOR.field()
+    window: int = options.WINDOW.field()
+    kernel: int = options.KERNEL.field()
+    pooling: str = options.POOLING.field()
+    aggregate: str = options.AGGREGATE.field()
+    decode_evict: bool = options.DECODE_EVICT.field()
+
+    def validate(self) -> None:
         if isinstance(self.floor, bool) or not isinstance(self.floor, int | float) or not 0 <= self.floor <= 1:
             raise UncompError(f"--floor must be a share between 0 and 1, got {self.floor!r}")
 
-    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> GroupedKVCache:
-        check_supported(model.config)
-        config = model.config
-        prompt_len = int(attention_mask.sum(-1).max())
-        budget = resolve_budget(self.budget, prompt_len, self.window)
+    def make_layer(self, budget: int, num_kv_heads: int) -> GroupedKVLayer:
+        """Every head starts at the average; the layer re-forms its groups from the allocation at prefill."""
         allocate = functools.partial(adakv_budgets, budget=budget, window=self.window, floor=self.floor)
-        self.last_stats = {"kv_budget_tokens": budget}
-        return GroupedKVCache([
-            GroupedKVLayer([budget] * config.num_key_value_heads, self.scorer, self.decode_evict, allocate)
-            for _ in range(config.num_hidden_layers)
-        ])
-
-    def describe(self) -> dict:
-        return {"method": self.name, "budget": self.budget, "floor": self.floor, "window": self.window,
-                "kernel": self.kernel, "pooling": self.pooling, "aggregate": self.aggregate,
-                "decode_evict": self.decode_evict}
+        return GroupedKVLayer([budget] * num_kv_heads, self.scorer, self.decode_evict, allocate)

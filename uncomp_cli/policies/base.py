@@ -1,24 +1,50 @@
-"""The contract between the generation loop and a cache policy.
+"""The contract between the generation loop and a cache policy, and the mechanics most methods share.
 
-The loop in :mod:`uncomp_cli.engine.generation` does not know what a method keeps; it asks the policy for
-a cache and runs prefill and decoding inside :meth:`CachePolicy.attach`, which may install an
-attention implementation or hooks for the duration and must remove them on exit.
+The loop in :mod:`uncomp_cli.engine.generation` does not know what a method keeps; it asks the
+policy for a cache and runs prefill and decoding inside :meth:`CachePolicy.attach`, which may
+install an attention implementation or hooks for the duration and must remove them on exit. A
+policy is a dataclass whose option fields (:mod:`uncomp_cli.policies.options`) are its
+hyperparameters; it is never changed by a run, so one policy can serve many runs at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
 from transformers import Cache
 
+from uncomp_cli.engine.attention import check_supported, use_grouped_cache
+from uncomp_cli.engine.cache import GroupedKVCache, GroupedKVLayer
+from uncomp_cli.engine.selection import Budget, SnapKVScorer, resolve_budget
+
+
+def prompt_length(attention_mask: torch.Tensor) -> int:
+    """Tokens of the longest prompt of a left-padded batch: what shares of the prompt are taken of."""
+    return int(attention_mask.sum(-1).max())
+
 
 class CachePolicy:
-    """Base policy. Subclasses are small dataclasses whose fields are their hyperparameters."""
+    """Base policy. Subclasses are small dataclasses whose option fields are their hyperparameters."""
 
     #: The ``--method`` name.
-    name: str = "base"
+    name: ClassVar[str] = "base"
+    #: Whether the method takes the model's UNComp profile (the registry brings it).
+    needs_profile: ClassVar[bool] = False
+
+    @classmethod
+    def option_names(cls, settable: bool = True) -> list[str]:
+        """The method options this policy takes, in declaration order (``settable=False``: also those
+        a variant fixes, such as ``uncomp-noprune``'s ``prefill_compression``)."""
+        return [f.name for f in dataclasses.fields(cls) if "option" in f.metadata and (f.init or not settable)]
+
+    def kv_budget(self, prompt_len: int) -> int | None:
+        """Tokens per KV head for a prompt of ``prompt_len`` (None: keeps everything). The one budget
+        check: raises :class:`~uncomp_cli.errors.UncompError` for a budget this method cannot use."""
+        return None
 
     def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Cache:
         """A fresh cache for one prefill of prompts padded to ``attention_mask`` [B, S]."""
@@ -29,18 +55,90 @@ class CachePolicy:
         """Yield a cache to prefill and decode with; undo any change to ``model`` on exit."""
         yield self.make_cache(model, attention_mask)
 
+    def stats(self, cache: Cache) -> dict:
+        """What this run's cache resolved and did (budgets, tokens per layer), for the results."""
+        return {}
+
     def describe(self) -> dict:
-        """Settings that identify this policy in reports (JSON-serialisable)."""
-        return {"method": self.name}
+        """Settings that identify this policy in reports (JSON-serialisable): the method and its options."""
+        return {"method": self.name, **{name: getattr(self, name) for name in self.option_names(settable=False)}}
 
 
 class GroupedCachePolicy(CachePolicy):
-    """A policy whose cache is a :class:`~uncomp_cli.engine.cache.GroupedKVCache`: ``attach`` installs the
-    grouped attention over the cache ``make_cache`` builds, and puts the model's back on exit."""
+    """A policy whose cache is a :class:`~uncomp_cli.engine.cache.GroupedKVCache`.
+
+    Subclasses have a ``budget`` and a ``decode_evict`` field; construction builds their scorer
+    (:meth:`make_scorer`) and checks every setting, so a bad one fails before a model loads. By
+    default every KV head of every layer keeps the resolved budget; a method overrides
+    :meth:`layer_budgets` (PyramidKV), :meth:`make_layer` (AdaKV) or :meth:`min_budget`
+    (StreamingLLM) for what it does differently.
+    """
+
+    scorer: SnapKVScorer
+
+    def __post_init__(self) -> None:
+        self.scorer = self.make_scorer()  # validates the selection settings
+        self.validate()
+        self.check_budget()
+
+    def make_scorer(self) -> SnapKVScorer:
+        """How this method scores tokens at prefill (and when evicting while decoding)."""
+        return SnapKVScorer(self.window, self.kernel, self.pooling, self.aggregate)
+
+    def validate(self) -> None:
+        """Refuse this method's own bad settings (the scorer checks the selection's)."""
+
+    def min_budget(self) -> int:
+        """The fewest tokens a head can keep and still select: the observation window."""
+        return self.scorer.window
+
+    def kv_budget(self, prompt_len: int) -> int:
+        return resolve_budget(self.budget, prompt_len, self.min_budget())
+
+    def check_budget(self) -> None:
+        """The budget check at construction, so it fails before any model loads: a share fits every
+        prompt (it is raised to :meth:`min_budget` where too small), and a token count fits every
+        prompt if it fits one longer than itself."""
+        budget = Budget.parse(self.budget)
+        if budget.tokens is not None:
+            self.kv_budget(budget.tokens + 1)
+
+    def layer_budgets(self, num_layers: int, prompt_len: int) -> list[int]:
+        """Tokens per KV head for each layer, bottom first."""
+        return [self.kv_budget(prompt_len)] * num_layers
+
+    def make_layer(self, budget: int, num_kv_heads: int) -> GroupedKVLayer:
+        return GroupedKVLayer([budget] * num_kv_heads, self.scorer, self.decode_evict)
+
+    def budget_stats(self, prompt_len: int, budgets: list[int]) -> dict:
+        """The effective budget, and a note when a share was raised to what the method must keep."""
+        stats: dict = {"kv_budget_tokens": budgets[0]} if len(set(budgets)) == 1 else {
+            "kv_budget_tokens_mean": round(sum(budgets) / len(budgets), 2), "kv_budget_tokens_per_layer": budgets}
+        return stats | budget_note(self.budget, prompt_len, self.min_budget())
+
+    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> GroupedKVCache:
+        config = model.config
+        check_supported(config)
+        prompt_len = prompt_length(attention_mask)
+        budgets = self.layer_budgets(config.num_hidden_layers, prompt_len)
+        layers = [self.make_layer(budget, config.num_key_value_heads) for budget in budgets]
+        return GroupedKVCache(layers, self.budget_stats(prompt_len, budgets))
 
     @contextlib.contextmanager
     def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[Cache]:
-        from uncomp_cli.engine.cache import use_grouped_cache
-
+        """Grouped attention over the cache :meth:`make_cache` builds; the model's is put back on exit."""
         with use_grouped_cache(model, self.make_cache(model, attention_mask)) as cache:
             yield cache
+
+    def stats(self, cache: Cache) -> dict:
+        return dict(cache.stats)
+
+
+def budget_note(spec: str | int, prompt_len: int, floor: int) -> dict:
+    """``{"budget_note": ...}`` when a share is too small for this prompt to compress, else ``{}``."""
+    budget = Budget.parse(spec)
+    if not budget.too_small(prompt_len, floor):
+        return {}
+    return {"budget_note": f"budget {budget.text} of this {prompt_len}-token prompt is {budget.share_of(prompt_len)} "
+                           f"tokens, under the {floor} the method keeps at least: too short to compress, kept all "
+                           f"{prompt_len}"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from transformers import Cache, DynamicCache
@@ -12,9 +13,9 @@ from uncomp_cli.policies.base import CachePolicy
 
 @dataclass
 class FullCachePolicy(CachePolicy):
-    """Keep every token: the reference every compressed method is measured against."""
+    """Keep every token: the reference every compressed method is measured against. No options."""
 
-    name: str = "full"
+    name: ClassVar[str] = "full"
 
     def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Cache:
         return DynamicCache(config=model.config)

@@ -14,14 +14,14 @@ to now" rule and costs nothing new. This is a deviation from the paper's decodin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from uncomp_cli.engine.cache import GroupedKVCache, check_supported
-from uncomp_cli.defaults import DEFAULT_AGGREGATE, DEFAULT_BUDGET, DEFAULT_WINDOW
+from uncomp_cli.engine.selection import SnapKVScorer, aggregate_heads
+from uncomp_cli.policies import options
 from uncomp_cli.policies.base import GroupedCachePolicy
-from uncomp_cli.engine.selection import SnapKVScorer, aggregate_heads, resolve_budget
 
 #: Attention elements (rows × keys × heads × batch) computed at once: 64 MiB of float32 logits.
 CHUNK_ELEMENTS = 1 << 24
@@ -76,26 +76,14 @@ class H2OScorer(SnapKVScorer):
 class H2OPolicy(GroupedCachePolicy):
     """``budget`` tokens per KV head (``128`` or ``"5%"`` of the longest prompt): the last
     ``window`` tokens plus the heaviest hitters among the rest; ``aggregate`` combines the query
-    heads of a KV head (GQA). ``--kernel``/``--pooling`` do not apply."""
+    heads of a KV head (GQA). No pooling: the paper scores single tokens."""
 
-    budget: int | str = DEFAULT_BUDGET
-    window: int = DEFAULT_WINDOW
-    aggregate: str = DEFAULT_AGGREGATE
-    decode_evict: bool = False
-    name: str = "h2o"
-    last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    name: ClassVar[str] = "h2o"
 
-    def __post_init__(self) -> None:
-        self.scorer = H2OScorer(window=self.window, aggregate=self.aggregate)  # validates
+    budget: int | str = options.BUDGET.field()
+    window: int = options.WINDOW.field()
+    aggregate: str = options.AGGREGATE.field()
+    decode_evict: bool = options.DECODE_EVICT.field()
 
-    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> GroupedKVCache:
-        check_supported(model.config)
-        budget = resolve_budget(self.budget, int(attention_mask.sum(-1).max()), self.window)
-        config = model.config
-        rows = [[budget] * config.num_key_value_heads] * config.num_hidden_layers
-        self.last_stats = {"kv_budget_tokens": budget}
-        return GroupedKVCache.from_budgets(rows, self.scorer, self.decode_evict)
-
-    def describe(self) -> dict:
-        return {"method": self.name, "budget": self.budget, "window": self.window, "aggregate": self.aggregate,
-                "decode_evict": self.decode_evict}
+    def make_scorer(self) -> H2OScorer:
+        return H2OScorer(window=self.window, aggregate=self.aggregate)

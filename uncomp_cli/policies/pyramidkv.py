@@ -11,23 +11,14 @@ top layer takes up the difference. Every KV head of a layer shares its layer's b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import ClassVar
 
-import torch
-
-from uncomp_cli.engine.cache import GroupedKVCache, check_supported
-from uncomp_cli.defaults import (
-    DEFAULT_AGGREGATE,
-    DEFAULT_BUDGET,
-    DEFAULT_KERNEL,
-    DEFAULT_POOLING,
-    DEFAULT_PYRAMID_BETA,
-    DEFAULT_WINDOW,
-)
+from uncomp_cli.defaults import DEFAULT_PYRAMID_BETA
 from uncomp_cli.errors import UncompError
+from uncomp_cli.policies import options
 from uncomp_cli.policies.base import GroupedCachePolicy
-from uncomp_cli.engine.selection import SnapKVScorer, resolve_budget
 
 
 def pyramid_budgets(budget: int, prompt_len: int, window: int, num_layers: int,
@@ -60,36 +51,20 @@ class PyramidKVPolicy(GroupedCachePolicy):
     """``budget``: the average tokens per KV head over layers (``128`` or ``"5%"`` of the longest
     prompt); ``beta``: how steep the pyramid is (1 = flat, SnapKV). Selection as SnapKV's."""
 
-    budget: int | str = DEFAULT_BUDGET
-    window: int = DEFAULT_WINDOW
-    kernel: int = DEFAULT_KERNEL
-    pooling: str = DEFAULT_POOLING
-    aggregate: str = DEFAULT_AGGREGATE
-    decode_evict: bool = False
-    beta: float = DEFAULT_PYRAMID_BETA
-    name: str = "pyramidkv"
-    last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    name: ClassVar[str] = "pyramidkv"
 
-    def __post_init__(self) -> None:
-        self.scorer = SnapKVScorer(self.window, self.kernel, self.pooling, self.aggregate)  # validates
+    budget: int | str = options.BUDGET.field()
+    window: int = options.WINDOW.field()
+    kernel: int = options.KERNEL.field()
+    pooling: str = options.POOLING.field()
+    aggregate: str = options.AGGREGATE.field()
+    decode_evict: bool = options.DECODE_EVICT.field()
+    beta: float = options.BETA.field()
+
+    def validate(self) -> None:
         if not self.beta >= 1:  # also refuses nan
             raise UncompError(f"--beta must be at least 1 (1 = the same budget in every layer), got {self.beta}")
 
     def layer_budgets(self, num_layers: int, prompt_len: int) -> list[int]:
         """Tokens per KV head for each layer, bottom first, for a prompt of ``prompt_len``."""
-        budget = resolve_budget(self.budget, prompt_len, self.window)
-        return pyramid_budgets(budget, prompt_len, self.window, num_layers, self.beta)
-
-    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> GroupedKVCache:
-        check_supported(model.config)
-        config = model.config
-        budgets = self.layer_budgets(config.num_hidden_layers, int(attention_mask.sum(-1).max()))
-        self.last_stats = {"kv_budget_tokens_mean": round(sum(budgets) / len(budgets), 2),
-                           "kv_budget_tokens_per_layer": budgets}
-        rows = [[budget] * config.num_key_value_heads for budget in budgets]
-        return GroupedKVCache.from_budgets(rows, self.scorer, self.decode_evict)
-
-    def describe(self) -> dict:
-        return {"method": self.name, "budget": self.budget, "beta": self.beta, "window": self.window,
-                "kernel": self.kernel, "pooling": self.pooling, "aggregate": self.aggregate,
-                "decode_evict": self.decode_evict}
+        return pyramid_budgets(self.kv_budget(prompt_len), prompt_len, self.window, num_layers, self.beta)

@@ -8,15 +8,16 @@ the same top-k selection and the same grouped cache (real bytes) serve it as Sna
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from uncomp_cli.engine.cache import GroupedKVCache, check_supported
-from uncomp_cli.defaults import DEFAULT_BUDGET, DEFAULT_SINKS
+from uncomp_cli.defaults import DEFAULT_SINKS
+from uncomp_cli.engine.selection import Budget, SnapKVScorer, resolve_budget
 from uncomp_cli.errors import UncompError
+from uncomp_cli.policies import options
 from uncomp_cli.policies.base import GroupedCachePolicy
-from uncomp_cli.engine.selection import SnapKVScorer, resolve_budget
 
 
 def sink_and_recent_scores(key_valid: torch.Tensor | None, batch: int, num_kv_heads: int, n: int, sinks: int,
@@ -59,36 +60,27 @@ class StreamingLLMScorer(SnapKVScorer):
 @dataclass
 class StreamingLLMPolicy(GroupedCachePolicy):
     """``budget`` tokens per KV head (``128`` or ``"5%"`` of the longest prompt): ``sinks`` first
-    tokens plus ``budget − sinks`` recent ones. ``--window``/``--kernel`` do not apply."""
+    tokens plus ``budget − sinks`` recent ones. Attention is not looked at, so it takes no selection
+    options. A share of a prompt so short that it leaves no recent token keeps the whole prompt."""
 
-    budget: int | str = DEFAULT_BUDGET
-    sinks: int = DEFAULT_SINKS
-    decode_evict: bool = False
-    name: str = "streamingllm"
-    last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    name: ClassVar[str] = "streamingllm"
 
-    def __post_init__(self) -> None:
-        self.scorer = StreamingLLMScorer(sinks=self.sinks)  # validates
+    budget: int | str = options.BUDGET.field()
+    sinks: int = options.SINKS.field()
+    decode_evict: bool = options.DECODE_EVICT.field()
 
-    def resolve(self, prompt_len: int) -> int:
+    def make_scorer(self) -> StreamingLLMScorer:
+        return StreamingLLMScorer(sinks=self.sinks)
+
+    def min_budget(self) -> int:
+        return self.sinks + 1
+
+    def kv_budget(self, prompt_len: int) -> int:
         """Tokens per KV head for a prompt of ``prompt_len``; refuses budgets with no recent part."""
+        if Budget.parse(self.budget).too_small(prompt_len, self.min_budget()):
+            return prompt_len
         budget = resolve_budget(self.budget, prompt_len, window=1)
         if budget < prompt_len and budget <= self.sinks:
             raise UncompError(f"budget {self.budget} is {budget} tokens, no room for recent tokens after the "
                               f"{self.sinks} attention sinks; raise the budget or lower --sinks")
         return budget
-
-    def check_budget(self, prompt_len: int) -> None:
-        """Fail fast (before a model loads) on a budget this method cannot use."""
-        self.resolve(prompt_len)
-
-    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> GroupedKVCache:
-        check_supported(model.config)
-        budget = self.resolve(int(attention_mask.sum(-1).max()))
-        config = model.config
-        rows = [[budget] * config.num_key_value_heads] * config.num_hidden_layers
-        self.last_stats = {"kv_budget_tokens": budget}
-        return GroupedKVCache.from_budgets(rows, self.scorer, self.decode_evict)
-
-    def describe(self) -> dict:
-        return {"method": self.name, "budget": self.budget, "sinks": self.sinks, "decode_evict": self.decode_evict}

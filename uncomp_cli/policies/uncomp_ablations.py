@@ -1,13 +1,16 @@
 """UNComp ablations as methods of their own, so reports and sweeps name what was switched off.
 
-Each fixes one of UNComp's two mechanisms off (the field is not settable: ``make_policy`` ignores
-the command line's ``--prefill-compression`` for them) and keeps everything else, profile included.
+Each fixes one of UNComp's two mechanisms off (the options that would switch it back are not
+theirs: the registry refuses ``--prefill-keep`` for ``uncomp-noprune``) and keeps everything else,
+profile included.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from uncomp_cli.policies import options
 from uncomp_cli.policies.uncomp import UNCompPolicy
 
 
@@ -15,13 +18,16 @@ from uncomp_cli.policies.uncomp import UNCompPolicy
 class UNCompNoPrunePolicy(UNCompPolicy):
     """UNComp's per-head KV budgets without hidden-state pruning: every layer sees the whole prompt."""
 
-    prefill_compression: bool = field(default=False, init=False)
-    name: str = "uncomp-noprune"
+    name: ClassVar[str] = "uncomp-noprune"
+
+    prefill_compression: bool = options.PREFILL_COMPRESSION.field(False, init=False)
+    prefill_keep: None = options.PREFILL_KEEP.field(None, init=False)
 
 
 @dataclass(eq=False)
 class UNCompUniformPolicy(UNCompPolicy):
     """UNComp's prefill pruning with the same budget for every KV head (no entropy-guided shares)."""
 
+    name: ClassVar[str] = "uncomp-uniform"
+
     uniform_heads: bool = field(default=True, init=False)
-    name: str = "uncomp-uniform"

@@ -29,10 +29,16 @@ from typing import Any
 import torch
 
 from uncomp_cli import __version__
-from uncomp_cli.profile.calibration_text import CalibrationWindows
 from uncomp_cli.defaults import DEFAULT_GROUPS, DEFAULT_STAGE_THRESHOLD
-from uncomp_cli.profile.entropy import ENTROPY_SOURCES, check_rank_k, default_rank_k, normalized_truncated_entropy
 from uncomp_cli.errors import UncompError
+from uncomp_cli.profile.calibration_text import (
+    CalibrationText,
+    CalibrationWindows,
+    builtin_texts,
+    check_window_settings,
+    token_windows,
+)
+from uncomp_cli.profile.entropy import ENTROPY_SOURCES, check_rank_k, default_rank_k, normalized_truncated_entropy
 from uncomp_cli.profile.file import ModelShape, Profile, fingerprint_fields, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -284,6 +290,55 @@ def calibrate(
         uncomp_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def check_settings(*, samples: int, seq_len: int, groups: int | None, stage_threshold: float,
+                   rank_k: int | None, source: str, kv_aggregation: str) -> None:
+    """Every calibration setting that can be checked without a model, each error naming its option."""
+    check_window_settings(samples, seq_len)
+    if source not in ENTROPY_SOURCES:
+        raise UncompError(f"--source must be one of {', '.join(ENTROPY_SOURCES)} (got {source!r})")
+    if kv_aggregation not in KV_AGGREGATIONS:
+        raise UncompError(f"--kv-aggregation must be one of {', '.join(KV_AGGREGATIONS)} (got {kv_aggregation!r})")
+    if not stage_threshold >= 0:
+        raise UncompError(f"--stage-threshold must be zero or positive (got {stage_threshold})")
+    if rank_k is not None and rank_k < 1:
+        raise UncompError(f"--rank-k must be at least 1 (got {rank_k})")
+    if groups is not None and groups < 1:
+        raise UncompError(f"--groups must be at least 1 (got {groups})")
+
+
+def calibration_windows(
+    loaded: Any,
+    text: CalibrationText | None = None,
+    *,
+    samples: int = 8,
+    seq_len: int = 2048,
+    groups: int | None = None,
+    stage_threshold: float = DEFAULT_STAGE_THRESHOLD,
+    rank_k: int | None = None,
+    source: str = "query",
+    kv_aggregation: str = "mean",
+) -> CalibrationWindows:
+    """Check the settings against a :class:`~uncomp_cli.models.loading.LoadedModel` and cut ``text``
+    (read with :func:`~uncomp_cli.profile.calibration_text.read_texts`; default: the built-in
+    source) into ``samples`` windows of ``seq_len`` tokens: everything that can fail before measuring."""
+    check_settings(samples=samples, seq_len=seq_len, groups=groups, stage_threshold=stage_threshold,
+                   rank_k=rank_k, source=source, kv_aggregation=kv_aggregation)
+    resolve_settings(ModelShape.from_config(loaded.model.config), groups=groups, rank_k=rank_k, source=source,
+                     kv_aggregation=kv_aggregation, stage_threshold=stage_threshold)
+    if text is None:
+        text = builtin_texts(samples * seq_len, loaded.tokenizer)
+    return token_windows(text, loaded.tokenizer, samples, seq_len)
+
+
+def calibrate_loaded(loaded: Any, text: CalibrationText | None = None, *, progress: ProgressCallback | None = None,
+                     **settings: Any) -> Profile:
+    """Calibrate a loaded model on ``text`` (``settings`` as for :func:`calibration_windows`): what
+    ``uncomp calibrate`` runs, and what the profile store runs when a model has no profile yet."""
+    windows = calibration_windows(loaded, text, **settings)
+    return calibrate(loaded.model, windows, model_name=loaded.name, progress=progress,
+                     **{k: v for k, v in settings.items() if k not in ("samples", "seq_len")})
 
 
 def resolve_settings(

@@ -43,15 +43,13 @@ def profile_for(loaded: LoadedModel, path: str | Path | None = None, samples: in
         log.debug("using the cached profile %s", cached)
         return profile
 
-    from uncomp_cli.profile.calibrate import calibrate
-    from uncomp_cli.profile.calibration_text import builtin_texts, token_windows
     from uncomp_cli.models.prompting import context_length
+    from uncomp_cli.profile.calibrate import calibrate_loaded
 
     seq_len = min(seq_len, context_length(config))
     log.info("no profile for %s yet: calibrating once on the built-in source (%d × %d tokens), "
              "cached in %s", loaded.name, samples, seq_len, cached)
-    windows = token_windows(builtin_texts(samples * seq_len, loaded.tokenizer), loaded.tokenizer, samples, seq_len)
-    profile = calibrate(loaded.model, windows, model_name=loaded.name)
+    profile = calibrate_loaded(loaded, samples=samples, seq_len=seq_len)
     cached.parent.mkdir(parents=True, exist_ok=True)
     save_profile(profile, cached)
     return profile

@@ -1,0 +1,80 @@
+"""Every method option, once: its name, type, default and help (no torch, so ``--help`` stays fast).
+
+A policy declares the options it takes as dataclass fields made by :meth:`MethodOption.field`;
+the registry refuses an option its method does not take, and the CLI derives its method flags from
+:data:`CATALOGUE` (``--window`` is the kebab-case of ``window``), so generate, eval and bench expose
+the same set with the same help. A new option is one entry here and one field on the policies that
+take it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from uncomp_cli.defaults import (
+    DEFAULT_ADAKV_FLOOR,
+    DEFAULT_AGGREGATE,
+    DEFAULT_BUDGET,
+    DEFAULT_KERNEL,
+    DEFAULT_POOLING,
+    DEFAULT_PYRAMID_BETA,
+    DEFAULT_SINKS,
+    DEFAULT_WINDOW,
+)
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """One hyperparameter a cache method may take. ``type`` is what the command line parses."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag: ``--prefill-keep`` for ``prefill_keep``."""
+        return "--" + self.name.replace("_", "-")
+
+    def field(self, default: Any = dataclasses.MISSING, init: bool = True) -> Any:
+        """A dataclass field for this option (``default`` overrides the catalogue's for one method)."""
+        value = self.default if default is dataclasses.MISSING else default
+        return dataclasses.field(default=value, init=init, metadata={"option": self})
+
+
+BUDGET = MethodOption(
+    "budget", str, DEFAULT_BUDGET,
+    "Average KV entries kept per KV head: a share of the prompt (5%) or tokens (128). A share that falls "
+    "below what the method must keep (its observation window) on a short prompt keeps that much.")
+WINDOW = MethodOption(
+    "window", int, DEFAULT_WINDOW,
+    "Observation window: the last prompt tokens whose attention scores the others (always kept).")
+KERNEL = MethodOption("kernel", int, DEFAULT_KERNEL, "Pooling kernel over neighbouring positions (odd).")
+POOLING = MethodOption("pooling", str, DEFAULT_POOLING, "Pooling of the scores: max or avg.")
+AGGREGATE = MethodOption(
+    "aggregate", str, DEFAULT_AGGREGATE, "How query heads sharing a KV head combine scores: mean or max.")
+DECODE_EVICT = MethodOption(
+    "decode_evict", bool, False,
+    "Keep each head group at its budget while decoding (evict one entry per new token) instead of appending.")
+PREFILL_COMPRESSION = MethodOption(
+    "prefill_compression", bool, True,
+    "uncomp: later layers see fewer prompt tokens during prefill, per the profile's stages.")
+PREFILL_KEEP = MethodOption(
+    "prefill_keep", str, None,
+    "uncomp: instead of the profile's stages, cut the layers after the first quarter into equal spans keeping "
+    "these shares of the prompt, e.g. 0.75,0.5,0.35.")
+SINKS = MethodOption("sinks", int, DEFAULT_SINKS, "streamingllm: first tokens every KV head keeps (attention sinks).")
+BETA = MethodOption(
+    "beta", float, DEFAULT_PYRAMID_BETA,
+    "pyramidkv: the top layer keeps 1/beta of the average beyond the window (1 = flat).")
+FLOOR = MethodOption(
+    "floor", float, DEFAULT_ADAKV_FLOOR,
+    "adakv: share of the average budget (beyond the window) every KV head keeps at least.")
+
+#: Every option of every method, in the order ``--help`` lists them.
+CATALOGUE: dict[str, MethodOption] = {option.name: option for option in (
+    BUDGET, WINDOW, KERNEL, POOLING, AGGREGATE, DECODE_EVICT, PREFILL_COMPRESSION, PREFILL_KEEP, SINKS, BETA, FLOOR,
+)}
