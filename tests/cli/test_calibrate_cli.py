@@ -217,7 +217,8 @@ def test_an_existing_profile_survives_a_failed_run(tmp_path, loads, text_file):
 def test_the_cli_default_threshold_is_the_library_default():
     from uncomp_cli.profile.calibrate import DEFAULT_STAGE_THRESHOLD
 
-    assert calibrate_cmd.DEFAULT_STAGE_THRESHOLD == DEFAULT_STAGE_THRESHOLD
+    defaults = {parameter.name: parameter.default for parameter in calibration.CALIBRATION_OPTIONS}
+    assert defaults["stage_threshold"] == DEFAULT_STAGE_THRESHOLD
 
 
 def test_the_uncomp_app_registers_both_commands():

@@ -177,7 +177,7 @@ def test_invalid_settings_are_refused_before_running(tokenizer, windows):
         calibrate(model, windows, model_name="t", rank_k=17)
     with pytest.raises(UncompError, match="--groups 3 is not possible with 2 KV heads per layer; use 1 to 2"):
         calibrate(model, windows, model_name="t", groups=3)
-    with pytest.raises(UncompError, match="unknown entropy source 'value'"):
+    with pytest.raises(UncompError, match="--source must be one of query, key \\(got 'value'\\)"):
         calibrate(model, windows, model_name="t", source="value")
 
 

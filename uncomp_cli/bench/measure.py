@@ -15,11 +15,11 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from uncomp_cli.engine.generation import GenerationSettings, generate_ids
+from uncomp_cli.engine.generation import GenerationSettings, LoopOutput, generate_ids
 from uncomp_cli.errors import UncompError
 from uncomp_cli.haystack import load_haystack
 from uncomp_cli.memory import PeakMemory
@@ -60,17 +60,14 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 @dataclass
 class RunSample:
-    """What one generation cost. Times in seconds, memory in bytes."""
+    """What one generation cost: the loop's own output (prefill and decode seconds, KV bytes, the
+    policy's stats) plus what the bench adds. Times in seconds, memory in bytes."""
 
+    loop: LoopOutput
     ttft_seconds: float
-    prefill_seconds: float
-    decode_seconds: float
     decode_tokens_per_second: float
-    kv_cache_bytes: int
-    full_kv_cache_bytes: int
     peak_memory_bytes: int | None
     run_memory_bytes: int | None  # peak minus what was in use when the run started
-    stats: dict = field(default_factory=dict)
 
 
 def run_once(model: torch.nn.Module, input_ids: torch.Tensor, policy, new_tokens: int,
@@ -90,15 +87,11 @@ def run_once(model: torch.nn.Module, input_ids: torch.Tensor, policy, new_tokens
     peak = meter.peak()
     steps = input_ids.shape[0] * (new_tokens - 1)
     return RunSample(
+        loop=out,
         ttft_seconds=first[0] - started,
-        prefill_seconds=out.prefill_seconds,
-        decode_seconds=out.decode_seconds,
         decode_tokens_per_second=steps / out.decode_seconds if out.decode_seconds > 0 else 0.0,
-        kv_cache_bytes=out.kv_cache_bytes,
-        full_kv_cache_bytes=out.full_kv_cache_bytes,
         peak_memory_bytes=peak,
         run_memory_bytes=None if peak is None or at_start is None else max(peak - at_start, 0),
-        stats=out.stats,
     )
 
 

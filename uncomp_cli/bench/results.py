@@ -153,12 +153,12 @@ class BenchRow:
 def summarize_runs(case: Case, length: int, batch: int, new_tokens: int, samples: Sequence[RunSample]) -> BenchRow:
     """Median and spread of each measured number over repeated runs of one configuration."""
     ttft = summarize([s.ttft_seconds for s in samples])
-    prefill = summarize([s.prefill_seconds for s in samples])
+    prefill = summarize([s.loop.prefill_seconds for s in samples])
     decode = summarize([s.decode_tokens_per_second for s in samples])
     peaks = [s.peak_memory_bytes for s in samples if s.peak_memory_bytes is not None]
     peak = summarize(peaks) if peaks else None
     runs = [s.run_memory_bytes for s in samples if s.run_memory_bytes is not None]
-    stats = samples[-1].stats
+    stats = samples[-1].loop.stats
     budget_tokens = stats.get("kv_budget_tokens_mean", stats.get("kv_budget_tokens"))
     return BenchRow(
         method=case.method,
@@ -173,8 +173,8 @@ def summarize_runs(case: Case, length: int, batch: int, new_tokens: int, samples
         prefill_spread=prefill.spread,
         decode_tokens_per_second=decode.median,
         decode_spread=decode.spread,
-        kv_cache_bytes=int(statistics.median(s.kv_cache_bytes for s in samples)),
-        full_kv_cache_bytes=samples[-1].full_kv_cache_bytes,
+        kv_cache_bytes=int(statistics.median(s.loop.kv_cache_bytes for s in samples)),
+        full_kv_cache_bytes=samples[-1].loop.full_kv_cache_bytes,
         peak_memory_bytes=None if peak is None else int(peak.median),
         peak_memory_spread=None if peak is None else peak.spread,
         run_memory_bytes=int(statistics.median(runs)) if runs else None,

@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from uncomp_cli.cli.calibration import DATA_HELP, STAGE_THRESHOLD_HELP, run_calibration
+from uncomp_cli.cli.calibration import run_calibration, with_calibration_options
 from uncomp_cli.cli.common import handle_errors
-from uncomp_cli.defaults import DEFAULT_STAGE_THRESHOLD
 
 if TYPE_CHECKING:
     from uncomp_cli.profile.file import Profile
@@ -38,6 +37,7 @@ def summary_lines(profile: Profile, out: Path | None, seconds: float) -> list[st
 
 
 @handle_errors
+@with_calibration_options
 def calibrate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the profile (.safetensors).")],
     data_args: Annotated[
@@ -48,24 +48,8 @@ def calibrate(
         str | None,
         typer.Option("--model", "-m", help="Model: name, local folder or .gguf (default: embedded SmolLM2-135M)."),
     ] = None,
-    data: Annotated[list[str] | None, typer.Option("--data", "-d", metavar="PATH", help=DATA_HELP)] = None,
-    samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 8,
-    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
-    groups: Annotated[
-        int | None,
-        typer.Option(help="Head groups per layer, by KV head (default 2, or the number of KV heads if fewer)."),
-    ] = None,
-    stage_threshold: Annotated[float, typer.Option(help=STAGE_THRESHOLD_HELP)] = DEFAULT_STAGE_THRESHOLD,
-    rank_k: Annotated[
-        int | None, typer.Option(help="Eigenvalues kept in the truncated entropy (default: head size / 4).")
-    ] = None,
-    source: Annotated[str, typer.Option(help="States measured: query (as the paper) or key.")] = "query",
-    kv_aggregation: Annotated[
-        str, typer.Option(help="How query heads sharing a KV head combine: mean or max.")
-    ] = "mean",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    calibration: dict | None = None,
 ) -> None:
     """Measure the truncated matrix entropy of every attention head and save a calibration profile."""
     from uncomp_cli.errors import UncompError
@@ -76,19 +60,7 @@ def calibrate(
     if not out.parent.is_dir():
         raise UncompError(f"--out {out}: folder {out.parent} does not exist")
     started = time.perf_counter()
-    profile = run_calibration(
-        model=model,
-        data=[*(data or []), *(data_args or [])],
-        samples=samples,
-        seq_len=seq_len,
-        groups=groups,
-        stage_threshold=stage_threshold,
-        rank_k=rank_k,
-        source=source,
-        kv_aggregation=kv_aggregation,
-        device=device,
-        dtype=dtype,
-    )
+    profile = run_calibration(model, calibration, more_data=data_args)
     save_profile(profile, out)
     seconds = time.perf_counter() - started
     if json_output:

@@ -3,9 +3,13 @@ model loading and a progress bar on stderr around :func:`~uncomp_cli.profile.cal
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
 
 from uncomp_cli.cli.common import stderr_console
+from uncomp_cli.cli.options import Device, Dtype, option, with_options
+from uncomp_cli.defaults import DEFAULT_STAGE_THRESHOLD
 
 if TYPE_CHECKING:
     from uncomp_cli.profile.file import Profile
@@ -26,20 +30,27 @@ def _load_model(spec: str | None, device: str, dtype: str) -> Any:
     return load_model(spec, device=device, dtype=dtype)
 
 
-def run_calibration(
-    *,
-    model: str | None,
-    data: list[str],
-    samples: int,
-    seq_len: int,
-    groups: int | None,
-    stage_threshold: float,
-    rank_k: int | None,
-    source: str,
-    kv_aggregation: str,
-    device: str,
-    dtype: str,
-) -> Profile:
+#: What to calibrate on and how: ``calibrate`` and ``inspect-heads --model`` take them, as one dict.
+CALIBRATION_OPTIONS = [
+    option("data", Annotated[list[str] | None, typer.Option("--data", "-d", metavar="PATH", help=DATA_HELP)]),
+    option("samples", Annotated[int, typer.Option(help="Number of calibration windows.")], 8),
+    option("seq_len", Annotated[int, typer.Option(help="Tokens per window.")], 2048),
+    option("groups", Annotated[int | None, typer.Option(
+        help="Head groups per layer, by KV head (default 2, or the number of KV heads if fewer).")]),
+    option("stage_threshold", Annotated[float, typer.Option(help=STAGE_THRESHOLD_HELP)], DEFAULT_STAGE_THRESHOLD),
+    option("rank_k", Annotated[int | None, typer.Option(
+        help="Eigenvalues kept in the truncated entropy (default: head size / 4).")]),
+    option("source", Annotated[str, typer.Option(help="States measured: query (as the paper) or key.")], "query"),
+    option("kv_aggregation", Annotated[str, typer.Option(
+        help="How query heads sharing a KV head combine: mean or max.")], "mean"),
+    option("device", Device, "auto"),
+    option("dtype", Dtype, "auto"),
+]
+
+with_calibration_options = with_options("calibration", CALIBRATION_OPTIONS)
+
+
+def run_calibration(model: str | None, calibration: dict, more_data: list[str] | None = None) -> Profile:
     """Check the settings, read the data, load the model and calibrate with a progress bar on stderr.
 
     Cheap checks and data reading come before the model is loaded, so bad input fails fast; the
@@ -57,8 +68,11 @@ def run_calibration(
     from uncomp_cli.profile.calibrate import calibrate, calibration_windows, check_settings
     from uncomp_cli.profile.calibration_text import read_texts
 
-    measured = dict(groups=groups, stage_threshold=stage_threshold, rank_k=rank_k, source=source,
-                    kv_aggregation=kv_aggregation)
+    settings = dict(calibration)
+    data = [*(settings.pop("data") or []), *(more_data or [])]
+    device, dtype = settings.pop("device"), settings.pop("dtype")
+    samples, seq_len = settings.pop("samples"), settings.pop("seq_len")
+    measured = settings  # groups, stage_threshold, rank_k, source, kv_aggregation
     check_settings(samples=samples, seq_len=seq_len, **measured)
     text = read_texts(data) if data else None
     with stderr_console.status(f"loading {model or 'the default model'}…"):

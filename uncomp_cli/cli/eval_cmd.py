@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from uncomp_cli.cli.common import handle_errors, stderr_console
-from uncomp_cli.cli.options import Device, Dtype, Model, with_method_options
+from uncomp_cli.cli.options import Device, Dtype, Model, option, with_method_options, with_options
 from uncomp_cli.errors import UncompError
 from uncomp_cli.haystack import load_haystack
 from uncomp_cli.units import parse_lengths, split_list
@@ -36,21 +36,35 @@ DEFAULT_BUDGETS = "10%,5%"
 
 # -- options every eval command shares ------------------------------------------------------------
 
-Methods = Annotated[str, typer.Option(help="Comma-separated cache methods; full runs once, without a budget.")]
-Budgets = Annotated[str, typer.Option(help="Comma-separated budgets for every method but full: 10%, 5%, or 128.")]
-Profile = Annotated[
-    Path | None,
-    typer.Option(help="UNComp profile for the uncomp methods, ignored by the others "
-                 "(default: the cached one, calibrated once if missing)."),
+#: The grid, the model and the output: every eval command takes them, as one ``grid`` dict.
+GRID_OPTIONS = [
+    option("methods", Annotated[str, typer.Option(
+        help="Comma-separated cache methods; full runs once, without a budget.")], DEFAULT_METHODS),
+    option("budgets", Annotated[str, typer.Option(
+        help="Comma-separated budgets for every method but full: 10%, 5%, or 128.")], DEFAULT_BUDGETS),
+    option("model", Model),
+    option("profile", Annotated[Path | None, typer.Option(
+        help="UNComp profile for the uncomp methods, ignored by the others "
+             "(default: the cached one, calibrated once if missing).")]),
+    option("batch_size", Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")], 1),
+    option("out", Annotated[Path, typer.Option(
+        help="Results go to a folder named by the settings under this one.")], Path(DEFAULT_OUT)),
+    option("plot", Annotated[Path | None, typer.Option(
+        help="Also write the heatmaps as an image (needs matplotlib: pip install 'uncomp[plot]').")]),
+    option("json_output", Annotated[bool, typer.Option(
+        "--json", help="Print a JSON summary on stdout instead of the tables.")], False),
+    option("device", Device, "auto"),
+    option("dtype", Dtype, "auto"),
 ]
-BatchSize = Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")]
 Seed = Annotated[int, typer.Option(help="Seed for the generated prompts (needles, numbers, keys).")]
-Out = Annotated[Path, typer.Option(help="Results go to a folder named by the settings under this one.")]
-Plot = Annotated[
-    Path | None,
-    typer.Option(help="Also write the heatmaps as an image (needs matplotlib: pip install 'uncomp[plot]')."),
-]
-Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the tables.")]
+
+
+def eval_command(name: str):
+    """Register an eval command with the grid options and the method options (budgets are the grid's)."""
+    def register(command):
+        return eval_app.command(name)(handle_errors(with_options("grid", GRID_OPTIONS)(
+            with_method_options(exclude=("budget",))(command))))
+    return register
 
 
 # -- parsing --------------------------------------------------------------------------------------
@@ -77,26 +91,16 @@ def evaluate(
     suite: str,
     build: Callable[[object], list],
     settings: dict,
-    *,
-    model: str | None,
-    methods: str,
-    budgets: str,
-    profile: Path | None,
+    grid: dict,
     method_options: dict,
-    batch_size: int,
-    out: Path,
-    plot: Path | None,
-    json_output: bool,
-    device: str,
-    dtype: str,
     panels: Callable[[object], list] = lambda result: [],
     longest: tuple[int, int] | None = None,
 ) -> None:
     """Check every option, load the model once, build the examples once, run the grid, report.
 
-    build(loaded) -> examples; panels(result) -> the heatmaps to show and plot (render.Grid);
-    longest: (prompt tokens, answer tokens) of the longest example the suite will build, checked
-    against the model's context before any prompt is built.
+    build(loaded) -> examples; grid: the :data:`GRID_OPTIONS` values; panels(result) -> the
+    heatmaps to show and plot (render.Grid); longest: (prompt tokens, answer tokens) of the longest
+    example the suite will build, checked against the model's context before any prompt is built.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -106,16 +110,17 @@ def evaluate(
     from uncomp_cli.models.loading import load_model
     from uncomp_cli.models.prompting import context_length
 
+    batch_size, profile, plot = grid["batch_size"], grid["profile"], grid["plot"]
     if batch_size < 1:
         raise UncompError(f"--batch-size must be at least 1, got {batch_size}")
-    runs = plan_runs(split_list(methods, "--methods"), split_list(budgets, "--budgets"))
+    runs = plan_runs(split_list(grid["methods"], "--methods"), split_list(grid["budgets"], "--budgets"))
     check_runs(runs, method_options)  # before the model loads: a typo costs nothing
     if profile is not None and not profile.is_file():
         raise UncompError(f"profile not found: {profile}")
     if plot is not None:
         check_plot_path(plot)
 
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(grid["model"], device=grid["device"], dtype=grid["dtype"])
     limit = context_length(loaded.model.config)
     if longest is not None and sum(longest) > limit:
         raise UncompError(f"--lengths {longest[0]}: the prompt and {longest[1]} tokens of answer are over "
@@ -132,7 +137,8 @@ def evaluate(
                 tasks[run.name] = bar.add_task(run.name, total=total)
             bar.update(tasks[run.name], completed=done)
 
-        result = run_eval(loaded, examples, runs, suite=suite, settings=settings, out=out, selection=method_options,
+        result = run_eval(loaded, examples, runs, suite=suite, settings=settings, out=grid["out"],
+                          selection=method_options,
                           profile=profile, batch_size=batch_size, progress=progress)
 
     heatmaps = panels(result)
@@ -140,7 +146,7 @@ def evaluate(
         plot_grids(result, heatmaps, plot)
         stderr_console.print(f"wrote {plot}")
     stderr_console.print(f"results in {result.folder}")
-    if json_output:
+    if grid["json_output"]:
         typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     else:
         render_eval(result, Console(), heatmaps)
@@ -149,9 +155,7 @@ def evaluate(
 # -- the commands ---------------------------------------------------------------------------------
 
 
-@eval_app.command("needle")
-@handle_errors
-@with_method_options(exclude=("budget",))
+@eval_command("needle")
 def needle(
     haystack: Annotated[
         Path, typer.Option(help="Folder of .txt files the needle is hidden in (e.g. ../shared/data/haystack).")
@@ -174,16 +178,7 @@ def needle(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 12,
     seed: Seed = 0,
-    methods: Methods = DEFAULT_METHODS,
-    budgets: Budgets = DEFAULT_BUDGETS,
-    model: Model = None,
-    profile: Profile = None,
-    batch_size: BatchSize = 1,
-    out: Out = Path(DEFAULT_OUT),
-    plot: Plot = None,
-    json_output: Json = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    grid: dict | None = None,
     method_options: dict | None = None,
 ) -> None:
     """Needle in a haystack: a number hidden at each depth of prompts of each length; exact match.
@@ -216,15 +211,11 @@ def needle(
                                    distractors=distractors, templates=templates, max_new_tokens=max_new_tokens,
                                    samples=samples)
 
-    evaluate("multikey" if distractors else "needle", build, settings, model=model, methods=methods,
-             budgets=budgets, profile=profile, method_options=method_options or {}, batch_size=batch_size,
-             out=out, plot=plot, json_output=json_output, device=device, dtype=dtype,
+    evaluate("multikey" if distractors else "needle", build, settings, grid, method_options,
              panels=lambda result: grids(result, "length", "depth"), longest=(max(length_list), max_new_tokens))
 
 
-@eval_app.command("ruler")
-@handle_errors
-@with_method_options(exclude=("budget",))
+@eval_command("ruler")
 def ruler(
     tasks: Annotated[
         str,
@@ -238,16 +229,7 @@ def ruler(
         typer.Option(help="Folder of .txt files to fill the needle tasks with (default: RULER's noise sentences)."),
     ] = None,
     seed: Seed = 0,
-    methods: Methods = DEFAULT_METHODS,
-    budgets: Budgets = DEFAULT_BUDGETS,
-    model: Model = None,
-    profile: Profile = None,
-    batch_size: BatchSize = 1,
-    out: Out = Path(DEFAULT_OUT),
-    plot: Plot = None,
-    json_output: Json = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    grid: dict | None = None,
     method_options: dict | None = None,
 ) -> None:
     """RULER-style synthetic tasks (needles, variable tracking, common/frequent words), generated locally.
@@ -272,15 +254,11 @@ def ruler(
         return suite.make_examples(loaded.tokenizer, task_list, length_list, samples, seed=seed, haystack=text)
 
     answer = max(suite.MAX_NEW_TOKENS[t] for t in task_list)
-    evaluate("ruler", build, settings, model=model, methods=methods, budgets=budgets, profile=profile,
-             method_options=method_options or {}, batch_size=batch_size, out=out,
-             plot=plot, json_output=json_output, device=device, dtype=dtype,
-             panels=lambda result: grids(result, "task", "length"), longest=(max(length_list), answer))
+    evaluate("ruler", build, settings, grid, method_options, panels=lambda result: grids(result, "task", "length"),
+             longest=(max(length_list), answer))
 
 
-@eval_app.command("longbench")
-@handle_errors
-@with_method_options(exclude=("budget",))
+@eval_command("longbench")
 def longbench(
     data: Annotated[
         Path, typer.Option(help="Folder of LongBench JSONL files named <task>.jsonl (or LongBench-E's <task>_e.jsonl).")
@@ -292,16 +270,7 @@ def longbench(
         int, typer.Option(help="Longest prompt in tokens, chat template included; longer ones lose their middle.")
     ] = 3500,
     limit: Annotated[int | None, typer.Option(help="Only the first N examples of each task.")] = None,
-    methods: Methods = DEFAULT_METHODS,
-    budgets: Budgets = DEFAULT_BUDGETS,
-    model: Model = None,
-    profile: Profile = None,
-    batch_size: BatchSize = 1,
-    out: Out = Path(DEFAULT_OUT),
-    plot: Plot = None,
-    json_output: Json = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    grid: dict | None = None,
     method_options: dict | None = None,
 ) -> None:
     """LongBench from your own JSONL files, scored with each task's LongBench metric.
@@ -329,7 +298,4 @@ def longbench(
         return suite.load_examples(data, loaded.tokenizer, tasks=task_list, max_length=max_length, limit=limit,
                                    context_length=context_length(loaded.model.config))
 
-    evaluate("longbench", build, settings, model=model, methods=methods, budgets=budgets, profile=profile,
-             method_options=method_options or {}, batch_size=batch_size, out=out,
-             plot=plot, json_output=json_output, device=device, dtype=dtype,
-             panels=lambda result: [task_grid(result)])
+    evaluate("longbench", build, settings, grid, method_options, panels=lambda result: [task_grid(result)])

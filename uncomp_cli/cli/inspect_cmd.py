@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
-from uncomp_cli.cli.calibration import DATA_HELP, STAGE_THRESHOLD_HELP, run_calibration
+from uncomp_cli.cli.calibration import run_calibration, with_calibration_options
 from uncomp_cli.cli.common import handle_errors, stderr_console
-from uncomp_cli.defaults import DEFAULT_STAGE_THRESHOLD
 
 
 @handle_errors
+@with_calibration_options
 def inspect_heads(
     profile_path: Annotated[
         Path | None, typer.Argument(metavar="[PROFILE]", help="A profile written by `uncomp calibrate`.")
@@ -35,21 +35,12 @@ def inspect_heads(
         str | None,
         typer.Option("--model", "-m", help="Calibrate this model on the fly instead of reading a PROFILE."),
     ] = None,
-    data: Annotated[list[str] | None, typer.Option("--data", "-d", metavar="PATH", help=DATA_HELP)] = None,
-    samples: Annotated[int, typer.Option(help="On the fly: calibration windows.")] = 8,
-    seq_len: Annotated[int, typer.Option(help="On the fly: tokens per window.")] = 2048,
-    groups: Annotated[int | None, typer.Option(help="On the fly: head groups per layer.")] = None,
-    stage_threshold: Annotated[
-        float, typer.Option(help=f"On the fly: {STAGE_THRESHOLD_HELP}")
-    ] = DEFAULT_STAGE_THRESHOLD,
-    rank_k: Annotated[int | None, typer.Option(help="On the fly: eigenvalues kept (default head size / 4).")] = None,
-    source: Annotated[str, typer.Option(help="On the fly: query or key states.")] = "query",
-    device: Annotated[str, typer.Option(help="On the fly: auto, cpu, cuda, mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="On the fly: auto, float32, bfloat16, float16.")] = "auto",
+    calibration: dict | None = None,
 ) -> None:
     """Report head entropies as a layers × heads heatmap with groups and stages (or JSON / CSV / PNG).
 
-    Give a PROFILE, or --model/--data to compute the report on the fly without saving a profile.
+    Give a PROFILE, or --model/--data to compute the report on the fly without saving a profile
+    (the calibration options apply to that).
     With --compare OTHER, print how well the two profiles' head entropies agree (Spearman).
     """
     from rich.console import Console
@@ -71,7 +62,7 @@ def inspect_heads(
         raise UncompError("--compare prints a summary (text or --json), not CSV")
     if top < 0:
         raise UncompError(f"--top must be zero or more (got {top})")
-    on_the_fly = model is not None or bool(data)
+    on_the_fly = model is not None or bool(calibration["data"])
     if profile_path is not None and on_the_fly:
         raise UncompError("give either a PROFILE or --model/--data to calibrate on the fly, not both")
     if profile_path is None and not on_the_fly:
@@ -83,19 +74,7 @@ def inspect_heads(
     if profile_path is not None:
         profile = load_profile(profile_path)
     else:
-        profile = run_calibration(
-            model=model,
-            data=list(data or []),
-            samples=samples,
-            seq_len=seq_len,
-            groups=groups,
-            stage_threshold=stage_threshold,
-            rank_k=rank_k,
-            source=source,
-            kv_aggregation="mean",
-            device=device,
-            dtype=dtype,
-        )
+        profile = run_calibration(model, calibration)
 
     if plot is not None:
         plot_heatmap(profile, plot)

@@ -40,34 +40,47 @@ def _help(option: MethodOption) -> str:
     return option.help if option.default is None else f"{option.help} [default: {option.default}]"
 
 
-def _parameter(option: MethodOption) -> inspect.Parameter:
-    flag = option.flag
-    names = (f"{flag}/--no-{flag[2:]}",) if option.type is bool else (flag,)
-    annotation = Annotated[option.type | None, typer.Option(*names, help=_help(option), show_default=False)]
-    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+def _parameter(method_option: MethodOption) -> inspect.Parameter:
+    flag = method_option.flag
+    names = (f"{flag}/--no-{flag[2:]}",) if method_option.type is bool else (flag,)
+    help_text = _help(method_option)
+    return option(method_option.name, Annotated[method_option.type | None,
+                                                typer.Option(*names, help=help_text, show_default=False)])
 
 
-def with_method_options(exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
-    """Decorate a typer command that takes ``method_options: dict``: add a flag for every method
-    option but ``exclude`` and pass the command those the user gave, by keyword."""
-    chosen = [option for name, option in CATALOGUE.items() if name not in exclude]
+def with_options(into: str, parameters: list[inspect.Parameter], given_only: bool = False) -> Callable[[F], F]:
+    """Decorate a typer command that takes ``into: dict``: add ``parameters`` (keyword-only, each an
+    ``Annotated[..., typer.Option(...)]``) to its options and pass their values as that one dict
+    (``given_only``: only those the user gave, i.e. not None). Options several commands share are
+    declared once this way, and each command's own signature keeps only what is its own."""
+    names = [parameter.name for parameter in parameters]
 
     def decorate(command: F) -> F:
         signature = inspect.signature(command, eval_str=True)
-        kept = [p for p in signature.parameters.values() if p.name != "method_options"]
+        kept = [p for p in signature.parameters.values() if p.name != into]
 
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
-            given = {}
-            for option in chosen:
-                value = kwargs.pop(option.name, None)
-                if value is not None:
-                    given[option.name] = value
-            return command(*args, method_options=given, **kwargs)
+            values = {name: kwargs.pop(name) for name in names if name in kwargs}
+            if given_only:
+                values = {name: value for name, value in values.items() if value is not None}
+            return command(*args, **{into: values}, **kwargs)
 
-        parameters = kept + [_parameter(option) for option in chosen]
-        wrapper.__signature__ = signature.replace(parameters=parameters)
-        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        merged = kept + parameters
+        wrapper.__signature__ = signature.replace(parameters=merged)
+        wrapper.__annotations__ = {p.name: p.annotation for p in merged}
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def option(name: str, annotation, default=None) -> inspect.Parameter:
+    """A keyword-only parameter for :func:`with_options`."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def with_method_options(exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Add a flag for every method option but ``exclude``; the command gets ``method_options``, those
+    the user gave (the registry refuses one that the chosen methods do not take)."""
+    chosen = [_parameter(o) for name, o in CATALOGUE.items() if name not in exclude]
+    return with_options("method_options", chosen, given_only=True)

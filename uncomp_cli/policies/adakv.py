@@ -23,7 +23,7 @@ from uncomp_cli.engine.cache import GroupedKVLayer
 from uncomp_cli.engine.selection import top_indices
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies import options
-from uncomp_cli.policies.base import GroupedCachePolicy
+from uncomp_cli.policies.snapkv import SnapKVPolicy
 
 
 def adakv_budgets(scores: torch.Tensor, budget: int, window: int, floor: float = DEFAULT_ADAKV_FLOOR
@@ -56,10 +56,10 @@ def adakv_budgets(scores: torch.Tensor, budget: int, window: int, floor: float =
 
 
 @dataclass
-class AdaKVPolicy(GroupedCachePolicy):
-    """``budget``: the average tokens per KV head (``128``, or ``"5%"`` of the prompt — of the longest
-    row in a batch); ``floor`` (0–1): the safeguard share of it, beyond the window, that every head
-    keeps. ``floor=1`` gives every head the average: SnapKV.
+class AdaKVPolicy(SnapKVPolicy):
+    """SnapKV's scores and options, with ``budget`` the average tokens per KV head (``128``, or
+    ``"5%"`` of the prompt — of the longest row in a batch); ``floor`` (0–1): the safeguard share of
+    it, beyond the window, that every head keeps. ``floor=1`` gives every head the average: SnapKV.
 
     Batches: each row is allocated from its own scores; a KV head stores the most any row gave it
     and marks a row's surplus entries invalid, so every row keeps exactly what it would alone.
@@ -67,13 +67,7 @@ class AdaKVPolicy(GroupedCachePolicy):
 
     name: ClassVar[str] = "adakv"
 
-    budget: int | str = options.BUDGET.field()
     floor: float = options.FLOOR.field()
-    window: int = options.WINDOW.field()
-    kernel: int = options.KERNEL.field()
-    pooling: str = options.POOLING.field()
-    aggregate: str = options.AGGREGATE.field()
-    decode_evict: bool = options.DECODE_EVICT.field()
 
     def validate(self) -> None:
         if isinstance(self.floor, bool) or not isinstance(self.floor, int | float) or not 0 <= self.floor <= 1:

@@ -18,7 +18,7 @@ from typing import ClassVar
 from uncomp_cli.defaults import DEFAULT_PYRAMID_BETA
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies import options
-from uncomp_cli.policies.base import GroupedCachePolicy
+from uncomp_cli.policies.snapkv import SnapKVPolicy
 
 
 def pyramid_budgets(budget: int, prompt_len: int, window: int, num_layers: int,
@@ -47,18 +47,12 @@ def pyramid_budgets(budget: int, prompt_len: int, window: int, num_layers: int,
 
 
 @dataclass
-class PyramidKVPolicy(GroupedCachePolicy):
-    """``budget``: the average tokens per KV head over layers (``128`` or ``"5%"`` of the longest
-    prompt); ``beta``: how steep the pyramid is (1 = flat, SnapKV). Selection as SnapKV's."""
+class PyramidKVPolicy(SnapKVPolicy):
+    """SnapKV's selection and options, with ``budget`` the average tokens per KV head over layers
+    (``128`` or ``"5%"`` of the longest prompt); ``beta``: how steep the pyramid is (1 = flat, SnapKV)."""
 
     name: ClassVar[str] = "pyramidkv"
 
-    budget: int | str = options.BUDGET.field()
-    window: int = options.WINDOW.field()
-    kernel: int = options.KERNEL.field()
-    pooling: str = options.POOLING.field()
-    aggregate: str = options.AGGREGATE.field()
-    decode_evict: bool = options.DECODE_EVICT.field()
     beta: float = options.BETA.field()
 
     def validate(self) -> None:

@@ -296,12 +296,7 @@ def check_settings(*, samples: int, seq_len: int, groups: int | None, stage_thre
                    rank_k: int | None, source: str, kv_aggregation: str) -> None:
     """Every calibration setting that can be checked without a model, each error naming its option."""
     check_window_settings(samples, seq_len)
-    if source not in ENTROPY_SOURCES:
-        raise UncompError(f"--source must be one of {', '.join(ENTROPY_SOURCES)} (got {source!r})")
-    if kv_aggregation not in KV_AGGREGATIONS:
-        raise UncompError(f"--kv-aggregation must be one of {', '.join(KV_AGGREGATIONS)} (got {kv_aggregation!r})")
-    if not stage_threshold >= 0:
-        raise UncompError(f"--stage-threshold must be zero or positive (got {stage_threshold})")
+    _check_choices(source, kv_aggregation, stage_threshold)
     if rank_k is not None and rank_k < 1:
         raise UncompError(f"--rank-k must be at least 1 (got {rank_k})")
     if groups is not None and groups < 1:
@@ -341,6 +336,15 @@ def calibrate_loaded(loaded: Any, text: CalibrationText | None = None, *, progre
                      **{k: v for k, v in settings.items() if k not in ("samples", "seq_len")})
 
 
+def _check_choices(source: str, kv_aggregation: str, stage_threshold: float) -> None:
+    if source not in ENTROPY_SOURCES:
+        raise UncompError(f"--source must be one of {', '.join(ENTROPY_SOURCES)} (got {source!r})")
+    if kv_aggregation not in KV_AGGREGATIONS:
+        raise UncompError(f"--kv-aggregation must be one of {', '.join(KV_AGGREGATIONS)} (got {kv_aggregation!r})")
+    if not stage_threshold >= 0:
+        raise UncompError(f"--stage-threshold must be zero or positive (got {stage_threshold})")
+
+
 def resolve_settings(
     shape: ModelShape,
     *,
@@ -354,12 +358,7 @@ def resolve_settings(
 
     Raises :class:`UncompError` (one line, naming the CLI option) for anything the model cannot take.
     """
-    if source not in ENTROPY_SOURCES:
-        raise UncompError(f"unknown entropy source {source!r}; choose one of {', '.join(ENTROPY_SOURCES)}")
-    if kv_aggregation not in KV_AGGREGATIONS:
-        raise UncompError(f"unknown KV-head aggregation {kv_aggregation!r}; choose one of {', '.join(KV_AGGREGATIONS)}")
-    if not stage_threshold >= 0:
-        raise UncompError(f"--stage-threshold must be zero or positive (got {stage_threshold})")
+    _check_choices(source, kv_aggregation, stage_threshold)
     rank_k = check_rank_k(rank_k if rank_k is not None else default_rank_k(shape.head_dim), shape.head_dim)
     groups = groups if groups is not None else min(DEFAULT_GROUPS, shape.num_kv_heads)
     if not 1 <= groups <= shape.num_kv_heads:
