@@ -1,4 +1,8 @@
-"""Helpers shared by the commands: one-line errors, stderr console, human-number parsing."""
+"""Helpers shared by the commands: one-line errors, the stderr console, logging to stderr.
+
+Human numbers (``4k``, ``8GiB``) are parsed by :mod:`uncomp_cli.units`; shared options live in
+:mod:`uncomp_cli.cli.options`.
+"""
 
 from __future__ import annotations
 

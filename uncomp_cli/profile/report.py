@@ -195,15 +195,6 @@ def _geometry(p: Profile) -> str:
     return f"{p.model} ({p.num_layers} layers × {p.num_heads} query heads / {p.num_kv_heads} KV heads)"
 
 
-def _origin(p: Profile) -> dict[str, Any]:
-    return {
-        "model": p.model,
-        "calibration_data": p.calibration_data,
-        "samples": p.samples,
-        "seq_len": p.seq_len,
-    }
-
-
 def comparison_lines(result: dict[str, Any]) -> list[str]:
     """Human lines for :func:`compare_profiles`."""
     return [
