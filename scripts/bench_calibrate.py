@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import uncomp_cli.profile.calibrate as calibrate_module  # noqa: E402
+from uncomp_cli.models.loading import load_model  # noqa: E402
 from uncomp_cli.profile.calibrate import calibrate  # noqa: E402
 from uncomp_cli.profile.calibration_text import builtin_texts, read_texts, token_windows  # noqa: E402
-from uncomp_cli.models.loading import load_model  # noqa: E402
 from uncomp_cli.profile.file import ModelShape  # noqa: E402
 
 MIB = 1024 * 1024

@@ -32,8 +32,8 @@ def main() -> None:
     parser.add_argument("--pooling", choices=POOLINGS, default=DEFAULT_POOLING)
     args = parser.parse_args()
 
-    from uncomp_cli.models.loading import load_model
     from uncomp_cli.engine.selection import SnapKVScorer, resolve_budget, select_tokens, window_attention
+    from uncomp_cli.models.loading import load_model
 
     loaded = load_model(args.model, device="cpu")
     config = loaded.model.config

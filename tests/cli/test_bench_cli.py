@@ -66,6 +66,7 @@ def test_memory_cap_mode_reports_the_largest_batch():
     (["--layers", "0"], "--layers"),
     (["--haystack", "."], "--haystack"),
     (["--methods", "full", "--profile", "p.safetensors"], "--profile"),
+    (["--methods", "full,snapkv", "--sinks", "4"], "--sinks applies to streamingllm, not full, snapkv"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(args, message):
     base = ["--model-config", "tiny", "--lengths", "64", "--budgets", "40"]

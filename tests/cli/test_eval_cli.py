@@ -173,6 +173,11 @@ def test_longbench_reads_the_users_files_and_shows_scores_by_task(tiny_model_dir
     (["--distractors", "10"], "--distractors must be between 0 and 9, got 10"),
     (["--samples", "0"], "--samples must be at least 1, got 0"),
     (["--needle-template", "no number here"], "--needle-template must contain {value}, the number to retrieve"),
+    (["--methods", "full,snapkv", "--sinks", "4"], "--sinks applies to streamingllm, not full, snapkv"),
+    (["--methods", "full", "--window", "8"], "--window applies to adakv, h2o, pyramidkv, snapkv, uncomp, "
+                                             "uncomp-noprune, uncomp-uniform, not full"),
+    (["--methods", "snapkv", "--budgets", "16"], "snapkv-16: budget 16 is below the 32-token observation window; "
+                                                 "raise the budget or lower the window"),
 ])
 def test_bad_options_fail_in_one_line_before_the_model_loads(haystack_dir, tmp_path, args, message):
     # The model does not exist: had it been loaded first, the error would name it instead.

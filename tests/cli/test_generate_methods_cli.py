@@ -80,3 +80,31 @@ def test_a_profile_for_another_model_is_refused(tiny_profile, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith("error: profile is for 4 layers")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "snapkv", "--sinks", "4"], "error: --sinks applies to streamingllm, not snapkv"),
+    (["--method", "full", "--budget", "5%"], "error: --budget applies to adakv, h2o, pyramidkv, snapkv, "
+                                             "streamingllm, uncomp, uncomp-noprune, uncomp-uniform, not full"),
+    (["--method", "streamingllm", "--window", "8"], "error: --window applies to adakv, h2o, pyramidkv, snapkv, "
+                                                     "uncomp, uncomp-noprune, uncomp-uniform, not streamingllm"),
+    (["--method", "uncomp-noprune", "--prefill-keep", "0.5"], "error: --prefill-keep applies to uncomp, "
+                                                               "uncomp-uniform, not uncomp-noprune"),
+    (["--method", "h2o", "--no-decode-evict", "--floor", "0.5"], "error: --floor applies to adakv, not h2o"),
+])
+def test_an_option_the_method_does_not_take_is_one_error_line_before_the_model_loads(tmp_path, args, message):
+    result = run("-m", tmp_path / "no-model", "hello", *args)  # the model would fail to load: it is never tried
+    assert result.exit_code == 2
+    assert result.stderr.strip() == message and result.stdout == ""
+
+
+def test_a_share_too_small_for_a_short_prompt_keeps_it_whole_and_notes_it_once(tiny_model_dir, tiny_profile):
+    common = ["-m", tiny_model_dir, "hello there", "--raw", "--max-new-tokens", 3, "--json"]
+    full = as_json(run(*common))
+    for method in ("snapkv", "uncomp"):
+        profile = ["--profile", tiny_profile] if method == "uncomp" else []
+        result = run(*common, "--method", method, "--budget", "10%", *profile)
+        data = as_json(result)
+        assert data["text"] == full["text"] and data["kv_cache_bytes"] == full["kv_cache_bytes"]
+        assert data["kv_budget_tokens"] == data["prompt_tokens"] and "too short to compress" in data["budget_note"]
+        assert result.stderr.count("note: budget 10% of this") == 1

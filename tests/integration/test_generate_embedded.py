@@ -29,3 +29,14 @@ def test_cli_json_on_the_default_model():
     # x 2 (K and V) x 4 bytes for each token seen.
     assert data["new_tokens"] == 4
     assert data["full_kv_cache_bytes"] == 30 * 3 * 64 * 2 * 4 * (data["prompt_tokens"] + 3)
+
+
+def test_uncomp_answers_a_short_question_with_its_default_budget():
+    """10 % of a 37-token question is under the observation window: the prompt is kept whole (with a
+    note on stderr) instead of the exit 2 a new user used to meet first."""
+    result = CliRunner().invoke(app, ["generate", "--method", "uncomp", "--max-new-tokens", "12", "--json",
+                                      "What is the capital of France?"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert "Paris" in data["text"]
+    assert data["kv_budget_tokens"] == data["prompt_tokens"] and "note: budget 10%" in result.stderr

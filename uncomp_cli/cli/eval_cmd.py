@@ -30,8 +30,8 @@ eval_app = typer.Typer(
 
 DEFAULT_OUT = "uncomp-eval"  # uncomp_cli.eval.runner.DEFAULT_OUT, without importing torch for --help
 DEFAULT_METHODS = "full,snapkv,uncomp"
-# 2% of a 1k prompt (21 tokens) is under the default 32-token observation window: such a share keeps
-# the window, so 2% only means 2% from prompts of 1600 tokens on.
+# 2% of a 1k prompt (21 tokens) is under the default 32-token observation window: such a prompt is kept
+# whole, so 2% only compresses from prompts of 1,551 tokens on.
 DEFAULT_BUDGETS = "10%,5%"
 
 # -- options every eval command shares ------------------------------------------------------------

@@ -187,14 +187,15 @@ def generate(
         truncate=truncate,
         on_text=write if streaming else None,
     )
-    if "budget_note" in result.stats:
-        typer.echo(f"note: {result.stats['budget_note']}", err=True)
     if json_output:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
     elif streaming:
         sys.stdout.write("\n")
+        sys.stdout.flush()
     else:
         typer.echo(result.text)
+    if "budget_note" in result.stats:  # after the text's last line, so a terminal shows them apart
+        typer.echo(f"note: {result.stats['budget_note']}", err=True)
 
 
 def _run_batch(loaded, batch, settings, batch_size, truncate, output, system, raw, policy) -> None:

@@ -48,7 +48,7 @@ class MethodOption:
 BUDGET = MethodOption(
     "budget", str, DEFAULT_BUDGET,
     "Average KV entries kept per KV head: a share of the prompt (5%) or tokens (128). A share that falls "
-    "below what the method must keep (its observation window) on a short prompt keeps that much.")
+    "below what the method must keep (its observation window) on a short prompt keeps the whole prompt.")
 WINDOW = MethodOption(
     "window", int, DEFAULT_WINDOW,
     "Observation window: the last prompt tokens whose attention scores the others (always kept).")

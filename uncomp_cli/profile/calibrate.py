@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 # entropy, as the official code); ε = 0.02 on the ``H_k / ln d`` scale (mean over a layer's query
 # heads) gives 2–3 stages on the embedded SmolLM2-135M with either calibration source
 # (sweep in docs/calibration.md).
-#: Keep fractions follow the official schedule 4096/3456/2816/2176/1536 of 4096 tokens: one step
+#: Keep fractions take the official schedule's steps as shares of the prompt: 4096/3456/2816/2176/1536
+#: of 4096 tokens (the official code keeps those absolute counts, so the two agree near 4k only): one step
 #: of 640/4096 per stage, down to at most 1536/4096.
 KEEP_STEP = 640 / 4096
 KEEP_FLOOR = 1536 / 4096
@@ -79,9 +80,10 @@ def layer_stages(layer_entropy: torch.Tensor, threshold: float) -> tuple[torch.T
 
 
 def stage_keep_fractions(num_stages: int) -> torch.Tensor:
-    """Fraction of the prompt kept by each stage: ``1 − s · step``, the official schedule.
+    """Fraction of the prompt kept by each stage: ``1 − s · step``.
 
-    The step is 640/4096 (five stages give 1, .84, .69, .53, .375 exactly as the official code);
+    The step is 640/4096 (five stages give 1, .84, .69, .53, .375: the official code's token
+    counts at a 4096-token prompt, as shares of any prompt; docs/calibration.md);
     with more than five stages it shrinks so that the last stage keeps 1536/4096 = 0.375.
     Returns ``[num_stages]`` float32.
     """

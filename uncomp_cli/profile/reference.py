@@ -1,4 +1,5 @@
-"""A profile with the official structure for models whose entropies mean nothing (random weights).
+"""A profile with the official code's shape (five stages, two KV-head groups) for models whose
+entropies mean nothing (random weights).
 
 Speed depends only on a profile's structure (how many tokens each layer keeps, how budgets are
 spread), not on which head lands in which group, so ``uncomp bench --model-config`` measures the
@@ -12,13 +13,13 @@ import torch
 from uncomp_cli.profile.calibrate import group_budget_shares, group_sizes, stage_keep_fractions
 from uncomp_cli.profile.file import ModelShape, Profile, fingerprint_fields, model_fingerprint
 
-#: The official code's prefill schedule has five stages (keep 100 / 84 / 69 / 53 / 37.5 %).
+#: The official code's prefill schedule has five stages (here as shares: keep 100 / 84 / 69 / 53 / 37.5 %).
 REFERENCE_STAGES = 5
 REFERENCE_GROUPS = 2
 
 
 def reference_profile(config, name: str = "reference") -> Profile:
-    """A profile with the official structure, for models whose entropies mean nothing (random weights).
+    """Five stages and two groups as in the official code, for models whose entropies mean nothing.
 
     Layers are split into ``REFERENCE_STAGES`` consecutive stages of equal size (keep fractions of
     :func:`~uncomp_cli.profile.calibrate.stage_keep_fractions`); in every layer the first half of the KV
