@@ -130,6 +130,67 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class Continuation:
+    """What :func:`feed_and_generate` produced: new tokens per row and the two phases' times."""
+
+    tokens: list[list[int]]
+    prefill_seconds: float  # the forward pass over the fed tokens, plus picking the first new token
+    decode_seconds: float
+    attention_mask: torch.Tensor  # [B, all tokens seen], for the byte accounting
+
+
+def feed_and_generate(
+    model,
+    cache,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    settings: GenerationSettings,
+    eos_ids: Sequence[int],
+    on_tokens: Callable[[torch.Tensor], None] | None = None,
+) -> Continuation:
+    """Feed ``input_ids`` [B, q] at ``positions`` [B, q] into ``cache`` and generate.
+
+    ``cache`` is empty (a prompt's prefill) or already holds earlier tokens (a question after a
+    compressed context), which ``attention_mask`` [B, earlier + q] then covers. Each row stops at
+    its first end-of-sequence token (not included) or after ``settings.max_new_tokens``;
+    ``on_tokens`` sees each step's tokens [B] as they are chosen. The caller installs whatever
+    attention the cache needs.
+    """
+    device = input_ids.device
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+    eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
+    batch = input_ids.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    next_position = positions[:, -1:] + 1  # [B, 1]
+
+    _sync(device)
+    started = time.perf_counter()
+    logits = forward_last(model, input_ids, attention_mask, positions, cache)
+    tokens = pick_tokens(logits, settings, generator)
+    _sync(device)
+    prefill_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for step in range(settings.max_new_tokens):
+        done |= torch.isin(tokens, eos)
+        for row in (~done).nonzero().flatten().tolist():
+            rows[row].append(int(tokens[row]))
+        if on_tokens is not None:
+            on_tokens(torch.where(done, -1, tokens))
+        if bool(done.all()) or step == settings.max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+        logits = decode_one(model, tokens[:, None], attention_mask, next_position, cache)
+        next_position = next_position + 1
+        tokens = pick_tokens(logits, settings, generator)
+    _sync(device)
+    return Continuation(rows, prefill_seconds, time.perf_counter() - started, attention_mask)
+
+
 def generate_ids(
     model,
     input_ids: torch.Tensor,
@@ -145,48 +206,19 @@ def generate_ids(
     ``settings.max_new_tokens``; ``on_tokens`` sees each step's tokens [B] as they are chosen.
     ``policy``: what the cache keeps (None: everything, in a ``DynamicCache``).
     """
-    device = input_ids.device
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(settings.seed)
-    eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
-    batch = input_ids.shape[0]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    rows: list[list[int]] = [[] for _ in range(batch)]
-    next_position = attention_mask.long().sum(-1, keepdim=True)  # [B, 1]
-
     attached = contextlib.nullcontext(DynamicCache(config=model.config)) if policy is None \
         else policy.attach(model, attention_mask)
     with attached as cache:
-        _sync(device)
-        started = time.perf_counter()
-        logits = prefill(model, input_ids, attention_mask, cache)
-        tokens = pick_tokens(logits, settings, generator)
-        _sync(device)
-        prefill_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        for step in range(settings.max_new_tokens):
-            done |= torch.isin(tokens, eos)
-            for row in (~done).nonzero().flatten().tolist():
-                rows[row].append(int(tokens[row]))
-            if on_tokens is not None:
-                on_tokens(torch.where(done, -1, tokens))
-            if bool(done.all()) or step == settings.max_new_tokens - 1:
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
-            logits = decode_one(model, tokens[:, None], attention_mask, next_position, cache)
-            next_position = next_position + 1
-            tokens = pick_tokens(logits, settings, generator)
-        _sync(device)
-        decode_seconds = time.perf_counter() - started
-        stats = {} if policy is None else policy.stats(cache)
+        out = feed_and_generate(model, cache, input_ids, attention_mask, prompt_positions(attention_mask), settings,
+                                eos_ids, on_tokens)
         return LoopOutput(
-            tokens=rows,
-            prefill_seconds=prefill_seconds,
-            decode_seconds=decode_seconds,
+            tokens=out.tokens,
+            prefill_seconds=out.prefill_seconds,
+            decode_seconds=out.decode_seconds,
             kv_cache_bytes=cache_nbytes(cache),
-            full_kv_cache_bytes=full_kv_cache_bytes(model.config, batch, attention_mask.shape[-1], model.dtype),
-            stats=stats,
+            full_kv_cache_bytes=full_kv_cache_bytes(model.config, input_ids.shape[0], out.attention_mask.shape[-1],
+                                                    model.dtype),
+            stats={} if policy is None else policy.stats(cache),
         )
 
 
