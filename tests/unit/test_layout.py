@@ -16,6 +16,7 @@ LAYERS = [
     {"profile"},
     {"engine"},
     {"policies"},
+    {"contexts"},
     {"eval", "bench"},
     {"cli"},
 ]

@@ -35,12 +35,14 @@ def _root(
 from uncomp_cli.cli import (  # noqa: E402
     bench_cmd,
     calibrate_cmd,
+    compress_cmd,
     eval_cmd,
     generate_cmd,
     inspect_cmd,
 )
 
 app.command("generate")(generate_cmd.generate)
+app.command("compress")(compress_cmd.compress)
 app.command("calibrate")(calibrate_cmd.calibrate)
 app.command("inspect-heads")(inspect_cmd.inspect_heads)
 app.command("bench")(bench_cmd.bench)

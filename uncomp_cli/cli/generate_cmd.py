@@ -12,7 +12,7 @@ import typer
 from uncomp_cli.cli.common import handle_errors
 from uncomp_cli.cli.options import METHOD_NAMES, Device, Dtype, Model, with_method_options
 from uncomp_cli.defaults import DEFAULT_METHOD
-from uncomp_cli.errors import PromptError
+from uncomp_cli.errors import PromptError, UncompError
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -125,6 +125,25 @@ def generate(
         Path | None, typer.Option(help="With --input: write the JSONL results here (atomically) instead of stdout.")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="With --input: prompts per forward pass.")] = 8,
+    context: Annotated[
+        str | None,
+        typer.Option(help="A compressed context file from 'uncomp compress' to ask questions on, or '-' to read "
+                     "the context text from stdin (compressed first, apart from the questions)."),
+    ] = None,
+    context_file: Annotated[
+        Path | None,
+        typer.Option(help="A text file to compress once as the context; the prompt and each --question are "
+                     "asked on it, each on the same compressed cache."),
+    ] = None,
+    question: Annotated[
+        list[str] | None, typer.Option("--question", "-q", help="A question on the context (repeatable).")
+    ] = None,
+    questions_file: Annotated[
+        Path | None, typer.Option(help="Questions on the context, one a line.")
+    ] = None,
+    answer_prefix: Annotated[
+        str | None, typer.Option(help="With a context: the start of each answer, fed after the question.")
+    ] = None,
     method: Annotated[str, typer.Option(help=f"KV cache: {', '.join(METHOD_NAMES)}.")] = DEFAULT_METHOD,
     profile: Annotated[
         Path | None,
@@ -140,7 +159,8 @@ def generate(
     """Generate text from a prompt, with a full or a compressed KV cache.
 
     Method options (--budget, --window, --sinks…) apply to the methods that take them; giving one
-    that --method does not take is an error.
+    that --method does not take is an error. With --context-file or --context, the context is
+    compressed once without the question, and every question is answered on it.
     """
     from uncomp_cli.engine.generation import GenerationSettings
     from uncomp_cli.engine.generation import generate as run_generate
@@ -152,6 +172,14 @@ def generate(
         raise typer.BadParameter(f"use one of {', '.join(TRUNCATE_MODES)}", param_hint="--truncate")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     settings.validate()
+    if context is not None or context_file is not None:
+        _answer_on_context(prompt, context, context_file, question, questions_file, answer_prefix, settings,
+                           model, device, dtype, method, method_options or {}, profile, system, raw, json_output,
+                           stream)
+        return
+    if question or questions_file is not None or answer_prefix is not None:
+        raise UncompError("--question, --questions-file and --answer-prefix are for a context (--context-file or "
+                          "--context)")
     if input_path is not None:
         if prompt is not None or prompt_file is not None:
             raise typer.BadParameter("give prompts either with --input or as a prompt, not both", param_hint="--input")
@@ -196,6 +224,29 @@ def generate(
         typer.echo(result.text)
     if "budget_note" in result.stats:  # after the text's last line, so a terminal shows them apart
         typer.echo(f"note: {result.stats['budget_note']}", err=True)
+
+
+def _answer_on_context(prompt, context, context_file, questions, questions_file, answer_prefix, settings, model,
+                       device, dtype, method, method_options, profile, system, raw, json_output, stream) -> None:
+    """Compress the context once (or load a compressed one) and answer every question on it."""
+    from uncomp_cli.cli.contexts import context_text, print_answers, read_questions
+    from uncomp_cli.contexts.compress import compress_context
+    from uncomp_cli.contexts.file import load_context
+    from uncomp_cli.models.loading import load_model
+    from uncomp_cli.policies.registry import make_policy, with_profile
+
+    text = context_text(context, context_file)
+    asked = read_questions(prompt, questions, questions_file)
+    if text is None and (method != DEFAULT_METHOD or method_options or profile is not None):
+        raise UncompError("a compressed context file brings its own method and settings; drop --method, its "
+                          "options and --profile (or compress the text again with them)")
+    policy = make_policy(method, **method_options) if text is not None else None  # bad settings fail fast
+    loaded = load_model(model, device=device, dtype=dtype)
+    if text is None:
+        compressed = load_context(loaded, Path(context))
+    else:
+        compressed = compress_context(loaded, text, with_profile(policy, loaded, profile), system=system, raw=raw)
+    print_answers(loaded, compressed, asked, settings, answer_prefix, json_output, stream)
 
 
 def _run_batch(loaded, batch, settings, batch_size, truncate, output, system, raw, policy) -> None:

@@ -90,11 +90,6 @@ def forward_last(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     return out.logits[:, -1, :]
 
 
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
-    """Run the prompt through the model into ``cache``. input_ids: [B, S] -> last logits [B, V]."""
-    return forward_last(model, input_ids, attention_mask, prompt_positions(attention_mask), cache)
-
-
 def decode_one(model, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                cache) -> torch.Tensor:
     """Feed one token per row. tokens, positions: [B, 1]; attention_mask: [B, past + 1] -> [B, V]."""

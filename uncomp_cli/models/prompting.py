@@ -34,6 +34,40 @@ def build_prompt_ids(tokenizer, prompt: str, system: str | None = None, raw: boo
     return list(ids)
 
 
+#: Between a context and the question asked about it, as in one user message "context\n\nquestion".
+CONTEXT_SEPARATOR = "\n\n"
+_QUESTION_MARK = "<<uncomp-question>>"
+
+
+def context_prompt(tokenizer, context: str, system: str | None = None, raw: bool = False) -> tuple[list[int], str]:
+    """A context prompted apart from its questions: (the context's token ids, the text that follows
+    every question).
+
+    The chat template is rendered for one user message ``context + "\n\n" + question`` and cut where
+    the question goes (kvpress's pipeline does the same): the ids hold the template's head, the
+    system message and the context; the tail (end of the user turn, start of the assistant's) is
+    put after each question. ``raw``: the context as given, no tail.
+    """
+    if not context or not context.strip():
+        raise PromptError("the context is empty")
+    if raw or not getattr(tokenizer, "chat_template", None):
+        text = f"{system}\n\n{context}" if system else context
+        ids = tokenizer(text + CONTEXT_SEPARATOR, add_special_tokens=True)["input_ids"]
+        return list(ids), ""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": context + CONTEXT_SEPARATOR + _QUESTION_MARK})
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    head, _, tail = rendered.partition(_QUESTION_MARK)
+    return list(tokenizer(head, add_special_tokens=False)["input_ids"]), tail
+
+
+def question_ids(tokenizer, question: str, tail: str, answer_prefix: str | None = None) -> list[int]:
+    """The tokens fed after a context: the question, the template's tail, then ``answer_prefix``."""
+    if not question or not question.strip():
+        raise PromptError("the question is empty")
+    return list(tokenizer(question + tail + (answer_prefix or ""), add_special_tokens=False)["input_ids"])
+
+
 def fit_to_context(ids: list[int], context: int, max_new_tokens: int, truncate: str = "none") -> list[int]:
     """Check that prompt + new tokens fit the context; ``truncate="middle"`` cuts the prompt's middle.
 

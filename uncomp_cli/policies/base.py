@@ -55,6 +55,12 @@ class CachePolicy:
         """Yield a cache to prefill and decode with; undo any change to ``model`` on exit."""
         yield self.make_cache(model, attention_mask)
 
+    @contextlib.contextmanager
+    def resume(self, model: torch.nn.Module, cache: Cache) -> Iterator[Cache]:
+        """Run ``model`` again on a cache this policy made (a compressed context, a question after
+        it): what :meth:`attach` installs for decoding, without a new cache; undone on exit."""
+        yield cache
+
     def stats(self, cache: Cache) -> dict:
         """What this run's cache resolved and did (budgets, tokens per layer), for the results."""
         return {}
@@ -128,6 +134,11 @@ class GroupedCachePolicy(CachePolicy):
     def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[Cache]:
         """Grouped attention over the cache :meth:`make_cache` builds; the model's is put back on exit."""
         with use_grouped_cache(model, self.make_cache(model, attention_mask)) as cache:
+            yield cache
+
+    @contextlib.contextmanager
+    def resume(self, model: torch.nn.Module, cache: Cache) -> Iterator[Cache]:
+        with use_grouped_cache(model, cache):
             yield cache
 
     def stats(self, cache: Cache) -> dict:

@@ -1,0 +1,71 @@
+"""``uncomp compress`` and ``uncomp generate --context…``: one compression, many questions, files."""
+
+from __future__ import annotations
+
+import json
+
+from generate_cli import as_json, run
+from typer.testing import CliRunner
+
+from uncomp_cli.cli.app import app
+
+CONTEXT = " ".join(f"Item {i} is stored in box {i * 7 % 13}." for i in range(40))
+
+
+def compress(*args):
+    return CliRunner().invoke(app, ["compress", *map(str, args)])
+
+
+def json_lines(result) -> list[dict]:
+    assert result.exit_code == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_each_question_is_one_json_line_on_one_compressed_context(tiny_model_dir, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(CONTEXT)
+    questions = tmp_path / "q.txt"
+    questions.write_text("Which box holds item 30?\n\nName an item.\n")
+    lines = json_lines(run("-m", tiny_model_dir, "--context-file", doc, "Where is item 12?", "-q", "Any other?",
+                           "--questions-file", questions, "--method", "snapkv", "--budget", 24, "--window", 4,
+                           "--kernel", 3, "--max-new-tokens", 4, "--json"))
+    assert [line["question"] for line in lines] == ["Where is item 12?", "Any other?", "Which box holds item 30?",
+                                                    "Name an item."]
+    assert len({line["context_kv_cache_bytes"] for line in lines}) == 1  # one compression served them all
+    assert all(line["method"] == "snapkv" and line["context_tokens"] < line["prompt_tokens"] for line in lines)
+
+
+def test_a_saved_context_answers_like_compressing_it_again(tiny_model_dir, tmp_path):
+    doc, out = tmp_path / "doc.txt", tmp_path / "doc.uncomp"
+    doc.write_text(CONTEXT)
+    options = ["--method", "snapkv", "--budget", 24, "--window", 4, "--kernel", 3]
+    summary = compress("-m", tiny_model_dir, "--context-file", doc, "--out", out, *options, "--json")
+    assert summary.exit_code == 0, summary.stderr
+    data = json.loads(summary.stdout)
+    assert data["kv_cache_bytes"] < data["full_kv_cache_bytes"] and out.is_file()
+    direct = as_json(run("-m", tiny_model_dir, "--context-file", doc, "Where is item 12?", *options,
+                         "--max-new-tokens", 5, "--json"))
+    reused = as_json(run("-m", tiny_model_dir, "--context", out, "Where is item 12?", "--max-new-tokens", 5,
+                         "--json"))
+    assert reused["text"] == direct["text"] and reused["kv_cache_bytes"] == direct["kv_cache_bytes"]
+    assert reused["context_prefill_seconds"] == 0  # nothing was prefilled again
+
+
+def test_context_errors_are_one_line(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.uncomp"
+    bad.write_text("not a context")
+    doc = tmp_path / "doc.txt"
+    doc.write_text(CONTEXT)
+    for args, message in [
+        (["--context", bad, "q?"], "is not a compressed context file"),
+        (["--context", bad, "q?", "--method", "snapkv"], "a compressed context file brings its own method"),
+        (["-q", "q?", "hello"], "--question, --questions-file and --answer-prefix are for a context"),
+        (["--context-file", doc], "no question for the context"),
+        (["--context-file", doc, "--context", bad, "q?"], "either with --context or with --context-file"),
+    ]:
+        result = run("-m", tiny_model_dir, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.count("\n") == 1 and message in result.stderr and result.stdout == ""
+    out = tmp_path / "nowhere" / "doc.uncomp"
+    result = compress("-m", tiny_model_dir, "--context-file", doc, "--out", out, "--method", "full")
+    assert result.exit_code == 2 and "does not exist" in result.stderr and not out.parent.exists()

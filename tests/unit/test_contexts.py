@@ -1,0 +1,144 @@
+"""Compressed contexts: compress once without the question, ask many questions, save and load.
+
+On the tiny random model: answers are compared token for token, with the full cache and across
+questions, never against expected text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from test_profile import make_profile
+from tiny import tiny_model, tiny_tokenizer
+
+from uncomp_cli.contexts.compress import CompressedContext, ask, compress_context
+from uncomp_cli.contexts.file import load_context, save_context
+from uncomp_cli.engine.generation import GenerationSettings, generate_ids
+from uncomp_cli.errors import UncompError
+from uncomp_cli.models.loading import load_model
+from uncomp_cli.models.prompting import context_prompt, question_ids
+from uncomp_cli.policies.registry import make_policy
+
+CONTEXT = " ".join(f"Item {i} is stored in box {i * 7 % 13}." for i in range(40))
+QUESTIONS = ["Where is item 12?", "Which box holds item 30?", "Name an item."]
+SETTINGS = GenerationSettings(max_new_tokens=6)
+SMALL = {"window": 4, "kernel": 3}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+def test_a_full_context_answers_as_the_whole_prompt_would(loaded):
+    context = compress_context(loaded, CONTEXT)
+    answer = ask(loaded, context, QUESTIONS[0], SETTINGS)
+    ids = question_ids(loaded.tokenizer, QUESTIONS[0], context.tail)
+    whole = torch.tensor([context_prompt(loaded.tokenizer, CONTEXT)[0] + ids])
+    reference = generate_ids(loaded.model, whole, torch.ones_like(whole), SETTINGS, eos_ids=[])
+    assert answer.token_ids == reference.tokens[0][: len(answer.token_ids)]
+    assert answer.prompt_tokens == whole.shape[1] and answer.stats["context_tokens"] == context.context_tokens
+
+
+@pytest.mark.parametrize("method", ["snapkv", "adakv", "h2o", "streamingllm"])
+def test_a_budget_that_holds_the_context_answers_as_the_full_cache(loaded, method):
+    full = ask(loaded, compress_context(loaded, CONTEXT), QUESTIONS[1], SETTINGS)
+    options = {k: v for k, v in SMALL.items() if k in make_policy(method).option_names()}
+    kept = ask(loaded, compress_context(loaded, CONTEXT, make_policy(method, budget="10000", **options)),
+               QUESTIONS[1], SETTINGS)
+    assert kept.token_ids == full.token_ids
+
+
+def test_every_question_sees_the_same_compressed_context(loaded):
+    context = compress_context(loaded, CONTEXT, make_policy("snapkv", budget="24", **SMALL))
+    held = context.kv_cache_bytes()
+    first = [ask(loaded, context, q, SETTINGS) for q in QUESTIONS]
+    again = [ask(loaded, context, q, SETTINGS) for q in reversed(QUESTIONS)][::-1]
+    assert [a.token_ids for a in first] == [a.token_ids for a in again]
+    assert context.kv_cache_bytes() == held  # the answers' tokens were dropped
+    alone = [ask(loaded, compress_context(loaded, CONTEXT, make_policy("snapkv", budget="24", **SMALL)), q, SETTINGS)
+             for q in QUESTIONS]
+    assert [a.token_ids for a in first] == [a.token_ids for a in alone]
+
+
+def test_the_context_is_compressed_to_its_budget_and_the_question_is_not(loaded):
+    context = compress_context(loaded, CONTEXT, make_policy("snapkv", budget="24", **SMALL))
+    config = loaded.model.config
+    per_token = config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * 4
+    assert context.kv_cache_bytes() == 24 * per_token
+    answer = ask(loaded, context, QUESTIONS[0], SETTINGS)
+    fed = answer.prompt_tokens - context.context_tokens + answer.new_tokens - 1  # the last token is never fed
+    assert answer.kv_cache_bytes == (24 + fed) * per_token
+
+
+@pytest.mark.parametrize("method,options", [
+    ("full", {}), ("snapkv", {"budget": "24"}), ("adakv", {"budget": "24"}),
+    ("snapkv", {"budget": "24", "decode_evict": True}), ("uncomp", {"budget": "24"}),
+])
+def test_a_saved_context_answers_as_the_one_in_memory(loaded, tmp_path, method, options):
+    policy = make_policy(method, **options, **({k: v for k, v in SMALL.items() if method != "full"}))
+    if policy.needs_profile:
+        policy = replace(policy, profile=make_profile(loaded.model.config))
+    context = compress_context(loaded, CONTEXT, policy)
+    path = save_context(context, loaded, tmp_path / "doc.uncomp")
+    loaded_back = load_context(loaded, path)
+    assert loaded_back.context_tokens == context.context_tokens and loaded_back.tail == context.tail
+    assert loaded_back.kv_cache_bytes() == context.kv_cache_bytes()
+    for question in QUESTIONS[:2]:
+        assert ask(loaded, loaded_back, question, SETTINGS).token_ids == ask(loaded, context, question,
+                                                                             SETTINGS).token_ids
+    assert isinstance(loaded_back, CompressedContext)
+
+
+def _rewrite_metadata(path, **changes) -> None:
+    from safetensors.torch import load_file, save_file
+
+    raw = path.read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    save_file(load_file(path), path, metadata=header["__metadata__"] | changes)
+
+
+def test_bad_files_are_one_clear_error(loaded, tmp_path, tiny_model_dir):
+    path = save_context(compress_context(loaded, CONTEXT, make_policy("snapkv", budget="24", **SMALL)), loaded,
+                        tmp_path / "doc.uncomp")
+    good = path.read_bytes()
+    cases = {
+        "truncated": (good[: len(good) // 2], "is not a compressed context file"),
+        "not safetensors": (b"hello, world\n" * 10, "is not a compressed context file"),
+    }
+    for name, (data, message) in cases.items():
+        bad = tmp_path / f"{name.replace(' ', '-')}.uncomp"
+        bad.write_bytes(data)
+        with pytest.raises(UncompError, match=message):
+            load_context(loaded, bad)
+    old = tmp_path / "old.uncomp"
+    old.write_bytes(good)
+    _rewrite_metadata(old, format_version="0")
+    with pytest.raises(UncompError, match="context format version 0; this uncomp reads version 1"):
+        load_context(loaded, old)
+    profile_like = tmp_path / "profile.safetensors"
+    profile_like.write_bytes(good)
+    _rewrite_metadata(profile_like, format="uncomp-profile")
+    with pytest.raises(UncompError, match="is a calibration profile, not a compressed context"):
+        load_context(loaded, profile_like)
+    bf16 = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    with pytest.raises(UncompError, match="holds float32 keys and values; the model runs in bfloat16"):
+        load_context(bf16, path)
+    with torch.no_grad():
+        loaded.model.model.norm.weight.add_(1.0)  # same shapes, other weights
+    try:
+        with pytest.raises(UncompError, match="was compressed with other weights"):
+            load_context(loaded, path)
+    finally:
+        with torch.no_grad():
+            loaded.model.model.norm.weight.sub_(1.0)
+    other = tmp_path / "other-model"
+    tiny_model("llama-mha", vocab_size=len(tiny_tokenizer())).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    with pytest.raises(UncompError, match=r"was compressed with .* \(its shapes differ\)"):
+        load_context(load_model(str(other), device="cpu"), path)
+    with pytest.raises(UncompError, match="context file not found"):
+        load_context(loaded, tmp_path / "missing.uncomp")

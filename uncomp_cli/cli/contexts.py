@@ -1,0 +1,80 @@
+"""Compressed contexts on the command line: where the context and the questions come from, and how
+the answers are printed (shared by ``generate --context…`` and ``compress``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from uncomp_cli.errors import PromptError, UncompError
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file, or one clear error naming ``what`` it was meant to be."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        raise PromptError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError:
+        raise PromptError(f"{what} {path} is not valid UTF-8 text") from None
+
+
+def read_stdin(what: str) -> str:
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PromptError(f"{what} on standard input is not valid UTF-8 text") from None
+
+
+def context_text(context: str | None, context_file: Path | None) -> str | None:
+    """The context to compress: ``--context -`` (stdin) or ``--context-file``; None when neither."""
+    if context is not None and context_file is not None:
+        raise UncompError("give the context either with --context or with --context-file, not both")
+    if context_file is not None:
+        return read_text(context_file, "context file")
+    if context == "-":
+        return read_stdin("the context")
+    return None
+
+
+def read_questions(prompt: str | None, questions: list[str] | None, questions_file: Path | None) -> list[str]:
+    """The questions for a context: the prompt argument, each ``--question``, then each non-empty
+    line of ``--questions-file``, in that order."""
+    found = [prompt] if prompt is not None else []
+    found += list(questions or [])
+    if questions_file is not None:
+        found += [line for line in read_text(questions_file, "questions file").splitlines() if line.strip()]
+    if not found:
+        raise PromptError("no question for the context: give one as the prompt, with --question or --questions-file")
+    for question in found:
+        if not question.strip():
+            raise PromptError("a question is empty")
+    return found
+
+
+def print_answers(loaded, context, questions: list[str], settings, answer_prefix: str | None,
+                  json_output: bool, stream: bool) -> None:
+    """Answer each question on ``context``: text (streamed, a blank line between answers) or one JSON
+    object a line with the question, the answer, its timings and the context's statistics."""
+    from uncomp_cli.contexts.compress import ask
+
+    def write(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    streaming = stream and not json_output
+    for number, question in enumerate(questions):
+        if number and not json_output:
+            typer.echo("")  # a blank line between answers
+        result = ask(loaded, context, question, settings, answer_prefix=answer_prefix,
+                     on_text=write if streaming else None)
+        if json_output:
+            typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+        else:
+            typer.echo("" if streaming else result.text)
+    if "budget_note" in context.stats:
+        typer.echo(f"note: {context.stats['budget_note']}", err=True)

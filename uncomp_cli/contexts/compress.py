@@ -1,0 +1,144 @@
+"""Compress a context once, then ask it many questions.
+
+The context is prefilled under a cache policy on its own, so the method's observation window is
+the end of the context (query-agnostic, kvpress's setting), not a question. Each question then
+runs on the compressed cache at the context's absolute positions (the question itself is never
+compressed), is answered, and the cache returns to the compressed context
+(:mod:`uncomp_cli.engine.checkpoint`), so one compression serves every question.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Cache
+
+from uncomp_cli.engine.cache import cache_nbytes
+from uncomp_cli.engine.checkpoint import checkpoint, rollback
+from uncomp_cli.engine.generation import (
+    GenerationResult,
+    GenerationSettings,
+    TextStream,
+    eos_token_ids,
+    feed_and_generate,
+    forward_last,
+    full_kv_cache_bytes,
+    prompt_positions,
+)
+from uncomp_cli.errors import PromptError
+from uncomp_cli.memory import PeakMemory
+from uncomp_cli.models.loading import LoadedModel
+from uncomp_cli.models.prompting import context_length, context_prompt, question_ids
+from uncomp_cli.policies.base import CachePolicy
+from uncomp_cli.policies.full import FullCachePolicy
+
+
+@dataclass
+class CompressedContext:
+    """A context prefilled and compressed once. ``cache`` holds what the policy kept; the next
+    token's position is ``context_tokens`` (the uncompressed length), whatever the cache stores."""
+
+    cache: Cache
+    policy: CachePolicy
+    context_tokens: int
+    tail: str  # the chat template's text after each question ("" for raw contexts)
+    prefill_seconds: float  # the context's prefill and compression (0 for a context loaded from a file)
+    stats: dict = field(default_factory=dict)
+    _saved: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._saved = checkpoint(self.cache)
+
+    def kv_cache_bytes(self) -> int:
+        return cache_nbytes(self.cache)
+
+    def full_kv_cache_bytes(self, loaded: LoadedModel) -> int:
+        """What an uncompressed cache holds for the context."""
+        return full_kv_cache_bytes(loaded.model.config, 1, self.context_tokens, loaded.model.dtype)
+
+    def summary(self) -> dict:
+        """The context's statistics, shared by every answer."""
+        return {"context_tokens": self.context_tokens, "context_prefill_seconds": round(self.prefill_seconds, 4),
+                "context_kv_cache_bytes": self.kv_cache_bytes()} | self.stats
+
+
+def compress_context(loaded: LoadedModel, context: str, policy: CachePolicy | None = None,
+                     system: str | None = None, raw: bool = False) -> CompressedContext:
+    """Prefill ``context`` (chat-templated as the start of a user message, unless ``raw``) under
+    ``policy`` (default: the full cache) and keep what it keeps."""
+    policy = policy or FullCachePolicy()
+    ids, tail = context_prompt(loaded.tokenizer, context, system=system, raw=raw)
+    limit = context_length(loaded.model.config)
+    if len(ids) >= limit:
+        raise PromptError(f"the context is {len(ids)} tokens but the model's context is {limit} tokens; "
+                          "shorten it to leave room for questions and answers")
+    input_ids = torch.tensor([ids], device=loaded.device)
+    mask = torch.ones_like(input_ids)
+    started = time.perf_counter()
+    with policy.attach(loaded.model, mask) as cache, torch.inference_mode():
+        forward_last(loaded.model, input_ids, mask, prompt_positions(mask), cache)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)
+    return CompressedContext(cache, policy, len(ids), tail, time.perf_counter() - started, policy.stats(cache))
+
+
+def ask(loaded: LoadedModel, context: CompressedContext, question: str, settings: GenerationSettings | None = None,
+        answer_prefix: str | None = None, on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    """Answer ``question`` on the compressed ``context``; afterwards the context is as before.
+
+    ``answer_prefix`` is fed after the template's tail, as the start of the answer (not repeated in
+    the result). ``on_text`` receives the answer as it is produced.
+    """
+    settings = settings or GenerationSettings()
+    settings.validate()
+    ids = question_ids(loaded.tokenizer, question, context.tail, answer_prefix)
+    total = context.context_tokens + len(ids)
+    limit = context_length(loaded.model.config)
+    if total + settings.max_new_tokens > limit:
+        raise PromptError(f"the context ({context.context_tokens} tokens), the question ({len(ids)}) and "
+                          f"{settings.max_new_tokens} new tokens exceed the model's context of {limit} tokens")
+    device = loaded.device
+    input_ids = torch.tensor([ids], device=device)
+    mask = torch.ones(1, total, dtype=torch.long, device=device)
+    positions = torch.arange(context.context_tokens, total, device=device)[None]
+    stream = TextStream(loaded.tokenizer)
+
+    def emit(tokens: torch.Tensor) -> None:
+        if on_text is not None and int(tokens[0]) >= 0 and (delta := stream.push(int(tokens[0]))):
+            on_text(delta)
+
+    meter = PeakMemory(device)
+    meter.start()
+    try:
+        with context.policy.resume(loaded.model, context.cache) as cache, torch.inference_mode():
+            out = feed_and_generate(loaded.model, cache, input_ids, mask, positions, settings, eos_token_ids(loaded),
+                                    emit)
+            held = cache_nbytes(cache)
+    finally:
+        rollback(context.cache, context._saved)  # the answer's tokens are dropped, whatever happened
+    if on_text is not None and (rest := stream.flush()):
+        on_text(rest)
+    new_ids = out.tokens[0]
+    steps = max(len(new_ids) - 1, 0)
+    settings_of = {k: v for k, v in context.policy.describe().items() if k != "method"}
+    return GenerationResult(
+        text=loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
+        token_ids=new_ids,
+        prompt_tokens=total,
+        new_tokens=len(new_ids),
+        prefill_seconds=out.prefill_seconds,
+        decode_seconds=out.decode_seconds,
+        decode_tokens_per_second=steps / out.decode_seconds if out.decode_seconds > 0 else 0.0,
+        kv_cache_bytes=held,
+        full_kv_cache_bytes=full_kv_cache_bytes(loaded.model.config, 1, out.attention_mask.shape[-1],
+                                                loaded.model.dtype),
+        peak_memory_bytes=meter.peak(),
+        model=loaded.name,
+        device=str(device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        method=context.policy.name,
+        stats={"question": question} | settings_of | context.summary(),
+    )
