@@ -55,6 +55,12 @@ GRID_OPTIONS = [
         "--json", help="Print a JSON summary on stdout instead of the tables.")], False),
     option("device", Device, "auto"),
     option("dtype", Dtype, "auto"),
+    option("query_agnostic", Annotated[bool, typer.Option(
+        "--query-agnostic", help="Compress each context before its question (once for all its questions), "
+        "instead of the whole prompt with the question in it.")], False),
+    option("context_scorer", Annotated[str | None, typer.Option(
+        help="With --query-agnostic: how context tokens are scored, reconstruct (the model re-reads the context; "
+             "the default) or window (the method's own, at the end of the context).")]),
 ]
 Seed = Annotated[int, typer.Option(help="Seed for the generated prompts (needles, numbers, keys).")]
 
@@ -113,6 +119,14 @@ def evaluate(
     batch_size, profile, plot = grid["batch_size"], grid["profile"], grid["plot"]
     if batch_size < 1:
         raise UncompError(f"--batch-size must be at least 1, got {batch_size}")
+    if grid["context_scorer"] is not None:
+        from uncomp_cli.contexts.compress import CONTEXT_SCORERS
+
+        if not grid["query_agnostic"]:
+            raise UncompError("--context-scorer is for --query-agnostic runs")
+        if grid["context_scorer"] not in CONTEXT_SCORERS:
+            raise UncompError(f"--context-scorer must be one of {', '.join(CONTEXT_SCORERS)}, "
+                              f"got {grid['context_scorer']!r}")
     runs = plan_runs(split_list(grid["methods"], "--methods"), split_list(grid["budgets"], "--budgets"))
     check_runs(runs, method_options)  # before the model loads: a typo costs nothing
     if profile is not None and not profile.is_file():
@@ -138,7 +152,8 @@ def evaluate(
             bar.update(tasks[run.name], completed=done)
 
         result = run_eval(loaded, examples, runs, suite=suite, settings=settings, out=grid["out"],
-                          selection=method_options,
+                          selection=method_options, query_agnostic=grid["query_agnostic"],
+                          context_scorer=grid["context_scorer"],
                           profile=profile, batch_size=batch_size, progress=progress)
 
     heatmaps = panels(result)
@@ -177,6 +192,10 @@ def needle(
         typer.Option(help="Start of the answer, with {key} (default: the built-in one; none with custom templates)."),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 12,
+    questions: Annotated[
+        int, typer.Option(help="Hide this many keys in each context and ask each (multi-query; with "
+                          "--query-agnostic every question is answered on one compressed context).")
+    ] = 1,
     seed: Seed = 0,
     grid: dict | None = None,
     method_options: dict | None = None,
@@ -193,6 +212,8 @@ def needle(
     templates = suite.make_templates(needle_template, question_template, answer_prefix)
     suite.make_cases(length_list[:1], depth_list[:1], seed=seed, distractors=distractors,
                      samples=samples)  # checks --distractors and --samples
+    if questions < 1 or questions > len(suite.KEYS) or (questions > 1 and distractors):
+        raise UncompError(f"--questions must be 1 to {len(suite.KEYS)}, and is not combined with --distractors")
     text = load_haystack(haystack)
     settings = {
         "haystack": str(haystack.resolve()),
@@ -205,13 +226,16 @@ def needle(
                       "answer_prefix": templates.answer_prefix},
         "max_new_tokens": max_new_tokens,
     }
+    if questions > 1:  # only then: earlier folders keep their names
+        settings["questions"] = questions
 
     def build(loaded) -> list:
         return suite.make_examples(loaded.tokenizer, text, length_list, depth_list, seed=seed,
                                    distractors=distractors, templates=templates, max_new_tokens=max_new_tokens,
-                                   samples=samples)
+                                   samples=samples, questions=questions)
 
-    evaluate("multikey" if distractors else "needle", build, settings, grid, method_options,
+    task = "multiquery" if questions > 1 else "multikey" if distractors else "needle"
+    evaluate(task, build, settings, grid, method_options,
              panels=lambda result: grids(result, "length", "depth"), longest=(max(length_list), max_new_tokens))
 
 

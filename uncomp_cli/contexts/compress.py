@@ -1,7 +1,19 @@
 """Compress a context once, then ask it many questions.
 
-The context is prefilled under a cache policy on its own, so the method's observation window is
-the end of the context (query-agnostic, kvpress's setting), not a question. Each question then
+The context is prefilled under a cache policy on its own (query-agnostic, kvpress's setting), so no
+question can tell the method what to keep. Two ways to score the context's tokens:
+
+* ``window``: the method's own selection at the end of prefill, whose observation window is then
+  the end of the context. Free, but it keeps what the context's last sentences look at.
+* ``reconstruct`` (KVzip, arXiv 2505.23416): after a prefill that keeps every token, the model
+  re-reads the context behind a repeat prompt ("Repeat the previous context exactly.") on that
+  full cache; each KV entry's score is the most attention any re-reading query of its KV head pays
+  it, pooled like the method's own scores, and the method's budgets (uniform, pyramid, AdaKV's
+  allocation, UNComp's entropy spread) then keep the best. Costs one more pass over the context,
+  paid once per compressed context; the re-reading tokens are dropped afterwards. Hidden-state
+  pruning (uncomp) still decides at prefill, by the end of the context.
+
+Each question then
 runs on the compressed cache at the context's absolute positions (the question itself is never
 compressed), is answered, and the cache returns to the compressed context
 (:mod:`uncomp_cli.engine.checkpoint`), so one compression serves every question.
@@ -28,12 +40,20 @@ from uncomp_cli.engine.generation import (
     full_kv_cache_bytes,
     prompt_positions,
 )
-from uncomp_cli.errors import PromptError
+from uncomp_cli.engine.selection import PRUNE_WINDOW, pool_scores
+from uncomp_cli.errors import PromptError, UncompError
 from uncomp_cli.memory import PeakMemory
 from uncomp_cli.models.loading import LoadedModel
 from uncomp_cli.models.prompting import context_length, context_prompt, question_ids
 from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.policies.full import FullCachePolicy
+
+CONTEXT_SCORERS = ("window", "reconstruct")
+DEFAULT_CONTEXT_SCORER = "reconstruct"
+#: What the model is asked before it re-reads the context (KVzip's wording).
+REPEAT_PROMPT = "Repeat the previous context exactly."
+#: Re-reading tokens fed per forward pass: bounds the attention rows recorded at once.
+RECONSTRUCT_CHUNK = 256
 
 
 @dataclass
@@ -66,23 +86,65 @@ class CompressedContext:
 
 
 def compress_context(loaded: LoadedModel, context: str, policy: CachePolicy | None = None,
-                     system: str | None = None, raw: bool = False) -> CompressedContext:
+                     system: str | None = None, raw: bool = False,
+                     scorer: str = DEFAULT_CONTEXT_SCORER) -> CompressedContext:
     """Prefill ``context`` (chat-templated as the start of a user message, unless ``raw``) under
-    ``policy`` (default: the full cache) and keep what it keeps."""
-    policy = policy or FullCachePolicy()
+    ``policy`` (default: the full cache) and keep what it keeps, scoring tokens by ``scorer``
+    (``window`` or ``reconstruct``, see the module docstring; methods that do not choose by
+    attention ignore it)."""
     ids, tail = context_prompt(loaded.tokenizer, context, system=system, raw=raw)
+    return compress_ids(loaded, ids, policy, scorer, tail)
+
+
+def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None = None,
+                 scorer: str = DEFAULT_CONTEXT_SCORER, tail: str = "") -> CompressedContext:
+    """:func:`compress_context` for a context already tokenised (template included): ``ids``."""
+    if scorer not in CONTEXT_SCORERS:
+        raise UncompError(f"--context-scorer must be one of {', '.join(CONTEXT_SCORERS)}, got {scorer!r}")
+    policy = policy or FullCachePolicy()
     limit = context_length(loaded.model.config)
     if len(ids) >= limit:
         raise PromptError(f"the context is {len(ids)} tokens but the model's context is {limit} tokens; "
                           "shorten it to leave room for questions and answers")
+    reconstruct = scorer == "reconstruct" and policy.selects_by_attention
     input_ids = torch.tensor([ids], device=loaded.device)
     mask = torch.ones_like(input_ids)
     started = time.perf_counter()
     with policy.attach(loaded.model, mask) as cache, torch.inference_mode():
+        for layer in cache.layers if reconstruct else []:
+            layer.select_later = True
         forward_last(loaded.model, input_ids, mask, prompt_positions(mask), cache)
+    if reconstruct:
+        _select_by_reconstruction(loaded, cache, policy, ids, tail)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize(loaded.device)
-    return CompressedContext(cache, policy, len(ids), tail, time.perf_counter() - started, policy.stats(cache))
+    stats = policy.stats(cache) | {"context_scorer": scorer if policy.selects_by_attention else None}
+    return CompressedContext(cache, policy, len(ids), tail, time.perf_counter() - started, stats)
+
+
+def _select_by_reconstruction(loaded: LoadedModel, cache: Cache, policy: CachePolicy, ids: list[int],
+                              tail: str) -> None:
+    """Re-read the context (``ids``, template head included) behind a repeat prompt on its full
+    cache, then keep what the re-reading attended to."""
+    tokenizer, model = loaded.tokenizer, loaded.model
+    reread = question_ids(tokenizer, REPEAT_PROMPT, tail) + list(ids)
+    context_tokens = len(ids)
+    saved = checkpoint(cache)
+    total = context_tokens
+    with policy.resume(model, cache), torch.inference_mode():
+        for layer in cache.layers:
+            layer.start_recording()
+        for start in range(0, len(reread), RECONSTRUCT_CHUNK):
+            chunk = torch.tensor([reread[start:start + RECONSTRUCT_CHUNK]], device=loaded.device)
+            total += chunk.shape[1]
+            positions = torch.arange(total - chunk.shape[1], total, device=loaded.device)[None]
+            model(input_ids=chunk, attention_mask=torch.ones(1, total, dtype=torch.long, device=loaded.device),
+                  position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        recorded = [layer.recorded for layer in cache.layers]
+    rollback(cache, saved)  # the re-reading tokens go; every layer holds the whole context again
+    scorer = policy.scorer
+    for layer, scores in zip(cache.layers, recorded):
+        layer.select(pool_scores(scores, scorer.kernel, scorer.pooling), min(scorer.window, PRUNE_WINDOW))
 
 
 def ask(loaded: LoadedModel, context: CompressedContext, question: str, settings: GenerationSettings | None = None,
@@ -92,9 +154,17 @@ def ask(loaded: LoadedModel, context: CompressedContext, question: str, settings
     ``answer_prefix`` is fed after the template's tail, as the start of the answer (not repeated in
     the result). ``on_text`` receives the answer as it is produced.
     """
+    ids = question_ids(loaded.tokenizer, question, context.tail, answer_prefix)
+    result = ask_ids(loaded, context, ids, settings, on_text)
+    result.stats = {"question": question} | result.stats
+    return result
+
+
+def ask_ids(loaded: LoadedModel, context: CompressedContext, ids: list[int], settings: GenerationSettings | None = None,
+            on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    """:func:`ask` for a question already tokenised (template tail and answer prefix included)."""
     settings = settings or GenerationSettings()
     settings.validate()
-    ids = question_ids(loaded.tokenizer, question, context.tail, answer_prefix)
     total = context.context_tokens + len(ids)
     limit = context_length(loaded.model.config)
     if total + settings.max_new_tokens > limit:
@@ -140,5 +210,5 @@ def ask(loaded: LoadedModel, context: CompressedContext, question: str, settings
         device=str(device),
         dtype=str(loaded.dtype).removeprefix("torch."),
         method=context.policy.name,
-        stats={"question": question} | settings_of | context.summary(),
+        stats=settings_of | context.summary(),
     )

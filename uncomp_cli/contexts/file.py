@@ -21,7 +21,8 @@ from safetensors.torch import save as save_bytes
 from transformers import DynamicCache
 
 from uncomp_cli.contexts.compress import CompressedContext
-from uncomp_cli.engine.cache import GroupedKVCache, GroupedKVLayer, HeadGroup
+from uncomp_cli.engine.cache import GroupedKVCache, GroupedKVLayer
+from uncomp_cli.engine.groups import HeadGroup
 from uncomp_cli.errors import UncompError
 from uncomp_cli.files import atomic_write
 from uncomp_cli.profile.file import model_fingerprint

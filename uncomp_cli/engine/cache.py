@@ -28,102 +28,9 @@ from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
 from uncomp_cli.engine.attention import ATTN_IMPLEMENTATION
-from uncomp_cli.engine.selection import (
-    PRUNE_WINDOW,
-    SnapKVScorer,
-    prune_scores,
-    select_tokens,
-    select_tokens_per_row,
-    window_attention,
-)
+from uncomp_cli.engine.groups import attend_group, group_heads, take_heads
+from uncomp_cli.engine.selection import PRUNE_WINDOW, SnapKVScorer, prune_scores, window_attention
 from uncomp_cli.errors import UncompError
-
-
-class HeadGroup:
-    """The KV heads of one layer that share a budget, and the tokens they keep."""
-
-    def __init__(self, heads: list[int], budget: int | None):
-        self.heads = heads  # KV head indices, ascending
-        self.budget = budget  # tokens kept per head; None = keep all
-        #: [B, h] tokens each row keeps when rows differ (AdaKV); ``budget`` is then their max, and a
-        #: row's surplus entries are invalid fillers.
-        self.row_budgets: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None  # [B, h, T, d]
-        self.values: torch.Tensor | None = None  # [B, h, T, d]
-        self.valid: torch.Tensor | None = None  # [B, h, T] bool; False = padding, never attended
-        self.all_valid = True  # fast path: no padding stored
-
-    def length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
-
-    def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-
-    def store(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
-        self.keys, self.values, self.valid = keys, values, valid
-        self.all_valid = bool(valid.all())
-
-    def take(self, index: torch.Tensor, kept: torch.Tensor | None = None) -> None:
-        """Keep the stored tokens at ``index`` [B, h, T'] (ascending); ``kept`` False marks fillers."""
-        dim = self.keys.shape[-1]
-        expanded = index[..., None].expand(-1, -1, -1, dim)
-        valid = self.valid.gather(2, index)
-        self.store(self.keys.gather(2, expanded), self.values.gather(2, expanded),
-                   valid if kept is None else valid & kept)
-
-    def keep_index(self, scores: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Which tokens to keep from scores [B, h, N]: (indices [B, h, T], kept [B, h, T] or None)."""
-        if self.row_budgets is None:
-            return select_tokens(scores, self.budget, window), None
-        return select_tokens_per_row(scores, self.row_budgets, window)
-
-
-def _take_heads(tensor: torch.Tensor, heads: list[int], per_head: int = 1) -> torch.Tensor:
-    """Select heads (dim 1) of ``tensor``; ``per_head`` > 1 selects the query heads of KV heads."""
-    total = tensor.shape[1]
-    first = heads[0] * per_head
-    if heads == list(range(heads[0], heads[0] + len(heads))):
-        return tensor[:, first: first + len(heads) * per_head] if len(heads) * per_head != total else tensor
-    index = torch.tensor([h * per_head + r for h in heads for r in range(per_head)], device=tensor.device)
-    return tensor.index_select(1, index)
-
-
-def _attend_group(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """Attention of new queries over one group's stored tokens, the new ones last.
-
-    query: [B, h·rep, q, d] (query heads of the group's h KV heads); keys/values: [B, h, T, d];
-    valid: [B, h, T] or None. The query heads sharing a KV head are folded into rows
-    ([B, h, rep·q, d]), so K/V are never expanded. Returns [B, h·rep, q, d].
-    """
-    batch, q_heads, q_len, dim = query.shape
-    kv_heads, total = keys.shape[1], keys.shape[2]
-    rep = q_heads // kv_heads
-    folded = query.reshape(batch, kv_heads, rep * q_len, dim)
-    mask = None
-    if q_len > 1 or valid is not None:
-        row_pos = torch.arange(total - q_len, total, device=keys.device)  # position of each new query
-        key_pos = torch.arange(total, device=keys.device)
-        causal = (key_pos[None, :] <= row_pos[:, None]).repeat(rep, 1)  # [rep·q, T]
-        mask = causal[None, None]
-        if valid is not None:
-            # A query always sees itself, so a padding row cannot end up with nothing to attend to.
-            itself = (key_pos[None, :] == row_pos[:, None]).repeat(rep, 1)
-            mask = (mask & valid[:, :, None, :]) | itself[None, None]
-    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scaling)
-    return out.reshape(batch, q_heads, q_len, dim)
-
-
-def _group_heads(budgets: Sequence[int | None]) -> list[HeadGroup]:
-    """One group per distinct budget, its KV heads ascending."""
-    by_budget: dict[int | None, list[int]] = {}
-    for head, budget in enumerate(budgets):
-        if budget is not None and budget < 1:
-            raise UncompError(f"KV head {head} has a budget of {budget} tokens; it must be at least 1")
-        by_budget.setdefault(None if budget is None else int(budget), []).append(head)
-    return [HeadGroup(heads, budget) for budget, heads in by_budget.items()]
 
 
 class GroupedKVLayer(CacheLayerMixin):
@@ -150,7 +57,7 @@ class GroupedKVLayer(CacheLayerMixin):
                  budget_allocator: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.budgets = list(budgets)
-        self.groups = _group_heads(self.budgets)
+        self.groups = group_heads(self.budgets)
         self.budget_allocator = budget_allocator
         self.num_kv_heads = len(budgets)
         self.scorer = scorer or SnapKVScorer()
@@ -158,6 +65,11 @@ class GroupedKVLayer(CacheLayerMixin):
         self.seen = 0  # tokens this layer received
         self.skipped = 0  # prompt tokens pruned before reaching this layer (still seen by the model)
         self.prefill_tokens: int | None = None  # tokens this layer ran on at prefill (padding included)
+        #: Keep every token at prefill in one group, and the budgets only when select() is called.
+        self.select_later = False
+        #: [B, H_kv, N]: while set, the most attention any new query (of any of a KV head's query
+        #: heads) paid each of the N tokens held before; a later pass's verdict on them.
+        self.recorded: torch.Tensor | None = None
         #: Set by the hidden-state pruner: keep the pruning score of the prefill for the next layer.
         self.want_prune_scores = False
         self.prune_scores: torch.Tensor | None = None  # [B, N] after prefill when wanted
@@ -202,9 +114,10 @@ class GroupedKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.groups = _group_heads(self.budgets)  # empty, and as before any allocation
+        self.groups = group_heads(self.budgets)  # empty, and as before any allocation
         self.seen = self.skipped = 0
         self.prefill_tokens = None
+        self.recorded = None
         self.prune_scores = self._query_window = self._query_valid = None
         self._awaiting_attention = False
 
@@ -268,6 +181,8 @@ class GroupedKVLayer(CacheLayerMixin):
                                              is_causal=mask is None and n > 1, scale=scaling,
                                              enable_gqa=q_heads != keys.shape[1])
 
+        if self.select_later:  # one group of every head, holding every token, until select() is called
+            self.groups = group_heads([None] * self.num_kv_heads)
         compress = any(g.budget is not None and g.budget < n for g in self.groups)
         scores = None
         if compress or self.want_prune_scores or self.decode_evict:
@@ -285,27 +200,51 @@ class GroupedKVLayer(CacheLayerMixin):
                 self._query_valid = torch.ones(batch, rows, dtype=torch.bool, device=query.device) \
                     if valid is None else valid[:, -rows:].clone()
 
+        row_valid = valid if valid is not None else torch.ones(batch, n, dtype=torch.bool, device=keys.device)
+        self._keep(keys, values, row_valid, scores, self.scorer.window)
+        return out
+
+    def _keep(self, keys: torch.Tensor, values: torch.Tensor, row_valid: torch.Tensor, scores: torch.Tensor | None,
+              window: int) -> None:
+        """Store in each group what its budget keeps of ``keys``/``values`` [B, H_kv, N, d] by ``scores``
+        [B, H_kv, N] (None: nothing is dropped); the last ``window`` tokens are always kept."""
+        batch, _, n, dim = keys.shape
         if scores is not None and self.budget_allocator is not None:
             self._allocate(scores)
-        row_valid = valid if valid is not None else torch.ones(batch, n, dtype=torch.bool, device=keys.device)
         for group in self.groups:
             group_valid = row_valid[:, None, :].expand(batch, len(group.heads), n)
-            group_keys = _take_heads(keys, group.heads)
-            group_values = _take_heads(values, group.heads)
+            group_keys = take_heads(keys, group.heads)
+            group_values = take_heads(values, group.heads)
             if group.budget is None or (group.budget >= n and group.row_budgets is None):
                 group.store(group_keys.contiguous(), group_values.contiguous(), group_valid.contiguous())
                 continue
-            index, kept = group.keep_index(_take_heads(scores, group.heads), self.scorer.window)
+            index, kept = group.keep_index(take_heads(scores, group.heads), window)
             expanded = index[..., None].expand(-1, -1, -1, dim)
             group_valid = group_valid.gather(2, index)
             group.store(group_keys.gather(2, expanded), group_values.gather(2, expanded),
                         group_valid if kept is None else group_valid & kept)
-        return out
+
+    def start_recording(self) -> None:
+        """From now on, record in :attr:`recorded` how new queries attend to the tokens held."""
+        if not self.select_later or self.groups[0].keys is None:
+            raise UncompError("recording needs a layer prefilled with select_later")
+        self.recorded = torch.zeros(self.groups[0].keys.shape[:3], dtype=torch.float32,
+                                    device=self.groups[0].keys.device)
+
+    def select(self, scores: torch.Tensor, window: int) -> None:
+        """Keep the budgets now, by ``scores`` [B, H_kv, N] over the N tokens held since a prefill
+        with ``select_later`` (a context scored by how a later pass attends to it)."""
+        whole = self.groups[0]
+        if not self.select_later or len(self.groups) != 1 or whole.length() != scores.shape[-1]:
+            raise UncompError("select() needs a layer prefilled with select_later and nothing added since")
+        self.select_later = False
+        self.groups = group_heads(self.budgets)
+        self._keep(whole.keys, whole.values, whole.valid[:, 0], scores, window)
 
     def _allocate(self, scores: torch.Tensor) -> None:
         """Re-form the groups from the tokens ``budget_allocator`` gives each row and KV head."""
         row_budgets = self.budget_allocator(scores)  # [B, H_kv]
-        self.groups = _group_heads(row_budgets.amax(dim=0).tolist())  # stored length: the max over rows
+        self.groups = group_heads(row_budgets.amax(dim=0).tolist())  # stored length: the max over rows
         for group in self.groups:
             per_row = row_budgets[:, group.heads]
             if bool((per_row != group.budget).any()):
@@ -321,13 +260,18 @@ class GroupedKVLayer(CacheLayerMixin):
         outputs = []
         for group in self.groups:
             heads = len(group.heads)
-            group.keys = torch.cat([group.keys, _take_heads(keys, group.heads)], dim=2)
-            group.values = torch.cat([group.values, _take_heads(values, group.heads)], dim=2)
+            group.keys = torch.cat([group.keys, take_heads(keys, group.heads)], dim=2)
+            group.values = torch.cat([group.values, take_heads(values, group.heads)], dim=2)
             group.valid = torch.cat([group.valid, new_valid[:, None, :].expand(batch, heads, q_len)], dim=2)
             group.all_valid = group.all_valid and valid is None
-            group_query = _take_heads(query, group.heads, rep)
-            outputs.append(_attend_group(group_query, group.keys, group.values,
+            group_query = take_heads(query, group.heads, rep)
+            outputs.append(attend_group(group_query, group.keys, group.values,
                                          None if group.all_valid else group.valid, scaling))
+        if self.recorded is not None:  # how much the new queries attend to each token held before them
+            probs = window_attention(query, self.groups[0].keys, None if self.groups[0].all_valid
+                                     else self.groups[0].valid, scaling, new_valid)
+            seen = probs[..., : self.recorded.shape[-1]].reshape(batch, self.num_kv_heads, -1, self.recorded.shape[-1])
+            self.recorded = torch.maximum(self.recorded, seen.amax(dim=2))
         out = outputs[0] if len(outputs) == 1 else self._merge_heads(outputs, rep)
         if self.decode_evict:
             self._evict(query, new_valid, scaling, rep)
@@ -353,7 +297,7 @@ class GroupedKVLayer(CacheLayerMixin):
             # window queries line up with them for the causal rule.
             least = group.budget if group.row_budgets is None else int(group.row_budgets.min())
             rows = min(window, least, self._query_window.shape[2])
-            group_query = _take_heads(self._query_window, group.heads, rep)[:, :, -rows:]
+            group_query = take_heads(self._query_window, group.heads, rep)[:, :, -rows:]
             valid = None if group.all_valid else group.valid
             probs = window_attention(group_query, group.keys, valid, scaling, self._query_valid[:, -rows:])
             scores = self.scorer.score(probs, valid, len(group.heads))

@@ -24,6 +24,8 @@ class Example:
     max_new_tokens: how much the model may answer.
     length: the grid's length axis (target prompt tokens); ``len(prompt_ids)`` is the actual one.
     meta: JSON-serialisable extras reported with the prediction (needle depth, LongBench fields).
+    context_tokens: how many leading prompt tokens are context, asked about by the rest; what a
+    query-agnostic run compresses before the question (None: the suite cannot split its prompts).
     """
 
     id: str
@@ -34,3 +36,4 @@ class Example:
     max_new_tokens: int
     length: int
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    context_tokens: int | None = field(default=None, compare=False, hash=False)

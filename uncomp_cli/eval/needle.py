@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from uncomp_cli.errors import UncompError
 from uncomp_cli.eval.examples import Example
+from uncomp_cli.models.prompting import context_prompt
 
 NEEDLE = "The special magic number for {key} is: {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
@@ -129,19 +130,27 @@ def build_prompt_ids(tokenizer, haystack: str, case: NeedleCase, seed: int = 0,
     random other depths. Depth 0 is the start of the context, 1 its end (just before the question).
     ``hay_ids`` (from :func:`tokenize_haystack`) saves tokenising the haystack for every case.
     """
-    prefix = templates.answer_prefix.format(key=case.key)
+    return build_prompts(tokenizer, haystack, case, seed, templates, hay_ids)[0][0]
 
-    def chat(context: str) -> list[int]:
-        user = f"{context}\n\n{templates.question.format(key=case.key)}"
+
+def build_prompts(tokenizer, haystack: str, case: NeedleCase, seed: int = 0, templates: Templates = Templates(),
+                  hay_ids: list[int] | None = None, ask_all: bool = False) -> list[tuple[list[int], int]]:
+    """:func:`build_prompt_ids` with the number of leading tokens that are context (template head,
+    text, needles, separator: what a query-agnostic run compresses before the question), for
+    ``case.key``; with ``ask_all``, one prompt per hidden key (the same context, the multi-query
+    setting), ``case.key`` first."""
+    def chat(context: str, key: str) -> list[int]:
+        user = f"{context}\n\n{templates.question.format(key=key)}"
         ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
                                             tokenize=True)
         ids = ids if isinstance(ids, list) else ids["input_ids"]
+        prefix = templates.answer_prefix.format(key=key)
         return ids + (tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
 
     needles = [(case.depth, templates.needle.format(key=case.key, value=case.value))]
     rng = random.Random(f"{seed}-{case.length}-{case.depth}")
     needles += [(rng.random(), templates.needle.format(key=k, value=v)) for k, v in case.distractors]
-    overhead = len(chat(" ".join(n for _, n in needles)))
+    overhead = len(chat(" ".join(n for _, n in needles), case.key))
     budget = case.length - overhead
     start = case.sample * case.length
     if hay_ids is None:
@@ -154,7 +163,13 @@ def build_prompt_ids(tokenizer, haystack: str, case: NeedleCase, seed: int = 0,
     context = tokenizer.decode(hay_ids[start:start + budget]).lstrip()
     for depth, needle in sorted(needles, key=lambda n: -n[0]):  # insert deepest first: earlier offsets hold
         context = _insert_at_sentence(context, needle, depth)
-    return chat(context)
+    head = context_prompt(tokenizer, context)[0]
+    prompts = []
+    for key in [case.key, *(k for k, _ in case.distractors)] if ask_all else [case.key]:
+        ids = chat(context, key)
+        shared = next((i for i, (a, b) in enumerate(zip(ids, head)) if a != b), min(len(ids), len(head)))
+        prompts.append((ids, shared))
+    return prompts
 
 
 def _insert_at_sentence(context: str, needle: str, depth: float) -> str:
@@ -170,33 +185,44 @@ def _insert_at_sentence(context: str, needle: str, depth: float) -> str:
 
 def make_examples(tokenizer, haystack: str, lengths: list[int], depths: list[float], seed: int = 0,
                   distractors: int = 0, templates: Templates = Templates(),
-                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, samples: int = 1) -> list[Example]:
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, samples: int = 1,
+                  questions: int = 1) -> list[Example]:
     """The length × depth grid (``samples`` prompts per cell) as :class:`Example` s; the haystack is
     tokenised once for all of them.
 
-    The task is ``needle``, or ``multikey`` with distractors. ``meta`` carries what scoring needs
-    (key, needle sentence, answer prefix) besides the depth, so :func:`score_example` works from the
-    example alone. Sample 0 keeps the id ``<task>-<length>-<depth>``; later ones add ``-s<sample>``.
+    The task is ``needle``, or ``multikey`` with distractors. ``questions`` > 1 hides that many keys
+    in each context and asks each one (task ``multiquery``: the examples of one context share it up
+    to the question, so a query-agnostic run compresses it once for all of them; ``--distractors``
+    does not combine with it). ``meta`` carries what scoring needs (key, needle sentence, answer
+    prefix) besides the depth, so :func:`score_example` works from the example alone. Sample 0
+    keeps the id ``<task>-<length>-<depth>``; later ones add ``-s<sample>``, and multi-query
+    questions ``-q<n>``.
     """
-    cases = make_cases(lengths, depths, seed=seed, distractors=distractors, samples=samples)
+    if questions < 1 or questions > len(KEYS) or (questions > 1 and distractors):
+        raise UncompError(f"--questions must be 1 to {len(KEYS)}, and is not combined with --distractors")
+    cases = make_cases(lengths, depths, seed=seed, distractors=max(distractors, questions - 1), samples=samples)
     hay_ids = tokenize_haystack(tokenizer, haystack, haystack_tokens_needed(lengths, samples))
-    task = "multikey" if distractors else "needle"
+    task = "multiquery" if questions > 1 else "multikey" if distractors else "needle"
     examples = []
     for case in cases:
-        ids = build_prompt_ids(tokenizer, haystack, case, seed=seed, templates=templates, hay_ids=hay_ids)
-        examples.append(Example(
-            id=f"{task}-{case.length}-{case.depth:g}" + (f"-s{case.sample}" if case.sample else ""),
-            task=task,
-            prompt_ids=tuple(ids),
-            answers=(case.value,),
-            metric=METRIC,
-            max_new_tokens=max_new_tokens,
-            length=case.length,
-            meta={"depth": case.depth, "key": case.key,
-                  "needle": templates.needle.format(key=case.key, value=case.value),
-                  "answer_prefix": templates.answer_prefix.format(key=case.key),
-                  "distractors": [k for k, _ in case.distractors], "sample": case.sample},
-        ))
+        asked = [(case.key, case.value), *case.distractors]
+        prompts = build_prompts(tokenizer, haystack, case, seed, templates, hay_ids, ask_all=questions > 1)
+        for number, ((key, value), (ids, context_tokens)) in enumerate(zip(asked, prompts)):
+            name = f"{task}-{case.length}-{case.depth:g}" + (f"-s{case.sample}" if case.sample else "")
+            examples.append(Example(
+                id=name + (f"-q{number}" if questions > 1 else ""),
+                task=task,
+                prompt_ids=tuple(ids),
+                answers=(value,),
+                metric=METRIC,
+                max_new_tokens=max_new_tokens,
+                length=case.length,
+                meta={"depth": case.depth, "key": key,
+                      "needle": templates.needle.format(key=key, value=value),
+                      "answer_prefix": templates.answer_prefix.format(key=key),
+                      "distractors": [k for k, _ in case.distractors], "sample": case.sample},
+                context_tokens=context_tokens,
+            ))
     return examples
 
 

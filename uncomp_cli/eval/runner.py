@@ -17,6 +17,7 @@ Layout::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -255,6 +256,27 @@ def _batches(examples: Sequence[Example], batch_size: int) -> list[list[Example]
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+def _row(example: Example, prediction: str, tokens: list[int], scorers, batch_size: int, prefill_seconds: float,
+         decode_seconds: float, kv_cache_bytes: int, full_kv_cache_bytes: int) -> dict:
+    scores = scorers[example.metric](prediction, example)
+    return {
+        "id": example.id,
+        "task": example.task,
+        "length": example.length,
+        "prompt_tokens": len(example.prompt_ids),
+        "new_tokens": len(tokens),
+        "prediction": prediction,
+        "answers": list(example.answers),
+        "scores": {k: float(v) for k, v in scores.items()},
+        "meta": example.meta,
+        "batch_size": batch_size,
+        "prefill_seconds": round(prefill_seconds, 4),
+        "decode_seconds": round(decode_seconds, 4),
+        "kv_cache_bytes": kv_cache_bytes,
+        "full_kv_cache_bytes": full_kv_cache_bytes,
+    }
+
+
 def _generate_rows(loaded, policy, batch: Sequence[Example], scorers, eos: list[int], pad_id: int) -> list[dict]:
     from uncomp_cli.engine.generation import GenerationSettings, generate_ids, left_pad
 
@@ -265,24 +287,36 @@ def _generate_rows(loaded, policy, batch: Sequence[Example], scorers, eos: list[
     for example, tokens in zip(batch, out.tokens):
         tokens = tokens[: example.max_new_tokens]
         prediction = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
-        scores = scorers[example.metric](prediction, example)
-        rows.append({
-            "id": example.id,
-            "task": example.task,
-            "length": example.length,
-            "prompt_tokens": len(example.prompt_ids),
-            "new_tokens": len(tokens),
-            "prediction": prediction,
-            "answers": list(example.answers),
-            "scores": {k: float(v) for k, v in scores.items()},
-            "meta": example.meta,
-            "batch_size": len(batch),
-            # Costs are the batch's: time is shared by its rows, bytes are split evenly.
-            "prefill_seconds": round(out.prefill_seconds, 4),
-            "decode_seconds": round(out.decode_seconds, 4),
-            "kv_cache_bytes": out.kv_cache_bytes // len(batch),
-            "full_kv_cache_bytes": out.full_kv_cache_bytes // len(batch),
-        })
+        # Costs are the batch's: time is shared by its rows, bytes are split evenly.
+        rows.append(_row(example, prediction, tokens, scorers, len(batch), out.prefill_seconds, out.decode_seconds,
+                         out.kv_cache_bytes // len(batch), out.full_kv_cache_bytes // len(batch)))
+    return rows
+
+
+def _context_rows(loaded, policy, examples: Sequence[Example], scorers, context_scorer: str,
+                  on_row: Callable[[int], None] | None = None) -> list[dict]:
+    """Query-agnostic: compress each distinct context (the examples' leading ``context_tokens``)
+    once, before any question, then answer each of its examples on it. Prefill time is the
+    context's (shared by its questions) plus the question's; bytes are those held after answering."""
+    from uncomp_cli.contexts.compress import ask_ids, compress_ids
+    from uncomp_cli.engine.generation import GenerationSettings
+
+    by_context: dict[tuple[int, ...], list[Example]] = {}
+    for example in examples:
+        if example.context_tokens is None:
+            raise UncompError(f"{example.task}: its prompts have no context/question split for --query-agnostic")
+        by_context.setdefault(example.prompt_ids[: example.context_tokens], []).append(example)
+    rows = []
+    for context_ids, asked in by_context.items():
+        context = compress_ids(loaded, list(context_ids), policy, context_scorer)
+        for example in asked:
+            result = ask_ids(loaded, context, list(example.prompt_ids[example.context_tokens:]),
+                             GenerationSettings(max_new_tokens=example.max_new_tokens))
+            rows.append(_row(example, result.text, result.token_ids, scorers, 1,
+                             context.prefill_seconds + result.prefill_seconds, result.decode_seconds,
+                             result.kv_cache_bytes, result.full_kv_cache_bytes) | {"context_shared_by": len(asked)})
+            if on_row is not None:
+                on_row(len(rows))
     return rows
 
 
@@ -298,6 +332,8 @@ def run_eval(
     profile: str | Path | None = None,
     batch_size: int = 1,
     progress: Callable[[Run, int, int], None] | None = None,
+    query_agnostic: bool = False,
+    context_scorer: str | None = None,
 ) -> EvalResult:
     """Generate and score ``examples`` for every run on ``loaded``; write and return the results.
 
@@ -307,7 +343,9 @@ def run_eval(
     ``batch_size`` and a digest of the examples (methods and budgets do not: each is a subfolder).
     ``profile`` goes to the methods that take one; the others ignore it, so a grid resumed with
     fewer methods keeps its folder. ``progress(run, done, total)`` is called when a run starts and
-    after each batch. Finished runs are read back, not rerun.
+    after each batch. Finished runs are read back, not rerun. ``query_agnostic``: each context is
+    compressed before its questions (:func:`_context_rows`; ``context_scorer`` as for
+    :func:`~uncomp_cli.contexts.compress.compress_ids`); both name the folder.
     """
     from uncomp_cli.engine.generation import eos_token_ids
     from uncomp_cli.policies.registry import with_profile
@@ -330,6 +368,11 @@ def run_eval(
                 "dtype": model_info["dtype"], "device": loaded.device.type, "selection": named,
                 "profile": None if profile is None else str(Path(profile).resolve()), "batch_size": batch_size,
                 "examples": examples_digest(examples)}
+    if query_agnostic:  # only then: earlier folders keep their names
+        from uncomp_cli.contexts.compress import DEFAULT_CONTEXT_SCORER
+
+        context_scorer = context_scorer or DEFAULT_CONTEXT_SCORER
+        identity |= {"query_agnostic": True, "context_scorer": context_scorer}
     folder = results_folder(out, suite, loaded.name, identity)
     finished_runs: list[RunResult] = []
     pending: list[tuple[Run, object]] = []
@@ -353,6 +396,7 @@ def run_eval(
                   "examples_digest": identity["examples"], "tasks": sorted({e.task for e in examples}),
                   "machine": _machine(loaded), "versions": _versions(),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        config |= {key: identity[key] for key in ("query_agnostic", "context_scorer") if key in identity}
         atomic_write(config_path, json.dumps(config, indent=2) + "\n")
     result = EvalResult(folder, config, finished_runs)
 
@@ -366,8 +410,12 @@ def run_eval(
             progress(run, 0, len(examples))
         started = time.perf_counter()
         rows: list[dict] = []
-        for batch in _batches(examples, batch_size):
-            rows += _generate_rows(loaded, policy, batch, scorers, eos, pad_id)
+        for batch in _batches(examples, len(examples) if query_agnostic else batch_size):
+            if query_agnostic:  # one batch: the questions of a context must meet its one compression
+                on_row = None if progress is None else functools.partial(progress, run, total=len(examples))
+                rows += _context_rows(loaded, policy, batch, scorers, context_scorer, on_row)
+            else:
+                rows += _generate_rows(loaded, policy, batch, scorers, eos, pad_id)
             if progress is not None:
                 progress(run, len(rows), len(examples))
         rows.sort(key=lambda r: order[r["id"]])

@@ -34,6 +34,9 @@ class CachePolicy:
     name: ClassVar[str] = "base"
     #: Whether the method takes the model's UNComp profile (the registry brings it).
     needs_profile: ClassVar[bool] = False
+    #: Whether it chooses tokens by attention, so a context can be scored by a later pass instead
+    #: (:mod:`uncomp_cli.contexts.compress`); False for the full cache and position rules.
+    selects_by_attention: ClassVar[bool] = False
 
     @classmethod
     def option_names(cls, settable: bool = True) -> list[str]:
@@ -81,6 +84,7 @@ class GroupedCachePolicy(CachePolicy):
     """
 
     scorer: SnapKVScorer
+    selects_by_attention: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.scorer = self.make_scorer()  # validates the selection settings

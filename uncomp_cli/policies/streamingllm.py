@@ -64,6 +64,7 @@ class StreamingLLMPolicy(GroupedCachePolicy):
     options. A share of a prompt so short that it leaves no recent token keeps the whole prompt."""
 
     name: ClassVar[str] = "streamingllm"
+    selects_by_attention: ClassVar[bool] = False
 
     budget: int | str = options.BUDGET.field()
     sinks: int = options.SINKS.field()
