@@ -69,3 +69,19 @@ def test_context_errors_are_one_line(tiny_model_dir, tmp_path):
     out = tmp_path / "nowhere" / "doc.uncomp"
     result = compress("-m", tiny_model_dir, "--context-file", doc, "--out", out, "--method", "full")
     assert result.exit_code == 2 and "does not exist" in result.stderr and not out.parent.exists()
+
+
+def test_jsonl_lines_take_a_context_with_questions_beside_plain_prompts(tiny_model_dir, tmp_path):
+    lines = [{"id": "a", "prompt": "hello there"},
+             {"id": "doc", "context": CONTEXT, "questions": ["Where is item 12?", "Name an item."]},
+             {"prompt": "bye"}]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    results = json_lines(run("-m", tiny_model_dir, "--input", source, "--max-new-tokens", 3, "--method", "snapkv",
+                             "--budget", 24, "--window", 4, "--kernel", 3))
+    assert [(r["id"], r.get("question_index")) for r in results] == [("a", None), ("doc", 0), ("doc", 1), (3, None)]
+    assert results[1]["context_kv_cache_bytes"] == results[2]["context_kv_cache_bytes"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"context": CONTEXT, "questions": []}) + "\n")
+    result = run("-m", tiny_model_dir, "--input", bad)
+    assert result.exit_code == 2 and "line 1: 'questions' must be a list of non-empty strings" in result.stderr

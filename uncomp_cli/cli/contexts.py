@@ -5,11 +5,35 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
 from uncomp_cli.errors import PromptError, UncompError
+
+
+@dataclass
+class ContextItem:
+    """A JSONL batch line with a context and its questions (``generate --input``)."""
+
+    context: str
+    questions: list[str]
+    system: str | None = None
+    raw: bool = False
+    max_new_tokens: int | None = None
+    label: str = ""
+
+    @classmethod
+    def from_record(cls, record: dict, label: str) -> ContextItem:
+        context, questions = record.get("context"), record.get("questions")
+        if not isinstance(context, str) or not context.strip():
+            raise PromptError(f"{label}: 'context' must be a non-empty string")
+        if (not isinstance(questions, list) or not questions
+                or not all(isinstance(q, str) and q.strip() for q in questions)):
+            raise PromptError(f"{label}: 'questions' must be a list of non-empty strings")
+        return cls(context, questions, record.get("system"), bool(record.get("raw")), record.get("max_new_tokens"),
+                   label)
 
 
 def read_text(path: Path, what: str) -> str:

@@ -50,8 +50,10 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 def read_batch(source: str) -> list:
-    """Parse JSONL prompts (``-`` = stdin): one object per line with ``prompt`` and optional
-    ``system``, ``raw``, ``max_new_tokens``, ``id``. Any bad line stops the run before it starts."""
+    """Parse JSONL prompts (``-`` = stdin): one object per line with ``prompt``, or ``context`` and
+    ``questions`` (a list: the context is compressed once, each question answered on it), and
+    optional ``system``, ``raw``, ``max_new_tokens``, ``id``. Any bad line stops the run before it starts."""
+    from uncomp_cli.cli.contexts import ContextItem
     from uncomp_cli.engine.generation import BatchItem
 
     if source == "-":
@@ -75,11 +77,17 @@ def read_batch(source: str) -> list:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise PromptError(f"{name} line {number}: not valid JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise PromptError(f"{name} line {number}: no 'prompt' string field")
+        if not isinstance(record, dict):
+            raise PromptError(f"{name} line {number}: not a JSON object")
         limit = record.get("max_new_tokens")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise PromptError(f"{name} line {number}: 'max_new_tokens' must be a positive integer")
+        if "context" in record:
+            items.append(ContextItem.from_record(record, f"{name} line {number}"))
+            ids.append(record.get("id", number))
+            continue
+        if not isinstance(record.get("prompt"), str):
+            raise PromptError(f"{name} line {number}: no 'prompt' string field (or 'context' with 'questions')")
         items.append(
             BatchItem(
                 prompt=record["prompt"],
@@ -250,41 +258,41 @@ def _answer_on_context(prompt, context, context_file, questions, questions_file,
 
 
 def _run_batch(loaded, batch, settings, batch_size, truncate, output, system, raw, policy) -> None:
-    """Generate for every line with a progress bar on stderr; write results once, in input order."""
+    """Generate for every line with a progress bar on stderr; write results once, in input order.
+    Prompt lines run in left-padded batches; a context line is compressed once and answers each of
+    its questions (one result line each, with ``question_index``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from uncomp_cli.cli.common import stderr_console
-    from uncomp_cli.engine.generation import generate_batch
+    from uncomp_cli.cli.contexts import ContextItem
+    from uncomp_cli.contexts.compress import ask, compress_context
+    from uncomp_cli.engine.generation import GenerationSettings, generate_batch
     from uncomp_cli.files import atomic_write
 
-    ids = [item_id for item_id, _ in batch]
-    items = [item for _, item in batch]
-    for item in items:  # command-line defaults for what a line does not set
+    for _, item in batch:  # command-line defaults for what a line does not set
         item.system = item.system if item.system is not None else system
         item.raw = item.raw or raw
-    with Progress(
-        TextColumn("generating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=stderr_console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("generate", total=len(items))
-        results = generate_batch(
-            loaded,
-            items,
-            settings,
-            policy=policy,
-            batch_size=batch_size,
-            truncate=truncate,
-            on_result=lambda index, result: progress.advance(task),
-        )
-    lines = "".join(
-        json.dumps({"id": item_id, **result.to_dict()}, ensure_ascii=False) + "\n"
-        for item_id, result in zip(ids, results)
-    )
+    prompts = [index for index, (_, item) in enumerate(batch) if not isinstance(item, ContextItem)]
+    results: dict[int, list] = {}
+    with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=stderr_console, transient=True) as progress:
+        task = progress.add_task("generate", total=len(batch))
+        done = generate_batch(loaded, [batch[i][1] for i in prompts], settings, policy=policy, batch_size=batch_size,
+                              truncate=truncate, on_result=lambda index, result: progress.advance(task))
+        results |= {index: [result] for index, result in zip(prompts, done)}
+        for index, (_, item) in enumerate(batch):
+            if isinstance(item, ContextItem):
+                own = GenerationSettings(item.max_new_tokens or settings.max_new_tokens, settings.temperature,
+                                         settings.top_p, settings.seed)
+                context = compress_context(loaded, item.context, policy, system=item.system, raw=item.raw)
+                results[index] = [ask(loaded, context, question, own) for question in item.questions]
+                progress.advance(task)
+    lines = []
+    for index, (item_id, item) in enumerate(batch):
+        for number, result in enumerate(results[index]):
+            extra = {"question_index": number} if isinstance(item, ContextItem) else {}
+            lines.append(json.dumps({"id": item_id, **extra, **result.to_dict()}, ensure_ascii=False) + "\n")
     if output is not None:
-        atomic_write(output, lines)
+        atomic_write(output, "".join(lines))
     else:
-        sys.stdout.write(lines)
+        sys.stdout.write("".join(lines))
