@@ -200,3 +200,20 @@ def test_prefill_keep_replaces_the_profile_stages_and_prunes_as_scheduled():
     assert policy.describe()["prefill_keep"] == [0.5]
     off = UNCompPolicy(profile=profile, budget=1000, prefill_keep="0.5", prefill_compression=False)
     assert off.resolve(model, mask)[1] is None
+
+
+def test_each_stored_token_knows_its_original_position():
+    """Positions come from the model's position ids, so a pruned layer's survivors keep theirs."""
+    model = tiny_model("llama-gqa", seed=6)
+    ids, mask = left_padded([30], seed=6)
+    policy = UNCompPolicy(budgets(model, 10_000), layer_keep=KEEP, window=4, kernel=3)
+    with policy.attach(model, mask) as cache:
+        greedy(model, ids, mask, cache, steps=3)
+        for index, layer in enumerate(cache.layers):
+            (group,) = layer.groups
+            stored = group.positions[0, 0].tolist()
+            prompt, decoded = stored[: len(stored) - 3], stored[len(stored) - 3:]
+            assert decoded == [30, 31, 32]  # appended at the uncompressed positions
+            assert prompt == sorted(prompt) and len(prompt) == math.ceil(KEEP[index] * 30)
+            assert prompt[-4:] == [26, 27, 28, 29]  # the last tokens always survive pruning
+            assert bool((group.positions[0] == group.positions[0, :1]).all())  # heads of a group agree here

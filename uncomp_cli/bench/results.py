@@ -55,6 +55,7 @@ class BenchSettings:
     profile: str | None = None
     memory_cap: int | None = None
     max_batch: int = 1024
+    reuse: bool = False  # context-reuse mode (bench.reuse) instead of the speed grid
     method_options: dict = field(default_factory=dict)
 
     def cases(self) -> list[Case]:
@@ -99,6 +100,8 @@ class BenchSettings:
             raise UncompError(f"prompt lengths must be at least 1 token, got {list(self.lengths)}")
         if not self.batch_sizes or any(batch < 1 for batch in self.batch_sizes):
             raise UncompError(f"batch sizes must be at least 1, got {list(self.batch_sizes)}")
+        if self.reuse and (self.memory_cap is not None or list(self.batch_sizes) != [1]):
+            raise UncompError("--context-reuse measures one prompt at a time: drop --memory-cap and --batch-sizes")
         if self.memory_cap is not None and self.memory_cap < 1:
             raise UncompError(f"--memory-cap must be positive, got {self.memory_cap}")
         if self.max_batch < 1:
@@ -213,10 +216,13 @@ class BenchReport:
     meta: dict
     rows: list[BenchRow] = field(default_factory=list)
     throughput: list[ThroughputRow] = field(default_factory=list)
+    reuse: list = field(default_factory=list)  # bench.reuse.ReuseRow
 
     def to_dict(self) -> dict:
         data = dict(self.meta)
-        if self.meta.get("memory_cap_bytes") is None:
+        if self.reuse:
+            data["reuse"] = [asdict(row) for row in self.reuse]
+        elif self.meta.get("memory_cap_bytes") is None:
             data["rows"] = [asdict(row) for row in self.rows]
         else:
             data["throughput"] = [row.to_dict() for row in self.throughput]

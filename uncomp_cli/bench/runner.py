@@ -127,7 +127,11 @@ def run_bench(loaded: LoadedModel, settings: BenchSettings | None = None,
     profile, profile_note = resolve_profile(loaded, settings, policies)
     policies = with_profiles(policies, profile)
     report = BenchReport(meta=_meta(loaded, settings, meter, prompts, profile_note))
-    if settings.memory_cap is None:
+    if settings.reuse:
+        from uncomp_cli.bench.reuse import run_reuse
+
+        report.reuse = run_reuse(loaded, settings, cases, policies, prompts, on_progress)
+    elif settings.memory_cap is None:
         report.rows = _grid(loaded, settings, cases, policies, prompts, meter, on_progress)
     else:
         report.throughput = _throughput(loaded, settings, cases, policies, prompts, meter, on_progress)

@@ -42,6 +42,11 @@ def bench(
         typer.Option(help="Throughput mode: per method, the largest batch whose peak memory fits (8GiB, 512MiB, 8G)."),
     ] = None,
     max_batch: Annotated[int, typer.Option(help="With --memory-cap: the largest batch size tried.")] = 1024,
+    context_reuse: Annotated[
+        bool,
+        typer.Option("--context-reuse", help="Reuse mode: per length, save each method's compressed context and "
+                     "time a question on it (file load included) against a full prefill of the same prompt."),
+    ] = False,
     model: Model = None,
     model_config: Annotated[
         str | None,
@@ -84,6 +89,7 @@ def bench(
         profile=None if profile is None else str(profile),
         memory_cap=None if memory_cap is None else parse_memory(memory_cap),
         max_batch=max_batch,
+        reuse=context_reuse,
         method_options=method_options or {},
     )
     settings.validate()  # before the model loads: bad input fails fast

@@ -127,7 +127,8 @@ def _select_by_reconstruction(loaded: LoadedModel, cache: Cache, policy: CachePo
     """Re-read the context (``ids``, template head included) behind a repeat prompt on its full
     cache, then keep what the re-reading attended to."""
     tokenizer, model = loaded.tokenizer, loaded.model
-    reread = question_ids(tokenizer, REPEAT_PROMPT, tail) + list(ids)
+    prompt = [] if tokenizer is None else question_ids(tokenizer, REPEAT_PROMPT, tail)  # random models: none
+    reread = prompt + list(ids)
     context_tokens = len(ids)
     saved = checkpoint(cache)
     total = context_tokens
@@ -195,7 +196,7 @@ def ask_ids(loaded: LoadedModel, context: CompressedContext, ids: list[int], set
     steps = max(len(new_ids) - 1, 0)
     settings_of = {k: v for k, v in context.policy.describe().items() if k != "method"}
     return GenerationResult(
-        text=loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
+        text="" if loaded.tokenizer is None else loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
         token_ids=new_ids,
         prompt_tokens=total,
         new_tokens=len(new_ids),

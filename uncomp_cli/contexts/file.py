@@ -4,7 +4,8 @@ safetensors (tensors plus a string→string metadata map; nothing is ever unpick
 atomically. Self-describing and versioned: the format and its version; the model's fingerprints
 (config and weights) and dtype, checked on load; the method, its settings and the profile's
 fingerprint; the context's token count and the template tail; per layer its counters and per head
-group the KV heads, the budget and the kept keys, values and validity (docs/context-format.md).
+group the KV heads, the budget and the kept keys, values, validity and original positions
+(docs/context-format.md).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def save_context(context: CompressedContext, loaded, path: str | os.PathLike[str
         groups = []
         for g, group in enumerate(layer.groups):
             prefix = f"layers.{index}.groups.{g}"
-            tensors |= {f"{prefix}.keys": group.keys, f"{prefix}.values": group.values, f"{prefix}.valid": group.valid}
+            tensors |= {f"{prefix}.keys": group.keys, f"{prefix}.values": group.values, f"{prefix}.valid": group.valid,
+                        f"{prefix}.positions": group.positions}
             if group.row_budgets is not None:
                 tensors[f"{prefix}.row_budgets"] = group.row_budgets
             groups.append({"heads": group.heads, "budget": group.budget})
@@ -166,7 +168,8 @@ def _grouped_layer(index: int, spec: dict, tensors: dict[str, torch.Tensor], pol
     for g, group_spec in enumerate(spec["groups"]):
         prefix = f"layers.{index}.groups.{g}"
         group = HeadGroup(list(group_spec["heads"]), group_spec["budget"])
-        group.store(tensors[f"{prefix}.keys"], tensors[f"{prefix}.values"], tensors[f"{prefix}.valid"])
+        group.store(tensors[f"{prefix}.keys"], tensors[f"{prefix}.values"], tensors[f"{prefix}.valid"],
+                    tensors[f"{prefix}.positions"])
         group.row_budgets = tensors.get(f"{prefix}.row_budgets")
         layer.groups.append(group)
     first = layer.groups[0].keys

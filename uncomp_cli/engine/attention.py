@@ -51,7 +51,7 @@ def grouped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             raise UncompError("the grouped KV cache takes a 2-D padding mask [batch, tokens], not a 4-D mask")
         valid = attention_mask[:, -query.shape[2]:].to(torch.bool)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = cache.layers[module.layer_idx].attend(query, key, value, valid, scaling)
+    out = cache.layers[module.layer_idx].attend(query, key, value, valid, scaling, kwargs.get("position_ids"))
     return out, None
 
 

@@ -150,11 +150,12 @@ class GroupedKVLayer(CacheLayerMixin):
     # -- attention -------------------------------------------------------------------------------
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
+               valid: torch.Tensor | None, scaling: float, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Attend the new tokens and store what each group keeps.
 
         query: [B, H_q, q, d]; keys/values: [B, H_kv, q, d] (new tokens, post-RoPE);
-        valid: [B, q] bool or None (all real). Returns [B, q, H_q, d].
+        valid: [B, q] bool or None (all real); positions: [B, q] or [1, q] original positions of
+        the new tokens (None: the next ones after what the layer has seen). Returns [B, q, H_q, d].
         """
         if not self._awaiting_attention:
             raise UncompError("the model ran without its grouped KV cache; pass cache= from attach()")
@@ -162,13 +163,20 @@ class GroupedKVLayer(CacheLayerMixin):
         if valid is not None and bool(valid.all()):
             valid = None
         if self.groups[0].keys is None:
-            out = self._prefill(query, keys, values, valid, scaling)
+            out = self._prefill(query, keys, values, valid, scaling, positions)
         else:
-            out = self._decode(query, keys, values, valid, scaling)
+            out = self._decode(query, keys, values, valid, scaling, positions)
         return out.transpose(1, 2).contiguous()
 
+    def _positions(self, positions: torch.Tensor | None, batch: int, count: int, device) -> torch.Tensor:
+        """[B, count] int64 positions of the new tokens."""
+        if positions is None:
+            seen = self.get_seq_length()  # update() has counted the new tokens already
+            positions = torch.arange(seen - count, seen, device=device)[None]
+        return positions.to(device=device, dtype=torch.long).expand(batch, count)
+
     def _prefill(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                 valid: torch.Tensor | None, scaling: float, positions: torch.Tensor | None) -> torch.Tensor:
         """Full attention over the prompt, then keep each group's budget. Returns [B, H_q, N, d]."""
         batch, q_heads, n, dim = query.shape
         self.prefill_tokens = n
@@ -201,28 +209,32 @@ class GroupedKVLayer(CacheLayerMixin):
                     if valid is None else valid[:, -rows:].clone()
 
         row_valid = valid if valid is not None else torch.ones(batch, n, dtype=torch.bool, device=keys.device)
-        self._keep(keys, values, row_valid, scores, self.scorer.window)
+        self._keep(keys, values, row_valid, self._positions(positions, batch, n, keys.device), scores,
+                   self.scorer.window)
         return out
 
-    def _keep(self, keys: torch.Tensor, values: torch.Tensor, row_valid: torch.Tensor, scores: torch.Tensor | None,
-              window: int) -> None:
-        """Store in each group what its budget keeps of ``keys``/``values`` [B, H_kv, N, d] by ``scores``
-        [B, H_kv, N] (None: nothing is dropped); the last ``window`` tokens are always kept."""
+    def _keep(self, keys: torch.Tensor, values: torch.Tensor, row_valid: torch.Tensor, positions: torch.Tensor,
+              scores: torch.Tensor | None, window: int) -> None:
+        """Store in each group what its budget keeps of ``keys``/``values`` [B, H_kv, N, d] (tokens at
+        ``positions`` [B, N]) by ``scores`` [B, H_kv, N] (None: nothing is dropped); the last
+        ``window`` tokens are always kept."""
         batch, _, n, dim = keys.shape
         if scores is not None and self.budget_allocator is not None:
             self._allocate(scores)
         for group in self.groups:
             group_valid = row_valid[:, None, :].expand(batch, len(group.heads), n)
+            group_positions = positions[:, None, :].expand(batch, len(group.heads), n)
             group_keys = take_heads(keys, group.heads)
             group_values = take_heads(values, group.heads)
             if group.budget is None or (group.budget >= n and group.row_budgets is None):
-                group.store(group_keys.contiguous(), group_values.contiguous(), group_valid.contiguous())
+                group.store(group_keys.contiguous(), group_values.contiguous(), group_valid.contiguous(),
+                            group_positions.contiguous())
                 continue
             index, kept = group.keep_index(take_heads(scores, group.heads), window)
             expanded = index[..., None].expand(-1, -1, -1, dim)
             group_valid = group_valid.gather(2, index)
             group.store(group_keys.gather(2, expanded), group_values.gather(2, expanded),
-                        group_valid if kept is None else group_valid & kept)
+                        group_valid if kept is None else group_valid & kept, group_positions.gather(2, index))
 
     def start_recording(self) -> None:
         """From now on, record in :attr:`recorded` how new queries attend to the tokens held."""
@@ -239,7 +251,7 @@ class GroupedKVLayer(CacheLayerMixin):
             raise UncompError("select() needs a layer prefilled with select_later and nothing added since")
         self.select_later = False
         self.groups = group_heads(self.budgets)
-        self._keep(whole.keys, whole.values, whole.valid[:, 0], scores, window)
+        self._keep(whole.keys, whole.values, whole.valid[:, 0], whole.positions[:, 0], scores, window)
 
     def _allocate(self, scores: torch.Tensor) -> None:
         """Re-form the groups from the tokens ``budget_allocator`` gives each row and KV head."""
@@ -251,18 +263,20 @@ class GroupedKVLayer(CacheLayerMixin):
                 group.row_budgets = per_row
 
     def _decode(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                valid: torch.Tensor | None, scaling: float, positions: torch.Tensor | None) -> torch.Tensor:
         """Append the new tokens to every group and attend per group. Returns [B, H_q, q, d]."""
         batch, q_heads, q_len, _ = query.shape
         rep = q_heads // self.num_kv_heads
         new_valid = valid if valid is not None else \
             torch.ones(batch, q_len, dtype=torch.bool, device=keys.device)
+        new_positions = self._positions(positions, batch, q_len, keys.device)
         outputs = []
         for group in self.groups:
             heads = len(group.heads)
             group.keys = torch.cat([group.keys, take_heads(keys, group.heads)], dim=2)
             group.values = torch.cat([group.values, take_heads(values, group.heads)], dim=2)
             group.valid = torch.cat([group.valid, new_valid[:, None, :].expand(batch, heads, q_len)], dim=2)
+            group.positions = torch.cat([group.positions, new_positions[:, None, :].expand(batch, heads, q_len)], dim=2)
             group.all_valid = group.all_valid and valid is None
             group_query = take_heads(query, group.heads, rep)
             outputs.append(attend_group(group_query, group.keys, group.values,
@@ -309,6 +323,7 @@ class GroupedKVLayer(CacheLayerMixin):
         for group in self.groups:
             if group.keys is not None:
                 group.keys, group.values, group.valid = fn(group.keys), fn(group.values), fn(group.valid)
+                group.positions = fn(group.positions)
             if group.row_budgets is not None:
                 group.row_budgets = fn(group.row_budgets)
         if self._query_window is not None:

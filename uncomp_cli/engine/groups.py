@@ -28,6 +28,7 @@ class HeadGroup:
         self.keys: torch.Tensor | None = None  # [B, h, T, d]
         self.values: torch.Tensor | None = None  # [B, h, T, d]
         self.valid: torch.Tensor | None = None  # [B, h, T] bool; False = padding, never attended
+        self.positions: torch.Tensor | None = None  # [B, h, T] int64: each stored token's original position
         self.all_valid = True  # fast path: no padding stored
 
     def length(self) -> int:
@@ -38,8 +39,8 @@ class HeadGroup:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
-    def store(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
-        self.keys, self.values, self.valid = keys, values, valid
+    def store(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> None:
+        self.keys, self.values, self.valid, self.positions = keys, values, valid, positions
         self.all_valid = bool(valid.all())
 
     def take(self, index: torch.Tensor, kept: torch.Tensor | None = None) -> None:
@@ -48,7 +49,7 @@ class HeadGroup:
         expanded = index[..., None].expand(-1, -1, -1, dim)
         valid = self.valid.gather(2, index)
         self.store(self.keys.gather(2, expanded), self.values.gather(2, expanded),
-                   valid if kept is None else valid & kept)
+                   valid if kept is None else valid & kept, self.positions.gather(2, index))
 
     def keep_index(self, scores: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Which tokens to keep from scores [B, h, N]: (indices [B, h, T], kept [B, h, T] or None)."""
