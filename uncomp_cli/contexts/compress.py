@@ -33,12 +33,14 @@ from uncomp_cli.engine.checkpoint import checkpoint, rollback
 from uncomp_cli.engine.generation import (
     GenerationResult,
     GenerationSettings,
+    LoopOutput,
     TextStream,
     eos_token_ids,
     feed_and_generate,
     forward_last,
     full_kv_cache_bytes,
     prompt_positions,
+    result_of,
 )
 from uncomp_cli.engine.selection import PRUNE_WINDOW, pool_scores
 from uncomp_cli.errors import PromptError, UncompError
@@ -192,24 +194,7 @@ def ask_ids(loaded: LoadedModel, context: CompressedContext, ids: list[int], set
         rollback(context.cache, context._saved)  # the answer's tokens are dropped, whatever happened
     if on_text is not None and (rest := stream.flush()):
         on_text(rest)
-    new_ids = out.tokens[0]
-    steps = max(len(new_ids) - 1, 0)
-    settings_of = {k: v for k, v in context.policy.describe().items() if k != "method"}
-    return GenerationResult(
-        text="" if loaded.tokenizer is None else loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
-        token_ids=new_ids,
-        prompt_tokens=total,
-        new_tokens=len(new_ids),
-        prefill_seconds=out.prefill_seconds,
-        decode_seconds=out.decode_seconds,
-        decode_tokens_per_second=steps / out.decode_seconds if out.decode_seconds > 0 else 0.0,
-        kv_cache_bytes=held,
-        full_kv_cache_bytes=full_kv_cache_bytes(loaded.model.config, 1, out.attention_mask.shape[-1],
-                                                loaded.model.dtype),
-        peak_memory_bytes=meter.peak(),
-        model=loaded.name,
-        device=str(device),
-        dtype=str(loaded.dtype).removeprefix("torch."),
-        method=context.policy.name,
-        stats=settings_of | context.summary(),
-    )
+    loop = LoopOutput(out.tokens, out.prefill_seconds, out.decode_seconds, held,
+                      full_kv_cache_bytes(loaded.model.config, 1, out.attention_mask.shape[-1], loaded.model.dtype),
+                      context.summary())
+    return result_of(loaded, context.policy, out.tokens[0], total, loop, meter.peak())

@@ -278,11 +278,12 @@ def encode_prompt(loaded: LoadedModel, prompt: str, settings: GenerationSettings
     return fit_to_context(ids, context_length(loaded.model.config), settings.max_new_tokens, truncate)
 
 
-def _result(loaded: LoadedModel, policy: CachePolicy | None, new_ids: list[int], prompt_tokens: int,
+def result_of(loaded: LoadedModel, policy: CachePolicy | None, new_ids: list[int], prompt_tokens: int,
             out: LoopOutput, peak: int | None, extra: dict | None = None) -> GenerationResult:
+    """The result of one row of a loop: text, counts, costs, and the policy's settings and stats."""
     decode_steps = max(len(new_ids) - 1, 0)  # the first new token comes out of the prefill
     return GenerationResult(
-        text=loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
+        text="" if loaded.tokenizer is None else loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
         token_ids=new_ids,
         prompt_tokens=prompt_tokens,
         new_tokens=len(new_ids),
@@ -334,7 +335,7 @@ def generate(
     peak = meter.peak()
     if on_text is not None and (rest := stream.flush()):
         on_text(rest)
-    return _result(loaded, policy, out.tokens[0], len(ids), out, peak)
+    return result_of(loaded, policy, out.tokens[0], len(ids), out, peak)
 
 
 @dataclass
@@ -404,7 +405,7 @@ def generate_batch(
         out = generate_ids(loaded.model, input_ids, mask, run, eos_token_ids(loaded), policy)
         peak = meter.peak()
         for row, index in enumerate(chunk):
-            result = _result(loaded, policy, out.tokens[row][: limits[index]], len(encoded[index]), out, peak,
+            result = result_of(loaded, policy, out.tokens[row][: limits[index]], len(encoded[index]), out, peak,
                              {"batch_size": len(chunk)})
             results[index] = result
             if on_result is not None:

@@ -107,8 +107,8 @@ class GroupedCachePolicy(CachePolicy):
 
     def check_budget(self) -> None:
         """The budget check at construction, so it fails before any model loads: a share fits every
-        prompt (it is raised to :meth:`min_budget` where too small), and a token count fits every
-        prompt if it fits one longer than itself."""
+        prompt (one too short for it is kept whole), and a token count fits every prompt if it fits
+        one longer than itself."""
         budget = Budget.parse(self.budget)
         if budget.tokens is not None:
             self.kv_budget(budget.tokens + 1)
@@ -121,7 +121,7 @@ class GroupedCachePolicy(CachePolicy):
         return GroupedKVLayer([budget] * num_kv_heads, self.scorer, self.decode_evict)
 
     def budget_stats(self, prompt_len: int, budgets: list[int]) -> dict:
-        """The effective budget, and a note when a share was raised to what the method must keep."""
+        """The effective budget, and a note when a share was too small for this prompt to compress."""
         stats: dict = {"kv_budget_tokens": budgets[0]} if len(set(budgets)) == 1 else {
             "kv_budget_tokens_mean": round(sum(budgets) / len(budgets), 2), "kv_budget_tokens_per_layer": budgets}
         return stats | budget_note(self.budget, prompt_len, self.min_budget())
