@@ -59,8 +59,10 @@ def test_context_errors_are_one_line(tiny_model_dir, tmp_path):
     for args, message in [
         (["--context", bad, "q?"], "is not a compressed context file"),
         (["--context", bad, "q?", "--method", "snapkv"], "a compressed context file brings its own method"),
-        (["-q", "q?", "hello"], "--question, --questions-file and --answer-prefix are for a context"),
+        (["-q", "q?", "hello"], "--question, --questions-file, --answer-prefix and --context-scorer are for a context"),
         (["--context-file", doc], "no question for the context"),
+        (["--context-file", doc, "q?", "--context-scorer", "magic"], "--context-scorer must be one of window, "
+                                                                     "reconstruct, got 'magic'"),
         (["--context-file", doc, "--context", bad, "q?"], "either with --context or with --context-file"),
     ]:
         result = run("-m", tiny_model_dir, *args)

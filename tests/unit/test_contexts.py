@@ -43,11 +43,12 @@ def test_a_full_context_answers_as_the_whole_prompt_would(loaded):
     assert answer.prompt_tokens == whole.shape[1] and answer.stats["context_tokens"] == context.context_tokens
 
 
+@pytest.mark.parametrize("scorer", ["window", "reconstruct"])
 @pytest.mark.parametrize("method", ["snapkv", "adakv", "h2o", "streamingllm"])
-def test_a_budget_that_holds_the_context_answers_as_the_full_cache(loaded, method):
+def test_a_budget_that_holds_the_context_answers_as_the_full_cache(loaded, method, scorer):
     full = ask(loaded, compress_context(loaded, CONTEXT), QUESTIONS[1], SETTINGS)
     options = {k: v for k, v in SMALL.items() if k in make_policy(method).option_names()}
-    kept = ask(loaded, compress_context(loaded, CONTEXT, make_policy(method, budget="10000", **options)),
+    kept = ask(loaded, compress_context(loaded, CONTEXT, make_policy(method, budget="10000", **options), scorer=scorer),
                QUESTIONS[1], SETTINGS)
     assert kept.token_ids == full.token_ids
 
@@ -64,8 +65,10 @@ def test_every_question_sees_the_same_compressed_context(loaded):
     assert [a.token_ids for a in first] == [a.token_ids for a in alone]
 
 
-def test_the_context_is_compressed_to_its_budget_and_the_question_is_not(loaded):
-    context = compress_context(loaded, CONTEXT, make_policy("snapkv", budget="24", **SMALL))
+@pytest.mark.parametrize("scorer", ["window", "reconstruct"])
+def test_the_context_is_compressed_to_its_budget_and_the_question_is_not(loaded, scorer):
+    context = compress_context(loaded, CONTEXT, make_policy("snapkv", budget="24", **SMALL), scorer=scorer)
+    assert all(layer.get_seq_length() == context.context_tokens for layer in context.cache.layers)  # re-reading gone
     config = loaded.model.config
     per_token = config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * 4
     assert context.kv_cache_bytes() == 24 * per_token

@@ -24,6 +24,10 @@ def compress(
     system: Annotated[str | None, typer.Option(help="System message (chat models).")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="The context exactly as given: no chat template.")] = False,
     method: Annotated[str, typer.Option(help=f"KV cache: {', '.join(METHOD_NAMES)}.")] = DEFAULT_COMPRESS_METHOD,
+    context_scorer: Annotated[
+        str, typer.Option(help="How context tokens are scored: window (the method's own, at the end of the context) "
+                          "or reconstruct (how the model re-reads it; one more pass over the context).")
+    ] = "window",
     profile: Annotated[
         Path | None,
         typer.Option(help="UNComp profile for the uncomp methods (default: the cached one, calibrated once)."),
@@ -40,7 +44,7 @@ def compress(
     weights, dtype) when it is loaded.
     """
     from uncomp_cli.cli.contexts import context_text
-    from uncomp_cli.contexts.compress import compress_context
+    from uncomp_cli.contexts.compress import check_context_scorer, compress_context
     from uncomp_cli.contexts.file import save_context
     from uncomp_cli.errors import UncompError
     from uncomp_cli.models.loading import load_model
@@ -53,9 +57,11 @@ def compress(
     text = context_text(context, context_file)
     if text is None:
         raise UncompError("no context: give --context-file PATH or --context - (stdin)")
+    check_context_scorer(context_scorer)
     policy = make_policy(method, **(method_options or {}))  # before the model loads: bad settings fail fast
     loaded = load_model(model, device=device, dtype=dtype)
-    compressed = compress_context(loaded, text, with_profile(policy, loaded, profile), system=system, raw=raw)
+    compressed = compress_context(loaded, text, with_profile(policy, loaded, profile), system=system, raw=raw,
+                                  scorer=context_scorer)
     save_context(compressed, loaded, out)
     full = compressed.full_kv_cache_bytes(loaded)
     summary = {"out": str(out), "method": policy.name, "model": loaded.name,

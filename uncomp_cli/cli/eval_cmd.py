@@ -59,8 +59,8 @@ GRID_OPTIONS = [
         "--query-agnostic", help="Compress each context before its question (once for all its questions), "
         "instead of the whole prompt with the question in it.")], False),
     option("context_scorer", Annotated[str | None, typer.Option(
-        help="With --query-agnostic: how context tokens are scored, reconstruct (the model re-reads the context; "
-             "the default) or window (the method's own, at the end of the context).")]),
+        help="With --query-agnostic: how context tokens are scored: window (the method's own, at the end of the "
+             "context; the default) or reconstruct (by how the model re-reads the context).")]),
 ]
 Seed = Annotated[int, typer.Option(help="Seed for the generated prompts (needles, numbers, keys).")]
 
@@ -120,13 +120,11 @@ def evaluate(
     if batch_size < 1:
         raise UncompError(f"--batch-size must be at least 1, got {batch_size}")
     if grid["context_scorer"] is not None:
-        from uncomp_cli.contexts.compress import CONTEXT_SCORERS
+        from uncomp_cli.contexts.compress import check_context_scorer
 
         if not grid["query_agnostic"]:
             raise UncompError("--context-scorer is for --query-agnostic runs")
-        if grid["context_scorer"] not in CONTEXT_SCORERS:
-            raise UncompError(f"--context-scorer must be one of {', '.join(CONTEXT_SCORERS)}, "
-                              f"got {grid['context_scorer']!r}")
+        check_context_scorer(grid["context_scorer"])
     runs = plan_runs(split_list(grid["methods"], "--methods"), split_list(grid["budgets"], "--budgets"))
     check_runs(runs, method_options)  # before the model loads: a typo costs nothing
     if profile is not None and not profile.is_file():

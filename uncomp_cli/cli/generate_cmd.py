@@ -152,6 +152,10 @@ def generate(
     answer_prefix: Annotated[
         str | None, typer.Option(help="With a context: the start of each answer, fed after the question.")
     ] = None,
+    context_scorer: Annotated[
+        str, typer.Option(help="With --context-file/--context -: how context tokens are scored, window (the "
+                          "method's own, at the end of the context) or reconstruct (how the model re-reads it).")
+    ] = "window",
     method: Annotated[str, typer.Option(help=f"KV cache: {', '.join(METHOD_NAMES)}.")] = DEFAULT_METHOD,
     profile: Annotated[
         Path | None,
@@ -183,11 +187,11 @@ def generate(
     if context is not None or context_file is not None:
         _answer_on_context(prompt, context, context_file, question, questions_file, answer_prefix, settings,
                            model, device, dtype, method, method_options or {}, profile, system, raw, json_output,
-                           stream)
+                           stream, context_scorer)
         return
-    if question or questions_file is not None or answer_prefix is not None:
-        raise UncompError("--question, --questions-file and --answer-prefix are for a context (--context-file or "
-                          "--context)")
+    if question or questions_file is not None or answer_prefix is not None or context_scorer != "window":
+        raise UncompError("--question, --questions-file, --answer-prefix and --context-scorer are for a context "
+                          "(--context-file or --context)")
     if input_path is not None:
         if prompt is not None or prompt_file is not None:
             raise typer.BadParameter("give prompts either with --input or as a prompt, not both", param_hint="--input")
@@ -235,16 +239,18 @@ def generate(
 
 
 def _answer_on_context(prompt, context, context_file, questions, questions_file, answer_prefix, settings, model,
-                       device, dtype, method, method_options, profile, system, raw, json_output, stream) -> None:
+                       device, dtype, method, method_options, profile, system, raw, json_output, stream,
+                       context_scorer) -> None:
     """Compress the context once (or load a compressed one) and answer every question on it."""
     from uncomp_cli.cli.contexts import context_text, print_answers, read_questions
-    from uncomp_cli.contexts.compress import compress_context
+    from uncomp_cli.contexts.compress import check_context_scorer, compress_context
     from uncomp_cli.contexts.file import load_context
     from uncomp_cli.models.loading import load_model
     from uncomp_cli.policies.registry import make_policy, with_profile
 
     text = context_text(context, context_file)
     asked = read_questions(prompt, questions, questions_file)
+    check_context_scorer(context_scorer)
     if text is None and (method != DEFAULT_METHOD or method_options or profile is not None):
         raise UncompError("a compressed context file brings its own method and settings; drop --method, its "
                           "options and --profile (or compress the text again with them)")
@@ -253,7 +259,8 @@ def _answer_on_context(prompt, context, context_file, questions, questions_file,
     if text is None:
         compressed = load_context(loaded, Path(context))
     else:
-        compressed = compress_context(loaded, text, with_profile(policy, loaded, profile), system=system, raw=raw)
+        compressed = compress_context(loaded, text, with_profile(policy, loaded, profile), system=system, raw=raw,
+                                      scorer=context_scorer)
     print_answers(loaded, compressed, asked, settings, answer_prefix, json_output, stream)
 
 

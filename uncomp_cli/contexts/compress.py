@@ -51,7 +51,7 @@ from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.policies.full import FullCachePolicy
 
 CONTEXT_SCORERS = ("window", "reconstruct")
-DEFAULT_CONTEXT_SCORER = "reconstruct"
+DEFAULT_CONTEXT_SCORER = "window"
 #: What the model is asked before it re-reads the context (KVzip's wording).
 REPEAT_PROMPT = "Repeat the previous context exactly."
 #: Re-reading tokens fed per forward pass: bounds the attention rows recorded at once.
@@ -98,11 +98,16 @@ def compress_context(loaded: LoadedModel, context: str, policy: CachePolicy | No
     return compress_ids(loaded, ids, policy, scorer, tail)
 
 
+def check_context_scorer(scorer: str) -> str:
+    if scorer not in CONTEXT_SCORERS:
+        raise UncompError(f"--context-scorer must be one of {', '.join(CONTEXT_SCORERS)}, got {scorer!r}")
+    return scorer
+
+
 def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None = None,
                  scorer: str = DEFAULT_CONTEXT_SCORER, tail: str = "") -> CompressedContext:
     """:func:`compress_context` for a context already tokenised (template included): ``ids``."""
-    if scorer not in CONTEXT_SCORERS:
-        raise UncompError(f"--context-scorer must be one of {', '.join(CONTEXT_SCORERS)}, got {scorer!r}")
+    check_context_scorer(scorer)
     policy = policy or FullCachePolicy()
     limit = context_length(loaded.model.config)
     if len(ids) >= limit:
