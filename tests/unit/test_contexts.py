@@ -145,3 +145,34 @@ def test_bad_files_are_one_clear_error(loaded, tmp_path, tiny_model_dir):
         load_context(load_model(str(other), device="cpu"), path)
     with pytest.raises(UncompError, match="context file not found"):
         load_context(loaded, tmp_path / "missing.uncomp")
+
+
+def test_global_allocation_gives_the_budget_to_heads_whose_scores_stand_out(loaded):
+    """KVzip's allocation: all layers' and heads' entries ranked together; sinks and the last 8 kept."""
+    from uncomp_cli.contexts.compress import allocate_globally
+    from uncomp_cli.engine.generation import forward_last, prompt_positions
+
+    ids = context_prompt(loaded.tokenizer, CONTEXT)[0]
+    mask = torch.ones(1, len(ids), dtype=torch.long)
+    policy = make_policy("snapkv", budget="24", **SMALL)
+    with policy.attach(loaded.model, mask) as cache:
+        for layer in cache.layers:
+            layer.select_later = True
+        forward_last(loaded.model, torch.tensor([ids]), mask, prompt_positions(mask), cache)
+    layers, heads, n = len(cache.layers), loaded.model.config.num_key_value_heads, len(ids)
+    recorded = [torch.full((1, heads, n), 1e-4) for _ in range(layers)]
+    peak = list(range(40, 70))  # one head of one layer attends sharply to these tokens
+    recorded[1][0, 0, peak] = 0.9
+    allocate_globally(cache.layers, recorded)
+    kept = {(index, head): layer_groups_positions(layer, head) for index, layer in enumerate(cache.layers)
+            for head in range(heads)}
+    assert set(peak) <= set(kept[1, 0])
+    assert all({0, 1, 2, 3} | set(range(n - 8, n)) <= set(positions) for positions in kept.values())
+    total = sum(len(positions) for positions in kept.values())
+    assert abs(total - layers * heads * 24) <= layers * heads  # the method's total, up to ties and floors
+    assert len(kept[1, 0]) >= len(peak) + 4 + 8 > 24  # more than its own budget: the global ranking moved it there
+
+
+def layer_groups_positions(layer, head: int) -> list[int]:
+    group = next(g for g in layer.groups if head in g.heads)
+    return group.positions[0, group.heads.index(head)].tolist()

@@ -10,6 +10,7 @@ import typer
 
 from uncomp_cli.cli.common import handle_errors
 from uncomp_cli.cli.options import METHOD_NAMES, Device, Dtype, Model, with_method_options
+from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 
 DEFAULT_COMPRESS_METHOD = "uncomp"
 
@@ -25,9 +26,9 @@ def compress(
     raw: Annotated[bool, typer.Option("--raw", help="The context exactly as given: no chat template.")] = False,
     method: Annotated[str, typer.Option(help=f"KV cache: {', '.join(METHOD_NAMES)}.")] = DEFAULT_COMPRESS_METHOD,
     context_scorer: Annotated[
-        str, typer.Option(help="How context tokens are scored: window (the method's own, at the end of the context) "
-                          "or reconstruct (how the model re-reads it; one more pass over the context).")
-    ] = "window",
+        str, typer.Option(help="How context tokens are scored: reconstruct (how the model re-reads the context; "
+                          "one more pass over it) or window (the method's own, at the end of the context).")
+    ] = DEFAULT_CONTEXT_SCORER,
     profile: Annotated[
         Path | None,
         typer.Option(help="UNComp profile for the uncomp methods (default: the cached one, calibrated once)."),

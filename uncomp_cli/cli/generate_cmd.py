@@ -11,7 +11,7 @@ import typer
 
 from uncomp_cli.cli.common import handle_errors
 from uncomp_cli.cli.options import METHOD_NAMES, Device, Dtype, Model, with_method_options
-from uncomp_cli.defaults import DEFAULT_METHOD
+from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER, DEFAULT_METHOD
 from uncomp_cli.errors import PromptError, UncompError
 
 
@@ -153,9 +153,10 @@ def generate(
         str | None, typer.Option(help="With a context: the start of each answer, fed after the question.")
     ] = None,
     context_scorer: Annotated[
-        str, typer.Option(help="With --context-file/--context -: how context tokens are scored, window (the "
-                          "method's own, at the end of the context) or reconstruct (how the model re-reads it).")
-    ] = "window",
+        str | None, typer.Option(help="With --context-file/--context -: how context tokens are scored, reconstruct "
+                                 "(how the model re-reads the context; the default) or window (the method's own, "
+                                 "at the end of the context).")
+    ] = None,
     method: Annotated[str, typer.Option(help=f"KV cache: {', '.join(METHOD_NAMES)}.")] = DEFAULT_METHOD,
     profile: Annotated[
         Path | None,
@@ -189,7 +190,7 @@ def generate(
                            model, device, dtype, method, method_options or {}, profile, system, raw, json_output,
                            stream, context_scorer)
         return
-    if question or questions_file is not None or answer_prefix is not None or context_scorer != "window":
+    if question or questions_file is not None or answer_prefix is not None or context_scorer is not None:
         raise UncompError("--question, --questions-file, --answer-prefix and --context-scorer are for a context "
                           "(--context-file or --context)")
     if input_path is not None:
@@ -250,7 +251,7 @@ def _answer_on_context(prompt, context, context_file, questions, questions_file,
 
     text = context_text(context, context_file)
     asked = read_questions(prompt, questions, questions_file)
-    check_context_scorer(context_scorer)
+    context_scorer = check_context_scorer(context_scorer or DEFAULT_CONTEXT_SCORER)
     if text is None and (method != DEFAULT_METHOD or method_options or profile is not None):
         raise UncompError("a compressed context file brings its own method and settings; drop --method, its "
                           "options and --profile (or compress the text again with them)")

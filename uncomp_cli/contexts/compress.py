@@ -5,13 +5,13 @@ question can tell the method what to keep. Two ways to score the context's token
 
 * ``window``: the method's own selection at the end of prefill, whose observation window is then
   the end of the context. Free, but it keeps what the context's last sentences look at.
-* ``reconstruct`` (KVzip, arXiv 2505.23416): after a prefill that keeps every token, the model
-  re-reads the context behind a repeat prompt ("Repeat the previous context exactly.") on that
-  full cache; each KV entry's score is the most attention any re-reading query of its KV head pays
-  it, pooled like the method's own scores, and the method's budgets (uniform, pyramid, AdaKV's
-  allocation, UNComp's entropy spread) then keep the best. Costs one more pass over the context,
-  paid once per compressed context; the re-reading tokens are dropped afterwards. Hidden-state
-  pruning (uncomp) still decides at prefill, by the end of the context.
+* ``reconstruct`` (KVzip, arXiv 2505.23416; the default): after a prefill that keeps every
+  token, the model re-reads the context behind a repeat prompt ("Repeat the previous context
+  exactly.") on that full cache; each KV entry's score is the most attention any re-reading query
+  of its KV head pays it, and every layer's and head's entries are ranked together, weighted by
+  the method's own budget shares (:func:`allocate_globally`). Costs one more pass over the
+  context, paid once per compressed context; the re-reading tokens are dropped afterwards.
+  Hidden-state pruning (uncomp) still decides at prefill, by the end of the context.
 
 Each question then
 runs on the compressed cache at the context's absolute positions (the question itself is never
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache
 
+from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 from uncomp_cli.engine.cache import cache_nbytes
 from uncomp_cli.engine.checkpoint import checkpoint, rollback
 from uncomp_cli.engine.generation import (
@@ -42,7 +43,7 @@ from uncomp_cli.engine.generation import (
     prompt_positions,
     result_of,
 )
-from uncomp_cli.engine.selection import PRUNE_WINDOW, pool_scores
+from uncomp_cli.engine.selection import PRUNE_WINDOW
 from uncomp_cli.errors import PromptError, UncompError
 from uncomp_cli.memory import PeakMemory
 from uncomp_cli.models.loading import LoadedModel
@@ -51,11 +52,12 @@ from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.policies.full import FullCachePolicy
 
 CONTEXT_SCORERS = ("window", "reconstruct")
-DEFAULT_CONTEXT_SCORER = "window"
 #: What the model is asked before it re-reads the context (KVzip's wording).
 REPEAT_PROMPT = "Repeat the previous context exactly."
 #: Re-reading tokens fed per forward pass: bounds the attention rows recorded at once.
 RECONSTRUCT_CHUNK = 256
+#: First tokens every head keeps when a re-reading decides (KVzip's 4 attention sinks).
+SINKS = 4
 
 
 @dataclass
@@ -150,9 +152,34 @@ def _select_by_reconstruction(loaded: LoadedModel, cache: Cache, policy: CachePo
                   position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         recorded = [layer.recorded for layer in cache.layers]
     rollback(cache, saved)  # the re-reading tokens go; every layer holds the whole context again
-    scorer = policy.scorer
-    for layer, scores in zip(cache.layers, recorded):
-        layer.select(pool_scores(scores, scorer.kernel, scorer.pooling), min(scorer.window, PRUNE_WINDOW))
+    allocate_globally(cache.layers, recorded)
+
+
+def allocate_globally(layers: list, recorded: list[torch.Tensor]) -> None:
+    """KVzip's allocation: rank every layer's and KV head's entries together and keep the best.
+
+    recorded: per layer [1, H_kv, N_l] scores. The method's own per-head budgets set the total and
+    weight each head's scores by its share of the mean budget (1 for uniform methods; UNComp's
+    high-entropy heads and PyramidKV's lower layers get more), so a head that re-reads the context
+    keeps more than one that does not. The first :data:`SINKS` and last :data:`PRUNE_WINDOW` tokens
+    of every head are always kept.
+    """
+    lengths = [scores.shape[-1] for scores in recorded]
+    budgets = [torch.tensor([n if b is None else min(int(b), n) for b in layer.budgets], dtype=torch.float64)
+               for layer, n in zip(layers, lengths)]
+    mean = float(torch.cat(budgets).mean())
+    weighted = []
+    for scores, share in zip(recorded, budgets):
+        scores = scores[0].double() * (share / mean)[:, None]  # [H_kv, N]
+        scores[:, :SINKS] = scores[:, -PRUNE_WINDOW:] = float("inf")
+        weighted.append(scores)
+    total = int(sum(float(b.sum()) for b in budgets))
+    heads = weighted[0].shape[0]
+    owner = torch.cat([torch.arange(heads).repeat_interleave(n) + index * heads for index, n in enumerate(lengths)])
+    best = torch.cat([s.reshape(-1) for s in weighted]).topk(total).indices  # exactly `total`, ties broken
+    counts = torch.bincount(owner[best], minlength=len(layers) * heads).view(len(layers), heads)
+    for layer, scores, n, kept in zip(layers, weighted, lengths, counts):
+        layer.select(scores[None].float(), PRUNE_WINDOW, kept.clamp(min=min(n, SINKS + PRUNE_WINDOW), max=n).tolist())
 
 
 def ask(loaded: LoadedModel, context: CompressedContext, question: str, settings: GenerationSettings | None = None,

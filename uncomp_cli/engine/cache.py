@@ -243,13 +243,16 @@ class GroupedKVLayer(CacheLayerMixin):
         self.recorded = torch.zeros(self.groups[0].keys.shape[:3], dtype=torch.float32,
                                     device=self.groups[0].keys.device)
 
-    def select(self, scores: torch.Tensor, window: int) -> None:
+    def select(self, scores: torch.Tensor, window: int, budgets: Sequence[int] | None = None) -> None:
         """Keep the budgets now, by ``scores`` [B, H_kv, N] over the N tokens held since a prefill
-        with ``select_later`` (a context scored by how a later pass attends to it)."""
+        with ``select_later`` (a context scored by how a later pass attends to it). ``budgets``:
+        tokens per KV head decided elsewhere (then they replace the layer's, and no allocator runs)."""
         whole = self.groups[0]
         if not self.select_later or len(self.groups) != 1 or whole.length() != scores.shape[-1]:
             raise UncompError("select() needs a layer prefilled with select_later and nothing added since")
         self.select_later = False
+        if budgets is not None:
+            self.budgets, self.budget_allocator = list(budgets), None
         self.groups = group_heads(self.budgets)
         self._keep(whole.keys, whole.values, whole.valid[:, 0], whole.positions[:, 0], scores, window)
 

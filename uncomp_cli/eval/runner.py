@@ -369,7 +369,7 @@ def run_eval(
                 "profile": None if profile is None else str(Path(profile).resolve()), "batch_size": batch_size,
                 "examples": examples_digest(examples)}
     if query_agnostic:  # only then: earlier folders keep their names
-        from uncomp_cli.contexts.compress import DEFAULT_CONTEXT_SCORER
+        from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 
         context_scorer = context_scorer or DEFAULT_CONTEXT_SCORER
         identity |= {"query_agnostic": True, "context_scorer": context_scorer}
