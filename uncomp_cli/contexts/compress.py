@@ -128,6 +128,10 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
     if loaded.device.type == "cuda":
         torch.cuda.synchronize(loaded.device)
     stats = policy.stats(cache) | {"context_scorer": scorer if policy.selects_by_attention else None}
+    if reconstruct:  # the global ranking spread the method's budgets anew: report what each head keeps
+        kept = [b for layer in cache.layers for b in layer.budgets]
+        stats |= {"kv_budget_tokens_mean": round(sum(kept) / len(kept), 2), "kv_budget_tokens_min": min(kept),
+                  "kv_budget_tokens_max": max(kept)}
     return CompressedContext(cache, policy, len(ids), tail, time.perf_counter() - started, stats)
 
 
