@@ -47,6 +47,12 @@ _LAZY = {
     "load_profile": "uncomp_cli.profile.file",
     "save_profile": "uncomp_cli.profile.file",
     "profile_for": "uncomp_cli.profile.store",
+    # compressed contexts: compress once, ask many, keep in a file
+    "compress_context": "uncomp_cli.contexts.compress",
+    "ask": "uncomp_cli.contexts.compress",
+    "CompressedContext": "uncomp_cli.contexts.compress",
+    "save_context": "uncomp_cli.contexts.file",
+    "load_context": "uncomp_cli.contexts.file",
     # evaluation and benchmarks
     "plan_runs": "uncomp_cli.eval.runner",
     "run_eval": "uncomp_cli.eval.runner",
