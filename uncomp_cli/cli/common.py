@@ -1,4 +1,5 @@
-"""Helpers shared by the commands: one-line errors, the stderr console, logging to stderr.
+"""Helpers shared by the commands: one-line errors, the stderr console, logging to stderr, and
+reading text (files, stdin) with one clear error.
 
 Human numbers (``4k``, ``8GiB``) are parsed by :mod:`uncomp_cli.units`; shared options live in
 :mod:`uncomp_cli.cli.options`.
@@ -11,12 +12,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import typer
 from rich.console import Console
 
-from uncomp_cli.errors import UncompError
+from uncomp_cli.errors import PromptError, UncompError
 
 F = TypeVar("F", bound=Callable)
 
@@ -48,6 +50,28 @@ def handle_errors(command: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file, or one clear error naming ``what`` it was meant to be."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        raise PromptError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError:
+        raise PromptError(f"{what} {path} is not valid UTF-8 text") from None
+
+
+def read_stdin() -> str:
+    """Standard input as UTF-8 text ("" where it cannot be read)."""
+    try:
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    except OSError:
+        data = b""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PromptError("standard input is not valid UTF-8 text") from None
 
 
 def configure_logging() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from uncomp_cli.cli.common import read_stdin, read_text
 from uncomp_cli.errors import PromptError, UncompError
 
 
@@ -36,24 +37,6 @@ class ContextItem:
                    label)
 
 
-def read_text(path: Path, what: str) -> str:
-    """A UTF-8 text file, or one clear error naming ``what`` it was meant to be."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except (FileNotFoundError, IsADirectoryError):
-        raise PromptError(f"{what} not found: {path}") from None
-    except UnicodeDecodeError:
-        raise PromptError(f"{what} {path} is not valid UTF-8 text") from None
-
-
-def read_stdin(what: str) -> str:
-    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PromptError(f"{what} on standard input is not valid UTF-8 text") from None
-
-
 def context_text(context: str | None, context_file: Path | None) -> str | None:
     """The context to compress: ``--context -`` (stdin) or ``--context-file``; None when neither."""
     if context is not None and context_file is not None:
@@ -61,7 +44,7 @@ def context_text(context: str | None, context_file: Path | None) -> str | None:
     if context_file is not None:
         return read_text(context_file, "context file")
     if context == "-":
-        return read_stdin("the context")
+        return read_stdin()
     return None
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from uncomp_cli.cli.common import handle_errors
+from uncomp_cli.cli.common import handle_errors, read_stdin, read_text
 from uncomp_cli.cli.options import METHOD_NAMES, Device, Dtype, Model, with_method_options
 from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER, DEFAULT_METHOD
 from uncomp_cli.errors import PromptError, UncompError
@@ -23,23 +23,11 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     """
     parts: list[str] = []
     if prompt_file is not None:
-        try:
-            parts.append(prompt_file.read_bytes().decode("utf-8"))
-        except FileNotFoundError:
-            raise PromptError(f"prompt file not found: {prompt_file}") from None
-        except UnicodeDecodeError:
-            raise PromptError(f"prompt file {prompt_file} is not valid UTF-8 text") from None
+        parts.append(read_text(prompt_file, "prompt file"))
     if prompt is not None and prompt != "-":
         parts.append(prompt)
     if prompt == "-" or (not sys.stdin.isatty() and prompt_file is None):
-        try:
-            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
-        except OSError:
-            data = b""
-        try:
-            piped = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise PromptError("standard input is not valid UTF-8 text") from None
+        piped = read_stdin()
         if piped.strip():
             # Piped text comes first when a prompt argument is given too: "<document> <instruction>".
             parts = [piped, *parts] if prompt not in (None, "-") else [*parts, piped]
