@@ -13,6 +13,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from tiny import HAYSTACK_DIR, tiny_model, tiny_tokenizer  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from uncomp_cli.cli.app import app  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +41,13 @@ def haystack_dir() -> Path:
     if not HAYSTACK_DIR.is_dir():
         pytest.skip("../shared/data/haystack is not present")
     return HAYSTACK_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_profile(tiny_model_dir, tmp_path_factory):
+    """A profile calibrated on the tiny model (2 windows of 64 tokens of the built-in source)."""
+    path = tmp_path_factory.mktemp("profiles") / "tiny.safetensors"
+    result = CliRunner().invoke(app, ["calibrate", "-m", str(tiny_model_dir), "--samples", "2", "--seq-len", "64",
+                                      "--out", str(path)])
+    assert result.exit_code == 0, result.stderr
+    return path

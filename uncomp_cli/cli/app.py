@@ -39,6 +39,7 @@ from uncomp_cli.cli import (  # noqa: E402
     eval_cmd,
     generate_cmd,
     inspect_cmd,
+    serve_cmd,
 )
 
 app.command("generate")(generate_cmd.generate)
@@ -46,6 +47,7 @@ app.command("compress")(compress_cmd.compress)
 app.command("calibrate")(calibrate_cmd.calibrate)
 app.command("inspect-heads")(inspect_cmd.inspect_heads)
 app.command("bench")(bench_cmd.bench)
+app.command("serve")(serve_cmd.serve)
 app.add_typer(eval_cmd.eval_app, name="eval")
 
 

@@ -1,0 +1,79 @@
+"""``uncomp serve`` as users start it: a process on a port, refused settings before it starts, and a
+clean exit on SIGTERM that lets the request in flight finish."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+
+from serving import free_port  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from uncomp_cli.cli.app import app  # noqa: E402
+
+UNCOMP = str(Path(sys.executable).with_name("uncomp"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "snapkv", "--sinks", "4"], "--sinks applies to streamingllm, not snapkv"),
+    (["--method", "zip"], "unknown method"),
+    (["--kv-cache-limit", "lots"], "invalid memory size 'lots'"),
+    (["--context-scorer", "guess"], "--context-scorer must be one of"),
+])
+def test_bad_settings_are_one_error_line_before_anything_loads(args, message):
+    result = CliRunner().invoke(app, ["serve", "-m", "/nonexistent/model", *args])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr and result.stdout == ""
+
+
+def _wait_until_healthy(url: str, process: subprocess.Popen) -> None:
+    while True:
+        assert process.poll() is None, process.stderr.read().decode()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+
+
+def test_serve_answers_then_stops_cleanly_on_sigterm(tiny_model_dir):
+    port = free_port()
+    process = subprocess.Popen([UNCOMP, "serve", "-m", str(tiny_model_dir), "--port", str(port), "--method", "full",
+                                "--served-model-name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(url, process)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                               max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+
+        streamed: list[str] = []
+
+        def long_request() -> None:
+            for chunk in client.completions.create(model="tiny", prompt="hello", max_tokens=400, temperature=0,
+                                                   stream=True):
+                streamed.append(chunk.choices[0].finish_reason or "")
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        while not streamed:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        thread.join()
+        assert process.wait(120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert streamed[-1] in ("stop", "length")  # the request in flight was finished, not cut
+    assert process.stdout.read() == b""  # stdout carries no logs
