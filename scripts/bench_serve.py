@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_serve.py load  --methods full,uncomp@5% --clients 32 --length 2048 \\
         --max-tokens 128 --kv-cache-limit 256MiB
     .venv/bin/python scripts/bench_serve.py reuse --method uncomp@5% --length 4096
-    .venv/bin/python scripts/bench_serve.py soak  --method uncomp@5% --requests 500
+    .venv/bin/python scripts/bench_serve.py soak  --method uncomp@5% --requests 500 --length 1024 --max-tokens 16
 
 Each run starts ``uncomp serve`` as its own process on a free port (so the server's memory is its
 own), talks to it with the ``openai`` client and stops it with SIGTERM (its exit status is part of
@@ -17,7 +17,8 @@ the result). Prompts are distinct stretches of the haystack essays (``--haystack
   this measures batching.
 * ``reuse``: one document, a first question, then a second question as a new chat turn: the time
   to first token of each (prefix reuse on, as by default).
-* ``soak``: sequential short requests; the server's RSS after the warm-up requests and at the end.
+* ``soak``: sequential requests (50 distinct documents of ``--length`` tokens, in turn; reuse off);
+  the server's RSS after the warm-up requests (a tenth, at most 50) and at the end.
 
 Prints one JSON object per method on stdout; progress goes to stderr.
 """
@@ -192,21 +193,23 @@ def run_reuse(args: argparse.Namespace) -> None:
 
 
 def run_soak(args: argparse.Namespace) -> None:
-    server = Server(args, args.method, [])
-    prompts = [f"Write one sentence about the number {i}." for i in range(args.requests)]
+    texts = documents(args, 50)
+    server = Server(args, args.method, ["--reuse-min-tokens", "0"])
     warm = min(50, args.requests // 10)
     lost = 0
-    for i, prompt in enumerate(prompts):
+    for i in range(args.requests):
         if i == warm:
             after_warmup = server.status_kib("VmRSS")
         try:
-            stream_chat(server.client, [{"role": "user", "content": prompt}], args.max_tokens)
+            stream_chat(server.client, [{"role": "user", "content": texts[i % len(texts)] + "\n\n" + QUESTION}],
+                        args.max_tokens)
         except Exception:
             lost += 1
     end = server.status_kib("VmRSS")
-    result = {"mode": "soak", "method": args.method, "requests": args.requests, "lost": lost,
-              "rss_after_warmup_mib": round(after_warmup / 1024, 1), "rss_end_mib": round(end / 1024, 1),
-              "rss_change": round(end / after_warmup - 1, 4)}
+    result = {"mode": "soak", "method": args.method, "requests": args.requests, "length": args.length,
+              "max_tokens": args.max_tokens, "lost": lost, "rss_after_warmup_mib": round(after_warmup / 1024, 1),
+              "rss_end_mib": round(end / 1024, 1), "rss_change": round(end / after_warmup - 1, 4),
+              "peak_rss_mib": round(server.status_kib("VmHWM") / 1024, 1)}
     result["exit_status"] = server.stop()
     print(json.dumps(result | machine()), flush=True)
 

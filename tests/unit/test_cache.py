@@ -284,3 +284,21 @@ def test_sliding_window_layers_are_refused_with_a_clear_error():
         with SnapKVPolicy(budget=10_000).attach(model, mask) as cache:
             greedy(model, ids, mask, cache, steps=0)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_left_padded_causal_attention_runs_row_by_row_as_the_masked_form_does(kv_heads):
+    from uncomp_cli.engine.cache import _masked_causal_attention, causal_attention
+
+    torch.manual_seed(0)
+    query = torch.randn(3, 4, 9, 8)
+    keys, values = torch.randn(3, kv_heads, 9, 8), torch.randn(3, kv_heads, 9, 8)
+    valid = torch.arange(9)[None] >= torch.tensor([[0], [3], [8]])  # rows of 9, 6 and 1 real tokens
+    fast = causal_attention(query, keys, values, valid, 0.35)
+    torch.testing.assert_close(fast, _masked_causal_attention(query, keys, values, valid, 0.35))
+    alone = causal_attention(query[1:2, :, 3:], keys[1:2, :, 3:], values[1:2, :, 3:], None, 0.35)
+    torch.testing.assert_close(fast[1:2, :, 3:], alone)
+    holes = valid.clone()
+    holes[0, 4] = False  # not left padding: the masked form
+    torch.testing.assert_close(causal_attention(query, keys, values, holes, 0.35),
+                               _masked_causal_attention(query, keys, values, holes, 0.35))
