@@ -18,6 +18,24 @@ TINY_SHAPES = {
     "llama-mha": ("llama", 4, 4),
     "mistral-gqa": ("mistral", 4, 2),
     "qwen2-gqa": ("qwen2", 4, 2),
+    "qwen3-gqa": ("qwen3", 4, 2),
+    "gemma2-gqa": ("gemma2", 4, 2),
+    "gemma3-gqa": ("gemma3_text", 4, 2),
+    "phi3-gqa": ("phi3", 4, 2),
+}
+
+#: What makes each architecture itself at tiny size: sliding windows short enough that 30–40-token
+#: prompts cross them (Gemma 2 and 3 alternate sliding and full layers, Phi-3 slides everywhere),
+#: Gemma 2's attention soft-capping and Gemma's own query scaling; Qwen3 and Gemma 3 bring q/k norms.
+ARCHITECTURE = {
+    "mistral": {"sliding_window": None},
+    "qwen2": {"sliding_window": None},
+    "qwen3": {"sliding_window": None},
+    "gemma2": {"sliding_window": 12, "attn_logit_softcapping": 20.0, "final_logit_softcapping": 30.0,
+               "query_pre_attn_scalar": 24, "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "gemma3_text": {"sliding_window": 12, "query_pre_attn_scalar": 24,
+                    "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "phi3": {"sliding_window": 16},
 }
 
 CHAT_TEMPLATE = (
@@ -31,7 +49,9 @@ def tiny_config(model_type: str = "llama", heads: int = 4, kv_heads: int = 2, la
     """A config small enough that a forward pass takes milliseconds on a CPU."""
     from transformers import AutoConfig
 
-    extra = {"sliding_window": None} if model_type in ("mistral", "qwen2") else {}
+    extra = dict(ARCHITECTURE.get(model_type, {}))
+    if "layer_types" in extra:
+        extra["layer_types"] = (extra["layer_types"] * layers)[:layers]
     return AutoConfig.for_model(
         model_type,
         vocab_size=vocab_size,
@@ -57,7 +77,7 @@ def tiny_model(name: str = "llama-gqa", seed: int = 0, **overrides):
     model_type, heads, kv_heads = TINY_SHAPES[name]
     torch.manual_seed(seed)
     config = tiny_config(model_type, heads, kv_heads, **overrides)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "eager" if model_type == "gemma2" else "sdpa"  # Gemma 2: soft-capping
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
 

@@ -32,13 +32,14 @@ def uniform(model, budget) -> torch.Tensor:
 @pytest.mark.parametrize("lengths", [[24], [24, 17]], ids=["single", "left-padded"])
 def test_nothing_dropped_matches_dynamic_cache_in_a_manual_loop(shape, lengths):
     model = tiny_model(shape)
+    before = model.config._attn_implementation
     ids, mask = left_padded(lengths)
     ref_logits, ref_tokens = greedy(model, ids, mask, DynamicCache(config=model.config))
     with SnapKVPolicy(budget=10_000).attach(model, mask) as cache:
         logits, tokens = greedy(model, ids, mask, cache)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     assert torch.equal(tokens, ref_tokens)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == before  # the model's own attention is back
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -276,19 +277,23 @@ def test_the_grouped_attention_refuses_to_run_without_its_cache():
         model.set_attn_implementation("sdpa")
 
 
-def test_sliding_window_layers_are_refused_with_a_clear_error():
+@pytest.mark.parametrize("lengths", [[30], [30, 19]], ids=["single", "left-padded"])
+def test_a_sliding_window_layer_keeps_its_window_and_matches_the_dynamic_cache(lengths):
     model = tiny_model("mistral-gqa")
-    model.config.sliding_window = 16
-    ids, mask = left_padded([20])
-    with pytest.raises(UncompError, match="sliding-window"):
-        with SnapKVPolicy(budget=10_000).attach(model, mask) as cache:
-            greedy(model, ids, mask, cache, steps=0)
-    assert model.config._attn_implementation == "sdpa"
+    model.config.sliding_window = 8  # every layer slides: a query sees its last 8 positions
+    ids, mask = left_padded(lengths)
+    ref_logits, ref_tokens = greedy(model, ids, mask, DynamicCache(config=model.config), steps=6)
+    with SnapKVPolicy(budget=10_000).attach(model, mask) as cache:
+        logits, tokens = greedy(model, ids, mask, cache, steps=6)
+        stored = [group.length() for layer in cache.layers for group in layer.groups]
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+    assert max(stored) <= 8  # never more than the window (7 kept + the newest)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_left_padded_causal_attention_runs_row_by_row_as_the_masked_form_does(kv_heads):
-    from uncomp_cli.engine.cache import _masked_causal_attention, causal_attention
+    from uncomp_cli.engine.attend import _masked_causal_attention, causal_attention
 
     torch.manual_seed(0)
     query = torch.randn(3, 4, 9, 8)

@@ -101,3 +101,12 @@ def test_invalid_settings_are_user_errors():
                 GenerationSettings(top_p=0)):
         with pytest.raises(UncompError):
             bad.validate()
+
+
+def test_the_full_cache_of_a_sliding_window_model_holds_its_window_on_those_layers():
+    from tiny import tiny_config
+
+    cfg = tiny_config("gemma2", 4, 2)  # sliding (window 12) and full layers in turn
+    per_token = 2 * 2 * 16 * 2 * 4  # batch 2 × KV heads × head_dim × K and V × float32
+    assert full_kv_cache_bytes(cfg, 2, 40, torch.float32) == per_token * (11 + 40 + 11 + 40)  # window 12
+    assert full_kv_cache_bytes(cfg, 2, 5, torch.float32) == per_token * 5 * 4

@@ -13,6 +13,7 @@ from test_profile import make_profile
 from tiny import TINY_SHAPES, tiny_model
 from transformers import DynamicCache
 
+from uncomp_cli.engine.attention import sliding_windows
 from uncomp_cli.engine.cache import cache_nbytes
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.options import CATALOGUE
@@ -62,6 +63,18 @@ def test_the_cache_holds_the_bytes_of_its_budget(method, shape):
     with policy.attach(model, mask) as cache:
         greedy(model, ids, mask, cache, steps=0)
         held = cache_nbytes(cache)
+    assert held == sum(t.numel() * t.element_size() for t in _stored_tensors(cache))  # real tensors, no mask
+    windows = sliding_windows(model.config)
+    if any(windows):  # every layer holds what its budget keeps of what it can see (W − 1 tokens if sliding)
+        for layer, window in zip(cache.layers, windows):
+            visible = 40 if window is None else min(40, window - 1)
+            if "budget" not in policy.option_names():
+                assert layer.keys.shape[-2] == visible
+            elif getattr(policy, "prefill_compression", False):  # pruned layers saw fewer tokens
+                assert all(1 <= group.length() <= min(visible, group.budget) for group in layer.groups)
+            else:
+                assert all(group.length() == min(visible, group.budget) for group in layer.groups)
+        return
     tokens_per_head = held / bytes_per_token(model) / (layers * kv_heads)
     if "budget" not in policy.option_names():  # the full cache
         assert tokens_per_head == 40
@@ -69,7 +82,6 @@ def test_the_cache_holds_the_bytes_of_its_budget(method, shape):
         assert abs(tokens_per_head - BUDGET) <= 0.5
     else:  # uniform, per-layer (PyramidKV) or per-head (AdaKV) budgets that average the request exactly
         assert tokens_per_head == BUDGET
-    assert held == sum(t.numel() * t.element_size() for t in _stored_tensors(cache))  # real tensors, no mask
 
 
 def _stored_tensors(cache) -> list[torch.Tensor]:

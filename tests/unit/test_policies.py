@@ -150,7 +150,7 @@ def test_unsupported_architectures_are_refused_by_name():
 
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
     mask = torch.ones(1, 8, dtype=torch.long)
-    with pytest.raises(UncompError, match=r"support llama, mistral, qwen2 models; this model is 'gpt2'"):
+    with pytest.raises(UncompError, match=r"support llama, .*phi3 models; this model is 'gpt2'"):
         with make_policy("snapkv", budget="100%").attach(model, mask):
             pass
     assert model.config._attn_implementation != "uncomp"

@@ -3,6 +3,7 @@ queries attended to most, with their original positions."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from kvloop import greedy, left_padded
 from tiny import TINY_SHAPES, tiny_model
 from transformers import DynamicCache
 
-from uncomp_cli.engine.attention import use_grouped_cache
+from uncomp_cli.engine.attention import sliding_windows, use_grouped_cache
 from uncomp_cli.engine.cache import GroupedKVCache
 from uncomp_cli.engine.prefill import HiddenStatePruner, parse_keep_fractions, spans_keep, validate_layer_keep
 from uncomp_cli.engine.selection import PRUNE_WINDOW
@@ -41,20 +42,30 @@ def test_keeping_every_token_is_identical_to_the_full_cache(shape, lengths):
 
 
 def manual_forward(model, ids: torch.Tensor, kept: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Reference: run the decoder layers by hand on the kept tokens with their original positions.
-    ids: [1, N] -> last logits [1, V]."""
-    base = model.model
+    """Reference: run the decoder layers by hand on the kept tokens with their original positions,
+    each with its own RoPE (Gemma 3: per layer type) and a causal mask by position (sliding layers:
+    the last W positions). ids: [1, N] -> last logits [1, V]."""
+    base, config = model.model, model.config
     hidden = base.embed_tokens(ids)
-    cos, sin = base.rotary_emb(hidden, torch.arange(ids.shape[1])[None])
-    index = torch.arange(ids.shape[1])
-    for number, layer in enumerate(base.layers):
+    positions = torch.arange(ids.shape[1])
+    types = getattr(config, "layer_types", None)
+    by_type = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
+    index = positions
+    for number, (layer, window) in enumerate(zip(base.layers, sliding_windows(config))):
+        cos, sin = base.rotary_emb(hidden, positions[None], *([types[number]] if by_type else []))
         if number in kept:
             new = kept[number][0]
             hidden = hidden[:, torch.searchsorted(index, new)]
             index = new
-        hidden = layer(hidden, attention_mask=None, position_embeddings=(cos[:, index], sin[:, index]),
+        allowed = index[None, :] <= index[:, None]
+        if window is not None:
+            allowed &= index[:, None] - index[None, :] < window
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos[:, index], sin[:, index]),
                        position_ids=index[None])
-    return model.lm_head(base.norm(hidden))[:, -1]
+    logits = model.lm_head(base.norm(hidden))[:, -1]
+    cap = getattr(config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -71,8 +82,10 @@ def test_pruned_prefill_equals_running_the_layers_on_the_kept_tokens(shape):
     for index in kept.values():
         assert index[0].tolist() == sorted(index[0].tolist())
         assert index[0, -PRUNE_WINDOW:].tolist() == list(range(40 - PRUNE_WINDOW, 40))
-    assert cache.layers[1].group_lengths() == [40]
-    assert cache.layers[2].group_lengths() == [24] and cache.layers[3].group_lengths() == [16]
+    ran_on = [torch.arange(40), torch.arange(40), kept[2][0], kept[3][0]]
+    for layer, tokens, window in zip(cache.layers, ran_on, sliding_windows(model.config)):
+        visible = tokens if window is None else tokens[tokens >= 40 + 1 - window]  # what the next query sees
+        assert layer.group_lengths() == [len(visible)]
     with torch.no_grad():
         reference = manual_forward(model, ids, kept)
     torch.testing.assert_close(logits[0], reference, atol=1e-5, rtol=0)
@@ -83,10 +96,10 @@ def test_pruned_prefill_equals_running_the_layers_on_the_kept_tokens(shape):
 class SpyPruner(HiddenStatePruner):
     """Records the scores each pruning decision was made from."""
 
-    def _prune(self, index, hidden, kwargs, state):
+    def _prune(self, index, hidden, state):
         self.scores[index] = self.cache.layers[index - 1].prune_scores.clone()
         self.before[index] = state.index.clone()
-        return super()._prune(index, hidden, kwargs, state)
+        return super()._prune(index, hidden, state)
 
 
 def test_the_most_attended_tokens_and_the_observation_window_are_kept():

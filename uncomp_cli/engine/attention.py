@@ -43,15 +43,15 @@ def grouped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             f"attention implementation {ATTN_IMPLEMENTATION!r} needs a grouped KV cache; run the model "
             "inside the policy's attach()"
         )
-    if kwargs.get("sliding_window") is not None:
-        raise UncompError("compressed caches do not support sliding-window attention layers")
     valid = None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise UncompError("the grouped KV cache takes a 2-D padding mask [batch, tokens], not a 4-D mask")
         valid = attention_mask[:, -query.shape[2]:].to(torch.bool)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = cache.layers[module.layer_idx].attend(query, key, value, valid, scaling, kwargs.get("position_ids"))
+    out = cache.layers[module.layer_idx].attend(query, key, value, valid, scaling, kwargs.get("position_ids"),
+                                                sliding_window=kwargs.get("sliding_window"),
+                                                softcap=kwargs.get("softcap"))
     return out, None
 
 
@@ -73,7 +73,7 @@ def register_grouped_attention() -> None:
 
 
 #: Architectures whose attention, RoPE and decoder-layer arguments the compressed caches are tested on.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 
 
 def check_supported(config) -> None:
@@ -83,6 +83,15 @@ def check_supported(config) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UncompError(f"compressed caches support {', '.join(SUPPORTED_MODEL_TYPES)} models; "
                           f"this model is {model_type!r} (use --method full)")
+
+
+def sliding_windows(config) -> list[int | None]:
+    """Each decoder layer's sliding window (None: full attention), as transformers' caches read the
+    config (``layer_types``, or a ``sliding_window`` on every layer)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, kwargs = get_layer_types_and_kwargs(config)
+    return [extra.get("sliding_window") if kind == "sliding_attention" else None for kind, extra in zip(types, kwargs)]
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -23,51 +23,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
+from uncomp_cli.engine.attend import attend_group, causal_attention, rule_attention
 from uncomp_cli.engine.attention import ATTN_IMPLEMENTATION
-from uncomp_cli.engine.groups import attend_group, group_heads, take_heads
+from uncomp_cli.engine.groups import group_heads, take_heads
 from uncomp_cli.engine.selection import PRUNE_WINDOW, SnapKVScorer, prune_scores, window_attention
 from uncomp_cli.errors import UncompError
-
-
-def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None,
-                     scaling: float) -> torch.Tensor:
-    """Causal self-attention over a prompt. query: [B, H_q, N, d]; keys/values: [B, H_kv, N, d];
-    valid: [B, N] (False for left padding) or None. Returns [B, H_q, N, d].
-
-    A left-padded batch attends row by row over each row's real tokens, with SDPA's fused causal
-    path: one [B, N, N] mask would send SDPA down its unfused path, which on a CPU made a batch of
-    24 prompts of 2k tokens 1.6x slower per prompt than one prompt alone. A padding position
-    attends to itself only (its output is never read by a real token).
-    """
-    gqa = query.shape[1] != keys.shape[1]
-    if valid is None:
-        return F.scaled_dot_product_attention(query, keys, values, is_causal=query.shape[2] > 1, scale=scaling,
-                                              enable_gqa=gqa)
-    n = query.shape[2]
-    starts = n - valid.sum(-1)
-    if not bool((valid == (torch.arange(n, device=valid.device)[None] >= starts[:, None])).all()):
-        return _masked_causal_attention(query, keys, values, valid, scaling)  # not left padding
-    out = values.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # padding: itself
-    out = out.clone() if out.data_ptr() == values.data_ptr() else out
-    for row, start in enumerate(starts.tolist()):
-        if start < n:
-            out[row:row + 1, :, start:] = F.scaled_dot_product_attention(
-                query[row:row + 1, :, start:], keys[row:row + 1, :, start:], values[row:row + 1, :, start:],
-                is_causal=n - start > 1, scale=scaling, enable_gqa=gqa)
-    return out
-
-
-def _masked_causal_attention(query, keys, values, valid, scaling) -> torch.Tensor:
-    n = query.shape[2]
-    causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
-    itself = torch.eye(n, dtype=torch.bool, device=query.device)
-    mask = (causal[None, None] & valid[:, None, None, :]) | itself[None, None]
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
-                                          enable_gqa=query.shape[1] != keys.shape[1])
 
 
 class GroupedKVLayer(CacheLayerMixin):
@@ -113,6 +76,11 @@ class GroupedKVLayer(CacheLayerMixin):
         self._query_window: torch.Tensor | None = None  # [B, H_q, w, d], decode_evict only
         self._query_valid: torch.Tensor | None = None  # [B, w]
         self._awaiting_attention = False
+        #: What the model's attention module asks of this layer (set by each call): a sliding window
+        #: (a query sees the last W positions; the layer keeps no token older than that) and
+        #: attention soft-capping. Either one moves attention from SDPA to :func:`rule_attention`.
+        self.sliding_window: int | None = None
+        self.softcap: float | None = None
 
     # -- transformers' layer contract ------------------------------------------------------------
 
@@ -187,16 +155,19 @@ class GroupedKVLayer(CacheLayerMixin):
     # -- attention -------------------------------------------------------------------------------
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               valid: torch.Tensor | None, scaling: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+               valid: torch.Tensor | None, scaling: float, positions: torch.Tensor | None = None,
+               sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         """Attend the new tokens and store what each group keeps.
 
         query: [B, H_q, q, d]; keys/values: [B, H_kv, q, d] (new tokens, post-RoPE);
         valid: [B, q] bool or None (all real); positions: [B, q] or [1, q] original positions of
-        the new tokens (None: the next ones after what the layer has seen). Returns [B, q, H_q, d].
+        the new tokens (None: the next ones after what the layer has seen); ``sliding_window``,
+        ``softcap``: the attention module's, as transformers passes them. Returns [B, q, H_q, d].
         """
         if not self._awaiting_attention:
             raise UncompError("the model ran without its grouped KV cache; pass cache= from attach()")
         self._awaiting_attention = False
+        self.sliding_window, self.softcap = sliding_window, softcap
         if valid is not None and bool(valid.all()):
             valid = None
         if self.groups[0].keys is None:
@@ -217,7 +188,14 @@ class GroupedKVLayer(CacheLayerMixin):
         """Full attention over the prompt, then keep each group's budget. Returns [B, H_q, N, d]."""
         batch, q_heads, n, dim = query.shape
         self.prefill_tokens = n
-        out = causal_attention(query, keys, values, valid, scaling)
+        token_positions = self._positions(positions, batch, n, keys.device)
+        if self.sliding_window is None and self.softcap is None:
+            out = causal_attention(query, keys, values, valid, scaling)
+        else:
+            per_head = (batch, keys.shape[1], n)
+            out = rule_attention(query, keys, values, token_positions, token_positions[:, None].expand(per_head),
+                                 None if valid is None else valid[:, None].expand(per_head), scaling,
+                                 self.sliding_window, self.softcap)
 
         if self.select_later:  # one group of every head, holding every token, until select() is called
             self.groups = group_heads([None] * self.num_kv_heads)
@@ -239,9 +217,23 @@ class GroupedKVLayer(CacheLayerMixin):
                     if valid is None else valid[:, -rows:].clone()
 
         row_valid = valid if valid is not None else torch.ones(batch, n, dtype=torch.bool, device=keys.device)
-        self._keep(keys, values, row_valid, self._positions(positions, batch, n, keys.device), scores,
-                   self.scorer.window)
+        if self.sliding_window is not None:  # only what a later query can still see
+            keys, values, row_valid, token_positions, scores = self._in_window(keys, values, row_valid,
+                                                                               token_positions, scores)
+        self._keep(keys, values, row_valid, token_positions, scores, self.scorer.window)
         return out
+
+    def _in_window(self, keys, values, row_valid, positions, scores):
+        """The prompt's tokens that the next query can see (the last W − 1 positions of each row):
+        they are the last columns of every row, the most of them kept, older ones in those columns
+        marked invalid."""
+        last = positions.masked_fill(~row_valid, -1).amax(-1, keepdim=True)
+        visible = row_valid & (positions >= last + 2 - self.sliding_window)
+        tail = max(int(visible.sum(-1).max()), 1)
+        visible = visible[:, -tail:]
+        if scores is not None:  # an older token in these columns is never chosen over a visible one
+            scores = scores[..., -tail:].masked_fill(~visible[:, None, :], float("-inf"))
+        return keys[:, :, -tail:], values[:, :, -tail:], visible, positions[:, -tail:], scores
 
     def _keep(self, keys: torch.Tensor, values: torch.Tensor, row_valid: torch.Tensor, positions: torch.Tensor,
               scores: torch.Tensor | None, window: int) -> None:
@@ -312,8 +304,12 @@ class GroupedKVLayer(CacheLayerMixin):
             group.positions = torch.cat([group.positions, new_positions[:, None, :].expand(batch, heads, q_len)], dim=2)
             group.all_valid = group.all_valid and valid is None
             group_query = take_heads(query, group.heads, rep)
-            outputs.append(attend_group(group_query, group.keys, group.values,
-                                         None if group.all_valid else group.valid, scaling))
+            group_valid = None if group.all_valid else group.valid
+            if self.sliding_window is None and self.softcap is None:
+                outputs.append(attend_group(group_query, group.keys, group.values, group_valid, scaling))
+            else:
+                outputs.append(rule_attention(group_query, group.keys, group.values, new_positions, group.positions,
+                                              group_valid, scaling, self.sliding_window, self.softcap))
         if self.recorded is not None:  # how much the new queries attend to each token held before them
             probs = window_attention(query, self.groups[0].keys, None if self.groups[0].all_valid
                                      else self.groups[0].valid, scaling, new_valid)
@@ -322,7 +318,20 @@ class GroupedKVLayer(CacheLayerMixin):
         out = outputs[0] if len(outputs) == 1 else self._merge_heads(outputs, rep)
         if self.decode_evict:
             self._evict(query, new_valid, scaling, rep)
+        if self.sliding_window is not None:
+            self._slide(new_positions)
         return out
+
+    def _slide(self, new_positions: torch.Tensor) -> None:
+        """Drop what left the sliding window: tokens the next query (one past ``new_positions`` [B, q])
+        cannot see are marked invalid, and the leading columns no row can see are freed."""
+        threshold = new_positions.amax(-1) + 2 - self.sliding_window  # [B]
+        for group in self.groups:
+            valid = group.valid & (group.positions >= threshold[:, None, None])
+            seen = valid.flatten(0, 1).any(0)
+            first = int(seen.int().argmax()) if bool(seen.any()) else valid.shape[-1]
+            group.store(group.keys[:, :, first:], group.values[:, :, first:], valid[..., first:],
+                        group.positions[..., first:])
 
     def _merge_heads(self, outputs: list[torch.Tensor], rep: int) -> torch.Tensor:
         """Per-group outputs [B, h·rep, q, d] back into query-head order [B, H_q, q, d]."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
+from uncomp_cli.engine.attention import sliding_windows
 from uncomp_cli.engine.cache import cache_nbytes
 from uncomp_cli.errors import UncompError
 from uncomp_cli.memory import PeakMemory
@@ -221,11 +222,13 @@ def generate_ids(
 
 
 def full_kv_cache_bytes(config, batch: int, tokens: int, dtype: torch.dtype) -> int:
-    """What an uncompressed cache holds for ``tokens`` positions per row: L × B × H_kv × T × d × 2."""
+    """What an uncompressed cache holds for ``tokens`` positions per row: Σ layers B × H_kv × T × d × 2,
+    where a sliding-window layer's T is at most W − 1 (transformers' cache keeps no more)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     element = torch.empty((), dtype=dtype).element_size()
-    return config.num_hidden_layers * batch * kv_heads * tokens * head_dim * 2 * element
+    held = sum(tokens if window is None else min(tokens, window - 1) for window in sliding_windows(config))
+    return batch * kv_heads * held * head_dim * 2 * element
 
 
 # -- text in, text out ----------------------------------------------------------------------------

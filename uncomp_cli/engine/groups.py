@@ -1,4 +1,5 @@
-"""The KV heads of a layer that share a budget: their stored tokens, selection and attention.
+"""The KV heads of a layer that share a budget: their stored tokens and selection (their attention:
+:mod:`uncomp_cli.engine.attend`).
 
 A group stores one dense tensor for K and one for V, ``[B, heads_in_group, T_group, head_dim]``,
 holding only its kept tokens, per **KV head** (never repeated per query head), with the per-row
@@ -10,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from uncomp_cli.engine.selection import select_tokens, select_tokens_per_row
 from uncomp_cli.errors import UncompError
@@ -66,32 +66,6 @@ def take_heads(tensor: torch.Tensor, heads: list[int], per_head: int = 1) -> tor
         return tensor[:, first: first + len(heads) * per_head] if len(heads) * per_head != total else tensor
     index = torch.tensor([h * per_head + r for h in heads for r in range(per_head)], device=tensor.device)
     return tensor.index_select(1, index)
-
-
-def attend_group(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """Attention of new queries over one group's stored tokens, the new ones last.
-
-    query: [B, h·rep, q, d] (query heads of the group's h KV heads); keys/values: [B, h, T, d];
-    valid: [B, h, T] or None. The query heads sharing a KV head are folded into rows
-    ([B, h, rep·q, d]), so K/V are never expanded. Returns [B, h·rep, q, d].
-    """
-    batch, q_heads, q_len, dim = query.shape
-    kv_heads, total = keys.shape[1], keys.shape[2]
-    rep = q_heads // kv_heads
-    folded = query.reshape(batch, kv_heads, rep * q_len, dim)
-    mask = None
-    if q_len > 1 or valid is not None:
-        row_pos = torch.arange(total - q_len, total, device=keys.device)  # position of each new query
-        key_pos = torch.arange(total, device=keys.device)
-        causal = (key_pos[None, :] <= row_pos[:, None]).repeat(rep, 1)  # [rep·q, T]
-        mask = causal[None, None]
-        if valid is not None:
-            # A query always sees itself, so a padding row cannot end up with nothing to attend to.
-            itself = (key_pos[None, :] == row_pos[:, None]).repeat(rep, 1)
-            mask = (mask & valid[:, :, None, :]) | itself[None, None]
-    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scaling)
-    return out.reshape(batch, q_heads, q_len, dim)
 
 
 def group_heads(budgets: Sequence[int | None]) -> list[HeadGroup]:

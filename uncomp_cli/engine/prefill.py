@@ -87,7 +87,7 @@ class _PrefillState:
     valid: torch.Tensor  # [B, n] bool: a real token of that row (not padding, not pruned)
     lengths: torch.Tensor  # [B] prompt tokens per row
     prompt_len: int  # N, padded
-    rewritten: dict | None = None  # gathered kwargs for the layers after the last pruning point
+    pruned: bool = False  # from the first pruning point on, every layer's arguments are gathered
 
 
 class HiddenStatePruner:
@@ -143,11 +143,12 @@ class HiddenStatePruner:
         if state is None:
             return None
         if index in self.points:
-            hidden = self._prune(index, hidden, kwargs, state)
+            hidden = self._prune(index, hidden, state)
         self.cache.layers[index].skipped = state.prompt_len - state.index.shape[1]
-        if state.rewritten is None:
+        if not state.pruned:
             return None
-        kwargs = {**kwargs, **state.rewritten}
+        # Each layer's own arguments: Gemma 3 gives sliding and full layers different RoPE.
+        kwargs = {**kwargs, **self._gathered_kwargs(kwargs, state)}
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
@@ -164,7 +165,7 @@ class HiddenStatePruner:
         self._state = _PrefillState(index=index, valid=valid, lengths=valid.sum(-1), prompt_len=n)
         self.kept_positions.clear()
 
-    def _prune(self, index: int, hidden: torch.Tensor, kwargs: dict, state: _PrefillState) -> torch.Tensor:
+    def _prune(self, index: int, hidden: torch.Tensor, state: _PrefillState) -> torch.Tensor:
         """Carry the best-attended tokens of layer ``index - 1`` into layer ``index``."""
         previous = self.cache.layers[index - 1]
         scores = previous.prune_scores
@@ -180,7 +181,7 @@ class HiddenStatePruner:
         state.index = state.index.gather(1, picked)
         state.valid = state.valid.gather(1, picked) & kept
         self.kept_positions[index] = state.index
-        state.rewritten = self._gathered_kwargs(kwargs, state)
+        state.pruned = True
         return hidden
 
     @staticmethod
