@@ -95,6 +95,35 @@ def test_head_entropies_are_those_of_the_post_rope_queries(name, tokenizer, wind
     torch.testing.assert_close(profile.layer_entropy, expected.mean((0, 2)).float(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["qwen3-gqa", "gemma2-gqa", "gemma3-gqa", "phi3-gqa"])
+def test_calibration_runs_the_model_as_its_own_eager_attention_does(name, tokenizer, windows):
+    """q/k norms, fused projections, sliding windows, soft-capping and per-layer RoPE: the queries
+    calibration measures are those the model's own (eager) attention receives."""
+    import sys
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    model = tiny_model(name, vocab_size=len(tokenizer))
+    profile = calibrate(model, windows, model_name=name, rank_k=4)
+    eager = sys.modules[type(model.model.layers[0].self_attn).__module__].eager_attention_forward
+    seen: dict[int, torch.Tensor] = {}
+
+    def spy(module, query, *args, **kwargs):
+        seen[module.layer_idx] = normalized_truncated_entropy(query, 4)[0]
+        return eager(module, query, *args, **kwargs)
+
+    AttentionInterface.register("test-spy", spy)
+    AttentionMaskInterface.register("test-spy", eager_mask)
+    model.set_attn_implementation("test-spy")
+    expected = []
+    with torch.no_grad():
+        for window in windows.input_ids:
+            model(input_ids=window[None], use_cache=False)
+            expected.append(torch.stack([seen[i] for i in range(len(model.model.layers))]))
+    torch.testing.assert_close(profile.sample_head_entropy, torch.stack(expected).float(), rtol=1e-4, atol=1e-5)
+
+
 def test_gqa_kv_head_entropy_aggregates_the_query_heads_sharing_it(tokenizer, windows):
     model = tiny_model("llama-gqa", vocab_size=len(tokenizer))  # 4 query heads, 2 KV heads
     mean = calibrate(model, windows, model_name="t")

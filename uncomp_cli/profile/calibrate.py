@@ -197,7 +197,23 @@ class EntropyRecorder:
         self.values[module.layer_idx] = normalized_truncated_entropy(states, self.rank_k).mean(0).cpu()
         if self.on_layer is not None:
             self.on_layer()
+        if kwargs.get("softcap") is not None:  # SDPA cannot soft-cap (Gemma 2): the model's own eager attention
+            return _eager_attention(module, query, key, value, attention_mask, **kwargs)
         return self._attend(module, query, key, value, attention_mask, **kwargs)
+
+
+def _eager_attention(module, query, key, value, attention_mask, **kwargs):
+    """The model's own eager attention function (which soft-caps), given the boolean mask SDPA was
+    to get as the additive mask eager attention adds (None from SDPA's mask means plain causal)."""
+    import sys
+
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    additive = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+    additive = additive.masked_fill(~attention_mask, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, additive.expand(query.shape[0], 1, q_len, kv_len), **kwargs)
 
 
 @contextmanager
