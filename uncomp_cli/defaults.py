@@ -17,6 +17,21 @@ DEFAULT_AGGREGATE = "mean"
 #: embedded model where starting at layer 8 (of 30) kept it (docs/results.md).
 FIRST_PRUNED_LAYER_FRACTION = 0.25
 
+#: The official code's absolute pruning schedule (``--prefill-schedule official``): a layer in stage s
+#: of S runs on ``min(N, m + a·(S − s))`` tokens, with m = 1536 and a = 640 at its maximum length of
+#: 4096 (Llama-2: 4096 / 3456 / 2816 / 2176 / 1536 over five stages); m and a scale with
+#: ``--prefill-max-len``.
+DEFAULT_PREFILL_MAX_LEN = 4096
+OFFICIAL_PRUNE_MIN_SHARE = 1536 / 4096
+OFFICIAL_PRUNE_STEP_SHARE = 640 / 4096
+
+#: ``--preset official``: the official UNComp code's configuration in one flag, so a result
+#: labelled "official UNComp" is reproducible (the defaults stay what measurements chose).
+PRESETS = {
+    "official": {"window": 8, "kernel": 7, "pooling": "max", "decode_evict": True,
+                 "prefill_schedule": "official", "prefill_from": 2},
+}
+
 #: Calibration: head groups per layer (capped at the number of KV heads) and the entropy drop
 #: (on the H_k / ln d scale) that starts a new prefill stage; see docs/calibration.md.
 DEFAULT_GROUPS = 2

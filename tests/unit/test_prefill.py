@@ -205,8 +205,8 @@ def test_prefill_keep_replaces_the_profile_stages_and_prunes_as_scheduled():
     ids, mask = left_padded([96], seed=3)
     profile = reference_profile(model.config, "tiny")
     policy = UNCompPolicy(profile=profile, budget=1000, window=4, kernel=3, prefill_keep="0.5")
-    _, layer_keep = policy.resolve(model, mask)
-    assert layer_keep == [1.0, 0.5, 0.5, 0.5]
+    _, schedule = policy.resolve(model, mask)
+    assert schedule == {"layer_keep": [1.0, 0.5, 0.5, 0.5]}
     with policy.attach(model, mask) as cache:
         greedy(model, ids, mask, cache, steps=2)
     assert policy.stats(cache)["prefill_tokens_per_layer"] == [96, 48, 48, 48]

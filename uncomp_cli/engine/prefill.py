@@ -48,6 +48,16 @@ def validate_layer_keep(layer_keep: Sequence[float], num_layers: int) -> list[fl
     return keep
 
 
+def validate_layer_tokens(layer_tokens: Sequence[int], num_layers: int) -> list[int]:
+    """Check an absolute schedule: tokens each layer runs on at most, at least 1, never rising."""
+    tokens = [int(t) for t in layer_tokens]
+    if len(tokens) != num_layers:
+        raise UncompError(f"layer_tokens has {len(tokens)} counts but the model has {num_layers} layers")
+    if any(t < 1 for t in tokens) or any(b > a for a, b in zip(tokens, tokens[1:])):
+        raise UncompError(f"layer_tokens must be at least 1 and never rise from one layer to the next: {tokens}")
+    return tokens
+
+
 def parse_keep_fractions(text: str | Sequence[float]) -> list[float]:
     """``"0.75,0.5,0.35"`` (or a list) -> fractions in (0, 1], never rising; one clear error otherwise."""
     try:
@@ -93,22 +103,27 @@ class _PrefillState:
 class HiddenStatePruner:
     """Context manager: prune hidden states between decoder layers at prefill.
 
-    ``layer_keep[l]``: share of each row's prompt tokens that layer ``l`` runs on. Rows keep
-    ``ceil(f · own length)`` tokens (at least the window), so a left-padded batch prunes each row
-    as if alone. After each prefill, the cache's layers know the tokens they ran on
+    ``layer_keep[l]``: share of each row's prompt tokens that layer ``l`` runs on (rows keep
+    ``ceil(f · own length)`` tokens), or ``layer_tokens[l]``: at most that many (the official
+    schedule; a shorter row keeps all it has). At least the window is kept, and a left-padded
+    batch prunes each row as if alone. After each prefill, the cache's layers know the tokens they ran on
     (:meth:`~uncomp_cli.engine.cache.GroupedKVCache.prefill_tokens_per_layer`) and
     :attr:`kept_positions` maps each pruning layer to the original positions it received ([B, n]).
     """
 
-    def __init__(self, model: torch.nn.Module, cache: GroupedKVCache, layer_keep: Sequence[float],
-                 window: int = PRUNE_WINDOW):
+    def __init__(self, model: torch.nn.Module, cache: GroupedKVCache, layer_keep: Sequence[float] | None = None,
+                 window: int = PRUNE_WINDOW, layer_tokens: Sequence[int] | None = None):
         self.layers = decoder_layers(model)
-        self.keep = validate_layer_keep(layer_keep, len(self.layers))
+        if (layer_keep is None) == (layer_tokens is None):
+            raise UncompError("give the pruner either layer_keep (shares) or layer_tokens (counts)")
+        self.keep = None if layer_keep is None else validate_layer_keep(layer_keep, len(self.layers))
+        self.tokens = None if layer_tokens is None else validate_layer_tokens(layer_tokens, len(self.layers))
         if len(cache.layers) != len(self.layers):
             raise UncompError(f"the cache has {len(cache.layers)} layers, the model {len(self.layers)}")
         self.cache = cache
         self.window = window
-        self.points = {i for i in range(1, len(self.keep)) if self.keep[i] < self.keep[i - 1]}
+        limits = self.keep if self.keep is not None else self.tokens
+        self.points = {i for i in range(1, len(limits)) if limits[i] < limits[i - 1]}
         self.kept_positions: dict[int, torch.Tensor] = {}
         self._state: _PrefillState | None = None
         self._handles: list = []
@@ -173,7 +188,10 @@ class HiddenStatePruner:
         if scores is None:
             raise UncompError(f"layer {index - 1} left no pruning scores; is attention 'uncomp' active?")
         scores = scores.masked_fill(~state.valid, float("-inf"))
-        wanted = torch.ceil(state.lengths.to(torch.float64) * self.keep[index]).long()
+        if self.tokens is not None:  # an absolute count: a row shorter than it keeps all it has
+            wanted = state.lengths.clamp(max=self.tokens[index])
+        else:
+            wanted = torch.ceil(state.lengths.to(torch.float64) * self.keep[index]).long()
         wanted = torch.maximum(wanted, state.lengths.clamp(max=self.window))
         wanted = torch.minimum(wanted, state.valid.sum(-1))
         picked, kept = select_rows(scores, wanted, self.window)  # [B, n] relative to the current tokens

@@ -19,6 +19,7 @@ from uncomp_cli.defaults import (
     DEFAULT_BUDGET,
     DEFAULT_KERNEL,
     DEFAULT_POOLING,
+    DEFAULT_PREFILL_MAX_LEN,
     DEFAULT_PYRAMID_BETA,
     DEFAULT_SINKS,
     DEFAULT_WINDOW,
@@ -66,6 +67,19 @@ PREFILL_KEEP = MethodOption(
     "prefill_keep", str, None,
     "uncomp: instead of the profile's stages, cut the layers after the first quarter into equal spans keeping "
     "these shares of the prompt, e.g. 0.75,0.5,0.35.")
+PREFILL_SCHEDULE = MethodOption(
+    "prefill_schedule", str, "fraction",
+    "uncomp: fraction (each stage keeps its share of the prompt) or official (absolute token counts per stage "
+    "against --prefill-max-len, as the official code).")
+PREFILL_MAX_LEN = MethodOption(
+    "prefill_max_len", int, DEFAULT_PREFILL_MAX_LEN,
+    "uncomp: the length the official schedule's counts are set against (its first stage keeps this many).")
+PREFILL_FROM = MethodOption(
+    "prefill_from", int, None, "uncomp: the first layer that may be pruned (default: a quarter of the layers).")
+PRESET = MethodOption(
+    "preset", str, None,
+    "uncomp: official = the official code's configuration (window 8, kernel 7, max pooling, decode eviction, "
+    "the absolute schedule from layer 2); options given beside it override it.")
 SINKS = MethodOption("sinks", int, DEFAULT_SINKS, "streamingllm: first tokens every KV head keeps (attention sinks).")
 BETA = MethodOption(
     "beta", float, DEFAULT_PYRAMID_BETA,
@@ -76,5 +90,6 @@ FLOOR = MethodOption(
 
 #: Every option of every method, in the order ``--help`` lists them.
 CATALOGUE: dict[str, MethodOption] = {option.name: option for option in (
-    BUDGET, WINDOW, KERNEL, POOLING, AGGREGATE, DECODE_EVICT, PREFILL_COMPRESSION, PREFILL_KEEP, SINKS, BETA, FLOOR,
+    BUDGET, WINDOW, KERNEL, POOLING, AGGREGATE, DECODE_EVICT, PREFILL_COMPRESSION, PREFILL_KEEP, PREFILL_SCHEDULE,
+    PREFILL_MAX_LEN, PREFILL_FROM, PRESET, SINKS, BETA, FLOOR,
 )}

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 
+from uncomp_cli.defaults import PRESETS
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.adakv import AdaKVPolicy
 from uncomp_cli.policies.base import CachePolicy
@@ -87,6 +88,10 @@ def make_policy(method: str, **settings) -> CachePolicy:
     take, an unknown method or a bad value is a one-line :class:`UncompError`."""
     factory = policy_class(method)
     fields = {f.name for f in dataclasses.fields(factory) if f.init}
+    if settings.get("preset") is not None and "preset" in fields:  # the preset's options, under the given ones
+        if settings["preset"] not in PRESETS:
+            raise UncompError(f"--preset must be one of {', '.join(PRESETS)}, got {settings['preset']!r}")
+        settings = {k: v for k, v in PRESETS[settings["preset"]].items() if k in fields} | settings
     unknown = [name for name in settings if name not in fields]
     if unknown:
         if unknown[0] == "profile":

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from uncomp_cli.defaults import FIRST_PRUNED_LAYER_FRACTION
+from uncomp_cli.defaults import FIRST_PRUNED_LAYER_FRACTION, OFFICIAL_PRUNE_MIN_SHARE, OFFICIAL_PRUNE_STEP_SHARE
 from uncomp_cli.engine.attention import check_supported, use_grouped_cache
 from uncomp_cli.engine.cache import GroupedKVCache
 from uncomp_cli.engine.prefill import HiddenStatePruner, parse_keep_fractions, spans_keep, validate_layer_keep
@@ -67,11 +67,23 @@ class UNCompPolicy(GroupedCachePolicy):
     budget: int | str = options.BUDGET.field()
     prefill_compression: bool = options.PREFILL_COMPRESSION.field()
     prefill_keep: Sequence[float] | str | None = options.PREFILL_KEEP.field()
+    prefill_schedule: str = options.PREFILL_SCHEDULE.field()
+    prefill_max_len: int = options.PREFILL_MAX_LEN.field()
+    prefill_from: int | None = options.PREFILL_FROM.field()
+    preset: str | None = options.PRESET.field()
     uniform_heads: bool = False
 
     def validate(self) -> None:
         if self.prefill_keep is not None:
             self.prefill_keep = parse_keep_fractions(self.prefill_keep)
+        if self.prefill_schedule not in ("fraction", "official"):
+            raise UncompError(f"--prefill-schedule must be fraction or official, got {self.prefill_schedule!r}")
+        if self.prefill_schedule == "official" and self.prefill_keep is not None:
+            raise UncompError("--prefill-keep sets fractions; it does not go with --prefill-schedule official")
+        if self.prefill_max_len < 1:
+            raise UncompError(f"--prefill-max-len must be at least 1, got {self.prefill_max_len}")
+        if self.prefill_from is not None and self.prefill_from < 1:
+            raise UncompError(f"--prefill-from must be at least 1 (layer 0 is never pruned), got {self.prefill_from}")
         if self.kv_head_budgets is not None:
             if self.profile is not None:
                 raise UncompError("give UNCompPolicy either a profile and a budget, or kv_head_budgets")
@@ -85,13 +97,14 @@ class UNCompPolicy(GroupedCachePolicy):
         """The average tokens per KV head; the profile spreads it and each head is clipped to its layer."""
         return resolve_budget(self.budget, prompt_len, self.min_budget(), clip=False)
 
-    def resolve(self, model: torch.nn.Module, attention_mask: torch.Tensor
-                ) -> tuple[torch.Tensor, list[float] | None]:
-        """Budgets int64 [L, H_kv] and layer keep fractions (or None) for this batch of prompts."""
+    def resolve(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        """Budgets int64 [L, H_kv] for this batch of prompts, and the pruner's schedule (None: no
+        pruning): ``{"layer_keep": shares}`` or ``{"layer_tokens": counts}``."""
         config = model.config
         check_supported(config)
         if self.kv_head_budgets is not None:
-            budgets, layer_keep = self.kv_head_budgets, self.layer_keep
+            budgets = self.kv_head_budgets
+            schedule = None if self.layer_keep is None else {"layer_keep": list(self.layer_keep)}
         elif self.profile is None:
             raise UncompError("the uncomp method needs a profile and a budget (or kv_head_budgets)")
         else:
@@ -99,25 +112,37 @@ class UNCompPolicy(GroupedCachePolicy):
             prompt_len = prompt_length(attention_mask)
             if Budget.parse(self.budget).too_small(prompt_len, self.min_budget()):  # nothing worth compressing
                 return torch.full((config.num_hidden_layers, config.num_key_value_heads), prompt_len), None
-            keep = self.profile.layer_keep_fraction().clone() if self.prefill_compression else None
-            if keep is not None:
-                first_pruned = max(1, math.ceil(FIRST_PRUNED_LAYER_FRACTION * len(keep)))
-                keep[:first_pruned] = 1.0
-                if self.prefill_keep is not None:
-                    keep = torch.tensor(spans_keep(len(keep), first_pruned, self.prefill_keep))
-            reach = prompt_len if keep is None else torch.ceil(keep.double() * prompt_len).long()
+            schedule, reach = self._schedule(config.num_hidden_layers, prompt_len)
             profile = self.profile
             if self.uniform_heads:
                 profile = profile.replace(group_budget_share=torch.ones_like(profile.group_budget_share))
             budgets = _checked_budgets(profile.kv_head_budgets(self.kv_budget(prompt_len), reach))
-            layer_keep = None if keep is None or float(keep.min()) >= 1 else [float(f) for f in keep]
         expected = (config.num_hidden_layers, config.num_key_value_heads)
         if tuple(budgets.shape) != expected:
             raise UncompError(f"kv_head_budgets is shaped {tuple(budgets.shape)} but the model has "
                               f"{expected[0]} layers × {expected[1]} KV heads")
-        if layer_keep is not None:
-            validate_layer_keep(layer_keep, config.num_hidden_layers)
-        return budgets, layer_keep
+        if schedule is not None and "layer_keep" in schedule:
+            validate_layer_keep(schedule["layer_keep"], config.num_hidden_layers)
+        return budgets, schedule
+
+    def _schedule(self, num_layers: int, prompt_len: int) -> tuple[dict | None, int | torch.Tensor]:
+        """The pruning schedule from the profile's stages, and the tokens reaching each layer."""
+        if not self.prefill_compression:
+            return None, prompt_len
+        first_pruned = self.prefill_from if self.prefill_from is not None else \
+            max(1, math.ceil(FIRST_PRUNED_LAYER_FRACTION * num_layers))
+        if first_pruned >= num_layers:
+            raise UncompError(f"--prefill-from {first_pruned} leaves nothing to prune in a {num_layers}-layer model")
+        if self.prefill_schedule == "official":
+            tokens = official_layer_tokens(self.profile.layer_stage, first_pruned, self.prefill_max_len)
+            reach = torch.tensor([min(prompt_len, t) for t in tokens])
+            return (None, prompt_len) if int(reach.min()) >= prompt_len else ({"layer_tokens": tokens}, reach)
+        keep = self.profile.layer_keep_fraction().clone()
+        keep[:first_pruned] = 1.0
+        if self.prefill_keep is not None:
+            keep = torch.tensor(spans_keep(len(keep), first_pruned, self.prefill_keep))
+        reach = torch.ceil(keep.double() * prompt_len).long()
+        return (None, prompt_len) if float(keep.min()) >= 1 else ({"layer_keep": [float(f) for f in keep]}, reach)
 
     def _cache(self, budgets: torch.Tensor, attention_mask: torch.Tensor) -> GroupedKVCache:
         stats: dict = {"kv_budget_tokens_mean": round(float(budgets.float().mean()), 2)}
@@ -134,12 +159,12 @@ class UNCompPolicy(GroupedCachePolicy):
     @contextlib.contextmanager
     def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[GroupedKVCache]:
         """Grouped attention over a fresh cache, plus hidden-state pruning when layers keep < 1."""
-        budgets, layer_keep = self.resolve(model, attention_mask)
+        budgets, schedule = self.resolve(model, attention_mask)
         cache = self._cache(budgets, attention_mask)
         with contextlib.ExitStack() as stack:
             stack.enter_context(use_grouped_cache(model, cache))
-            if layer_keep is not None:
-                stack.enter_context(HiddenStatePruner(model, cache, layer_keep))
+            if schedule is not None:
+                stack.enter_context(HiddenStatePruner(model, cache, **schedule))
             yield cache
 
     def stats(self, cache: GroupedKVCache) -> dict:
@@ -148,11 +173,28 @@ class UNCompPolicy(GroupedCachePolicy):
     def describe(self) -> dict:
         described = super().describe()
         if self.kv_head_budgets is not None:
-            for name in ("budget", "prefill_compression", "prefill_keep"):
+            for name in ("budget", "prefill_compression", "prefill_keep", "prefill_schedule", "prefill_max_len",
+                         "prefill_from", "preset"):
                 described.pop(name, None)
             return described | {"layer_keep": None if self.layer_keep is None else [float(f) for f in self.layer_keep]}
         return described | {"uniform_heads": self.uniform_heads,
                             "stages": None if self.profile is None else self.profile.num_stages}
+
+
+#: A layer before the first pruned one runs on every token, however long the prompt.
+UNLIMITED = 1 << 40
+
+
+def official_layer_tokens(layer_stage: torch.Tensor, first_pruned: int, max_len: int) -> list[int]:
+    """The official code's absolute schedule: a layer in stage s of S (the last stage) runs on at most
+    ``m + a·(S − s)`` tokens, m and a the official 1536 and 640 scaled to ``max_len`` from 4096;
+    layers before ``first_pruned`` are not pruned. One stage: nothing is pruned."""
+    last = int(layer_stage.max())
+    counts = []
+    for layer, stage in enumerate(layer_stage.tolist()):  # stages never fall, so counts never rise
+        share = OFFICIAL_PRUNE_MIN_SHARE + OFFICIAL_PRUNE_STEP_SHARE * (last - stage)
+        counts.append(UNLIMITED if layer < first_pruned or last == 0 else max(1, round(max_len * share)))
+    return counts
 
 
 def _checked_budgets(budgets) -> torch.Tensor:

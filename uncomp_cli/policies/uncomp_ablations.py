@@ -22,6 +22,9 @@ class UNCompNoPrunePolicy(UNCompPolicy):
 
     prefill_compression: bool = options.PREFILL_COMPRESSION.field(False, init=False)
     prefill_keep: None = options.PREFILL_KEEP.field(None, init=False)
+    prefill_schedule: str = options.PREFILL_SCHEDULE.field(init=False)
+    prefill_max_len: int = options.PREFILL_MAX_LEN.field(init=False)
+    prefill_from: None = options.PREFILL_FROM.field(None, init=False)
 
 
 @dataclass(eq=False)
