@@ -3,7 +3,7 @@
 Batching: when the worker is free it takes the oldest waiting job and, behind it, the waiting jobs
 that ask for the same cache method and settings, up to ``max_batch`` rows and while the KV bytes
 the batch will hold fit under the server's limit (admission by bytes: at one limit a 5 % budget
-admits about twenty times the rows of the full cache). The batch is left-padded and prefilled at
+admits many times the rows of the full cache). The batch is left-padded and prefilled at
 once, as ``uncomp generate --input`` does; rows leave the batch between decode steps as they
 finish or as their client goes away (``Cache.batch_select_indices``), so a finished row stops
 costing memory and time. Each row samples with its own generator, so a seeded request gets the
