@@ -39,3 +39,15 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, cache, steps: int = 6
         next_pos = next_pos + 1
     stacked = torch.stack(logits)
     return stacked, stacked.argmax(-1).T
+
+
+def assert_each_row_as_alone(model, policy, ids: torch.Tensor, mask: torch.Tensor, batch_logits: torch.Tensor,
+                             batch_tokens: torch.Tensor, steps: int) -> None:
+    """Each row of a left-padded batch run (``batch_logits``/``batch_tokens`` from :func:`greedy`)
+    gives what it gives when ``policy`` runs it alone."""
+    for row, n in enumerate(mask.sum(-1).tolist()):
+        alone_ids, alone_mask = ids[row:row + 1, -n:], mask[row:row + 1, -n:]
+        with policy.attach(model, alone_mask) as cache:
+            logits, tokens = greedy(model, alone_ids, alone_mask, cache, steps=steps)
+        assert torch.equal(batch_tokens[row], tokens[0])
+        torch.testing.assert_close(batch_logits[:, row], logits[:, 0], atol=1e-4, rtol=0)

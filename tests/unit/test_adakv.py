@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from kvloop import greedy, left_padded
+from kvloop import assert_each_row_as_alone, greedy, left_padded
 from tiny import tiny_model
 from transformers import DynamicCache
 
@@ -167,12 +167,7 @@ def test_left_padded_batch_gives_each_prompt_its_own_answer(lengths, decode_evic
         batch_logits, batch_tokens = greedy(model, ids, mask, cache, steps=6)
         assert any(g.row_budgets is not None for layer in cache.layers for g in layer.groups), \
             "rows were allocated differently, so fillers were needed"
-    for row, n in enumerate(lengths):
-        alone_ids, alone_mask = ids[row:row + 1, -n:], mask[row:row + 1, -n:]
-        with policy.attach(model, alone_mask) as cache:
-            logits, tokens = greedy(model, alone_ids, alone_mask, cache, steps=6)
-        assert torch.equal(batch_tokens[row], tokens[0])
-        torch.testing.assert_close(batch_logits[:, row], logits[:, 0], atol=1e-4, rtol=0)
+    assert_each_row_as_alone(model, policy, ids, mask, batch_logits, batch_tokens, steps=6)
 
 
 def test_decode_evict_keeps_every_head_at_its_allocation():

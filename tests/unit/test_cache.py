@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvloop import greedy, left_padded
+from kvloop import assert_each_row_as_alone, greedy, left_padded
 from tiny import TINY_SHAPES, tiny_model
 from transformers import DynamicCache
 
@@ -226,12 +226,7 @@ def test_left_padded_batch_gives_each_prompt_its_own_answer(policy):
     ids, mask = left_padded(lengths, seed=7)
     with policy.attach(model, mask) as cache:
         batch_logits, batch_tokens = greedy(model, ids, mask, cache, steps=8)
-    for row, n in enumerate(lengths):
-        alone_ids, alone_mask = ids[row:row + 1, -n:], mask[row:row + 1, -n:]
-        with policy.attach(model, alone_mask) as cache:
-            logits, tokens = greedy(model, alone_ids, alone_mask, cache, steps=8)
-        assert torch.equal(batch_tokens[row], tokens[0])
-        torch.testing.assert_close(batch_logits[:, row], logits[:, 0], atol=1e-4, rtol=0)
+    assert_each_row_as_alone(model, policy, ids, mask, batch_logits, batch_tokens, steps=8)
 
 
 def test_compression_changes_the_answer_somewhere():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvloop import greedy, left_padded
+from kvloop import assert_each_row_as_alone, greedy, left_padded
 from test_profile import make_profile
 from tiny import TINY_SHAPES, tiny_model
 from transformers import DynamicCache
@@ -99,12 +99,7 @@ def test_a_left_padded_batch_gives_each_row_what_it_gives_alone(method, shape):
     policy = build(method, model, budget=str(BUDGET))
     with policy.attach(model, mask) as cache:
         batch_logits, batch_tokens = greedy(model, ids, mask, cache, steps=4)
-    for row, n in enumerate(lengths):
-        alone_ids, alone_mask = ids[row:row + 1, -n:], mask[row:row + 1, -n:]
-        with policy.attach(model, alone_mask) as cache:
-            logits, tokens = greedy(model, alone_ids, alone_mask, cache, steps=4)
-        assert torch.equal(batch_tokens[row], tokens[0])
-        torch.testing.assert_close(batch_logits[:, row], logits[:, 0], atol=1e-4, rtol=0)
+    assert_each_row_as_alone(model, policy, ids, mask, batch_logits, batch_tokens, steps=4)
 
 
 @pytest.mark.parametrize("method", available_methods())

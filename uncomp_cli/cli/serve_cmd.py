@@ -80,7 +80,8 @@ def serve(
         settings.kv_cache_limit = parse_memory(kv_cache_limit)
     settings.validate()
     loaded = load_model(model, device=device, dtype=dtype)
-    with_profile(policy, loaded, profile)  # the default method's profile now, not at the first request
+    if policy.needs_profile or profile is not None:  # check (or calibrate) the profile now, not at a request
+        with_profile(policy if policy.needs_profile else make_policy("uncomp"), loaded, profile)
     settings.kv_cache_limit = kv_cache_limit_bytes(kv_cache_limit, loaded.device)
     app = create_app(loaded, settings, str(profile) if profile else None)
     typer.echo(f"serving {settings.served_model_name or loaded.name} ({method}) on http://{host}:{port}/v1, "

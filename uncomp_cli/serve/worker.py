@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -126,7 +127,7 @@ class Scheduler:
         self.eos = set(eos_token_ids(loaded))
         pad = loaded.tokenizer.pad_token_id if loaded.tokenizer is not None else None
         self.pad_id = pad if pad is not None else (sorted(self.eos) or [0])[0]
-        self._policies: dict[str, CachePolicy] = {}
+        self._profile = None  # the model's UNComp profile, once a request needs it
         self._queue: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []
         self._cond = threading.Condition()
@@ -230,12 +231,13 @@ class Scheduler:
         return len(jobs) * self.token_bytes * longest
 
     def _resolved(self, job: Job) -> CachePolicy:
-        """The job's policy with its profile (loaded once per settings, in this thread: calibrating
-        a profile runs the model)."""
-        if job.policy_key not in self._policies:
-            self._policies[job.policy_key] = with_profile(job.policy, self.loaded,
-                                                          self.profile if job.policy.needs_profile else None)
-        return self._policies[job.policy_key]
+        """The job's policy with the model's profile, loaded once (in this thread: calibrating a
+        missing profile runs the model)."""
+        if not job.policy.needs_profile:
+            return job.policy
+        if self._profile is None:
+            self._profile = with_profile(job.policy, self.loaded, self.profile).profile
+        return dataclasses.replace(job.policy, profile=self._profile)
 
     def _fail(self, jobs: list[Job], error: ApiError) -> None:
         for job in jobs:
