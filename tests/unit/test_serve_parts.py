@@ -155,5 +155,8 @@ def test_a_share_becomes_this_prompts_token_count_rounded_up(prompt_tokens):
 
 def test_a_prompt_a_share_keeps_whole_and_token_counts_are_left_as_given():
     assert own_budget(make_policy("snapkv", budget="5%"), 40, keep_all=4096).budget == "4096"
+    whole = own_budget(make_policy("uncomp", budget="5%"), 40, keep_all=4096)
+    assert (whole.budget, whole.prefill_compression) == ("4096", False)  # a short question is not pruned
+    assert own_budget(make_policy("uncomp", budget="5%"), 4000, keep_all=4096).prefill_compression
     assert own_budget(make_policy("snapkv", budget="64"), 1000, keep_all=4096).budget == "64"
     assert own_budget(make_policy("full"), 1000, keep_all=4096).name == "full"

@@ -58,12 +58,17 @@ def own_budget(policy: CachePolicy, prompt_tokens: int, keep_all: int) -> CacheP
     A batch takes shares of its longest prompt, so a shorter row would keep more than it would alone;
     as a token count, every row keeps what its own prompt gives, alone or in any batch. Counts are
     rounded up to :data:`BUDGET_STEP` tokens so that requests of similar lengths share a batch; a
-    prompt the share keeps whole gets ``keep_all`` (more than any prompt). Token counts are kept as given.
+    prompt the share keeps whole gets ``keep_all`` (more than any prompt) and no prefill pruning,
+    as the share would. Token counts are kept as given.
     """
     if "budget" not in policy.option_names() or Budget.parse(policy.budget).percent is None:
         return policy
     kept = min(-(-policy.kv_budget(prompt_tokens) // BUDGET_STEP) * BUDGET_STEP, prompt_tokens)
-    return dataclasses.replace(policy, budget=str(keep_all if kept >= prompt_tokens else kept))
+    if kept < prompt_tokens:
+        return dataclasses.replace(policy, budget=str(kept))
+    # Kept whole, as the share would keep it: every token, and (uncomp) no prefill pruning either.
+    whole = {"prefill_compression": False} if "prefill_compression" in policy.option_names() else {}
+    return dataclasses.replace(policy, budget=str(keep_all), **whole)
 
 
 def _typed(name: str, value):
