@@ -91,8 +91,9 @@ def rule_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     query: [B, h·rep, q, d]; keys/values: [B, h, T, d]; query_positions: [B, q]; key_positions and
     key_valid: [B, h, T]. Computed in float32 whatever the model's dtype, as SDPA does internally
     (scores rounded to bfloat16 first made a tiny bfloat16 Gemma 3 choose other tokens than its
-    ``DynamicCache`` run: tests/unit/test_precision.py), a block of queries at a time. A padding query, which sees nothing, attends to everything instead (its
-    output is never read). Returns [B, h·rep, q, d].
+    ``DynamicCache`` run: tests/unit/test_precision.py), a block of queries at a time. A padding
+    query, which sees nothing, attends to everything instead (its output is never read).
+    Returns [B, h·rep, q, d].
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads = keys.shape[1]
