@@ -9,14 +9,29 @@ extra body field ``uncomp`` (what the ``openai`` client sends with ``extra_body`
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 #: Most stop sequences a request may give (OpenAI's limit).
 MAX_STOPS = 4
+
+#: Fields taken only at the neutral values clients send by default; anything else is refused.
+NEUTRAL: dict[str, tuple[tuple, str]] = {
+    "n": ((1,), "only n=1 is supported"),
+    "presence_penalty": ((None, 0), "penalties are not supported; send 0 or leave it out"),
+    "frequency_penalty": ((None, 0), "penalties are not supported; send 0 or leave it out"),
+    "logit_bias": ((None, {}), "logit_bias is not supported"),
+    "logprobs": ((None, False), "logprobs are not supported"),
+    "tools": ((None, []), "tools are not supported"),
+    "tool_choice": ((None, "none"), "tool_choice is not supported"),
+    "echo": ((False,), "echo is not supported"),
+    "suffix": ((None, ""), "suffix is not supported"),
+    "best_of": ((None, 1), "best_of is not supported"),
+}
 
 
 class ApiError(Exception):
@@ -57,32 +72,12 @@ class _Request(BaseModel):
     #: UNComp's settings for this request: ``method`` and the method's options (``budget``, ...).
     uncomp: dict[str, Any] | None = None
 
-    @field_validator("n")
+    @field_validator(*NEUTRAL, check_fields=False)
     @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
-        return value
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None) -> float | None:
-        if value not in (None, 0, 0.0):
-            raise ValueError("penalties are not supported; send 0 or leave it out")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise ValueError("logit_bias is not supported")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
-        if value not in (None, False):
-            raise ValueError("logprobs are not supported")
+    def _neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        allowed, message = NEUTRAL[info.field_name]
+        if value not in allowed:
+            raise ValueError(message)
         return value
 
     @field_validator("stop")
@@ -127,20 +122,6 @@ class ChatRequest(_Request):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list | None) -> list | None:
-        if value:
-            raise ValueError("tools are not supported")
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value: Any) -> Any:
-        if value not in (None, "none"):
-            raise ValueError("tool_choice is not supported")
-        return value
-
     @field_validator("response_format")
     @classmethod
     def _text_only(cls, value: dict | None) -> dict | None:
@@ -171,35 +152,12 @@ class CompletionRequest(_Request):
             value = value[0]
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("suffix is not supported")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("best_of is not supported")
-        return value
-
     def limit(self) -> int | None:
         return self.max_tokens
 
 
 def parse_request(kind: type[_Request], body: bytes) -> _Request:
     """Validate a JSON body; any problem becomes one :class:`ApiError` naming the field."""
-    import json
-
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):

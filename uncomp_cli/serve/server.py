@@ -162,5 +162,5 @@ class RequestPlanner:
                            "a shorter prompt or fewer max_tokens", code="kv_cache_limit_exceeded")
         sampling = GenerationSettings(max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
                                       seed=request.seed)
-        return Job(endpoint=endpoint, prompt=prompt, sampling=sampling, stops=request.stops(), policy=policy,
+        return Job(prompt=prompt, sampling=sampling, stops=request.stops(), policy=policy,
                    policy_key=key, kv_tokens=kept, served=asked.describe() | {"kv_budget_tokens": kept})

@@ -58,7 +58,6 @@ class Job:
     """One request inside the server. ``sink`` receives its events (from the worker thread):
     ``("text", str)``, ``("done", finish_reason, completion_tokens, served)``, ``("error", ApiError)``."""
 
-    endpoint: str
     prompt: Prompt
     sampling: GenerationSettings
     stops: list[str]
@@ -248,7 +247,7 @@ class Scheduler:
         input_ids, mask = left_pad([job.prompt.ids for job in jobs], self.pad_id, self.loaded.device)
         served = {"batch_size": len(jobs), "context_reused": None}
         with torch.inference_mode(), policy.attach(self.loaded.model, mask) as cache:
-            self._run_rows(cache, input_ids, mask, prompt_positions(mask), jobs, policy, served)
+            self._run_rows(cache, input_ids, mask, prompt_positions(mask), jobs, served)
 
     def _serve_context(self, job: Job, policy: CachePolicy) -> None:
         key = (job.policy_key, self.context_scorer, job.prompt.context_hash())
@@ -270,7 +269,7 @@ class Scheduler:
                   "context_tokens": context.context_tokens, "context_kv_cache_bytes": context.kv_cache_bytes()}
         try:
             with torch.inference_mode(), policy.resume(self.loaded.model, context.cache) as cache:
-                self._run_rows(cache, input_ids, mask, positions, [job], policy, served)
+                self._run_rows(cache, input_ids, mask, positions, [job], served)
         finally:
             rollback(context.cache, context._saved)
 
@@ -285,7 +284,7 @@ class Scheduler:
             self.metrics.worker_seconds.labels(phase).inc(time.perf_counter() - started)
 
     def _run_rows(self, cache, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                  jobs: list[Job], policy: CachePolicy, served: dict) -> None:
+                  jobs: list[Job], served: dict) -> None:
         """Feed the prompts, then decode until every row has ended; rows leave as they end."""
         model = self.loaded.model
         rows = [RowText(self.loaded.tokenizer, job.stops) for job in jobs]
