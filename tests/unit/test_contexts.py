@@ -176,3 +176,40 @@ def test_global_allocation_gives_the_budget_to_heads_whose_scores_stand_out(load
 def layer_groups_positions(layer, head: int) -> list[int]:
     group = next(g for g in layer.groups if head in g.heads)
     return group.positions[0, group.heads.index(head)].tolist()
+
+
+def _held(context) -> list[tuple]:
+    """Every group's stored keys, values and positions, layer by layer."""
+    return [(g.heads, g.keys, g.values, g.positions) for layer in context.cache.layers for g in layer.groups]
+
+
+@pytest.mark.parametrize("method,budget", [("snapkv", "24"), ("pyramidkv", "16"), ("adakv", "20"),
+                                           ("uncomp-noprune", "24"), ("uncomp", "24"), ("uncomp", "40")])
+def test_a_shared_reading_compresses_exactly_as_reading_again(loaded, method, budget):
+    """One re-reading serves every policy whose prefill leaves the same cache, at any budget; the
+    result is what a fresh prefill and re-reading keep, and the reading's cost is still counted."""
+    from uncomp_cli.contexts.compress import compress_ids, reading_store
+
+    ids, tail = context_prompt(loaded.tokenizer, CONTEXT)
+    profile = make_profile(loaded.model.config)  # several stages: uncomp prunes its prefill
+
+    def policy(name: str, size: str):
+        made = make_policy(name, budget=size, **SMALL)
+        return replace(made, profile=profile) if made.needs_profile else made
+
+    readings = reading_store(1 << 30)
+    compress_ids(loaded, ids, policy("snapkv", "12"), "reconstruct", tail, readings)
+    compress_ids(loaded, ids, policy("uncomp", "12"), "reconstruct", tail, readings)  # a pruned prefill: its own
+    assert len(readings) == 2 and readings.hits == 0
+    shared = compress_ids(loaded, ids, policy(method, budget), "reconstruct", tail, readings)
+    assert readings.hits == 1
+    kind = policy(method, budget).reading_key(loaded.model, torch.ones(1, len(ids), dtype=torch.long))
+    assert shared.prefill_seconds >= readings.get((tuple(ids), tail, kind)).seconds
+    fresh = compress_ids(loaded, ids, policy(method, budget), "reconstruct", tail)
+    for (heads, *tensors), (fresh_heads, *fresh_tensors) in zip(_held(shared), _held(fresh), strict=True):
+        assert heads == fresh_heads and all(torch.equal(a, b) for a, b in zip(tensors, fresh_tensors))
+    assert shared.stats == fresh.stats
+    assert [layer.get_seq_length() for layer in shared.cache.layers] == [len(ids)] * len(shared.cache.layers)
+    if method == "uncomp":  # the pruned layers ran on fewer tokens, in the shared reading too
+        assert min(shared.cache.prefill_tokens_per_layer()) < len(ids)
+    assert ask(loaded, shared, QUESTIONS[0], SETTINGS).token_ids == ask(loaded, fresh, QUESTIONS[0], SETTINGS).token_ids

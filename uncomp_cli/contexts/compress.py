@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache
 
+from uncomp_cli.contexts.store import BytesLRU
 from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 from uncomp_cli.engine.cache import cache_nbytes
 from uncomp_cli.engine.checkpoint import checkpoint, rollback
@@ -107,8 +108,15 @@ def check_context_scorer(scorer: str) -> str:
 
 
 def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None = None,
-                 scorer: str = DEFAULT_CONTEXT_SCORER, tail: str = "") -> CompressedContext:
-    """:func:`compress_context` for a context already tokenised (template included): ``ids``."""
+                 scorer: str = DEFAULT_CONTEXT_SCORER, tail: str = "",
+                 readings: BytesLRU[Reading] | None = None) -> CompressedContext:
+    """:func:`compress_context` for a context already tokenised (template included): ``ids``.
+
+    ``readings``: re-readings kept for other policies and budgets on the same model (an evaluation
+    grid). A policy whose :meth:`~uncomp_cli.policies.base.CachePolicy.reading_key` matches one kept
+    for these ids selects from it instead of prefilling and re-reading again; its
+    ``prefill_seconds`` still count the shared reading's cost, as if it had paid it.
+    """
     check_context_scorer(scorer)
     policy = policy or FullCachePolicy()
     limit = context_length(loaded.model.config)
@@ -119,26 +127,59 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
     input_ids = torch.tensor([ids], device=loaded.device)
     mask = torch.ones_like(input_ids)
     started = time.perf_counter()
-    with policy.attach(loaded.model, mask) as cache, torch.inference_mode():
-        for layer in cache.layers if reconstruct else []:
-            layer.select_later = True
-        forward_last(loaded.model, input_ids, mask, prompt_positions(mask), cache)
-    if reconstruct:
-        _select_by_reconstruction(loaded, cache, policy, ids, tail)
+    key = shared = None
+    if reconstruct and readings is not None and (kind := policy.reading_key(loaded.model, mask)) is not None:
+        key = (tuple(ids), tail, kind)
+        shared = readings.get(key)
+    if shared is not None:
+        cache = policy.make_cache(loaded.model, mask)
+        for layer, whole in zip(cache.layers, shared.layers):
+            layer.adopt(whole)
+        allocate_globally(cache.layers, shared.recorded)
+    else:
+        with policy.attach(loaded.model, mask) as cache, torch.inference_mode():
+            for layer in cache.layers if reconstruct else []:
+                layer.select_later = True
+            forward_last(loaded.model, input_ids, mask, prompt_positions(mask), cache)
+        if reconstruct:
+            recorded = _reread(loaded, cache, policy, ids, tail)
+            if key is not None:
+                readings.put(key, Reading(checkpoint(cache), recorded, time.perf_counter() - started))
+            allocate_globally(cache.layers, recorded)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize(loaded.device)
+    seconds = time.perf_counter() - started + (0.0 if shared is None else shared.seconds)
     stats = policy.stats(cache) | {"context_scorer": scorer if policy.selects_by_attention else None}
     if reconstruct:  # the global ranking spread the method's budgets anew: report what each head keeps
         kept = [b for layer in cache.layers for b in layer.budgets]
         stats |= {"kv_budget_tokens_mean": round(sum(kept) / len(kept), 2), "kv_budget_tokens_min": min(kept),
                   "kv_budget_tokens_max": max(kept)}
-    return CompressedContext(cache, policy, len(ids), tail, time.perf_counter() - started, stats)
+    return CompressedContext(cache, policy, len(ids), tail, seconds, stats)
 
 
-def _select_by_reconstruction(loaded: LoadedModel, cache: Cache, policy: CachePolicy, ids: list[int],
-                              tail: str) -> None:
+@dataclass
+class Reading:
+    """A context's re-reading, before any budget is kept: each layer holding the whole context
+    (as :func:`checkpoint` saved it) and the scores it recorded [1, H_kv, N_l]; ``seconds``: the
+    prefill and re-reading it took."""
+
+    layers: list
+    recorded: list[torch.Tensor]
+    seconds: float
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers) + sum(r.numel() * r.element_size() for r in self.recorded)
+
+
+def reading_store(limit_bytes: int) -> BytesLRU[Reading]:
+    """Where :func:`compress_ids` keeps re-readings for other policies and budgets (one model)."""
+    return BytesLRU(limit_bytes, Reading.nbytes)
+
+
+def _reread(loaded: LoadedModel, cache: Cache, policy: CachePolicy, ids: list[int], tail: str) -> list[torch.Tensor]:
     """Re-read the context (``ids``, template head included) behind a repeat prompt on its full
-    cache, then keep what the re-reading attended to."""
+    cache; return how much attention each layer's entries received, and leave the cache holding
+    the whole context again."""
     tokenizer, model = loaded.tokenizer, loaded.model
     prompt = [] if tokenizer is None else question_ids(tokenizer, REPEAT_PROMPT, tail)  # random models: none
     reread = prompt + list(ids)
@@ -156,7 +197,7 @@ def _select_by_reconstruction(loaded: LoadedModel, cache: Cache, policy: CachePo
                   position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         recorded = [layer.recorded for layer in cache.layers]
     rollback(cache, saved)  # the re-reading tokens go; every layer holds the whole context again
-    allocate_globally(cache.layers, recorded)
+    return recorded
 
 
 def allocate_globally(layers: list, recorded: list[torch.Tensor]) -> None:

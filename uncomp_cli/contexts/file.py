@@ -62,8 +62,8 @@ def save_context(context: CompressedContext, loaded, path: str | os.PathLike[str
         groups = []
         for g, group in enumerate(layer.groups):
             prefix = f"layers.{index}.groups.{g}"
-            tensors |= {f"{prefix}.keys": group.keys, f"{prefix}.values": group.values, f"{prefix}.valid": group.valid,
-                        f"{prefix}.positions": group.positions}
+            tensors |= {f"{prefix}.{name}": getattr(group, name).contiguous()  # views of the group's buffers
+                        for name in ("keys", "values", "valid", "positions")}
             if group.row_budgets is not None:
                 tensors[f"{prefix}.row_budgets"] = group.row_budgets
             groups.append({"heads": group.heads, "budget": group.budget})

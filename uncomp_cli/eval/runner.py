@@ -294,10 +294,11 @@ def _generate_rows(loaded, policy, batch: Sequence[Example], scorers, eos: list[
 
 
 def _context_rows(loaded, policy, examples: Sequence[Example], scorers, context_scorer: str,
-                  on_row: Callable[[int], None] | None = None) -> list[dict]:
+                  on_row: Callable[[int], None] | None = None, readings=None) -> list[dict]:
     """Query-agnostic: compress each distinct context (the examples' leading ``context_tokens``)
     once, before any question, then answer each of its examples on it. Prefill time is the
-    context's (shared by its questions) plus the question's; bytes are those held after answering."""
+    context's (shared by its questions) plus the question's; bytes are those held after answering.
+    ``readings``: re-readings shared with the grid's other runs (see :func:`run_eval`)."""
     from uncomp_cli.contexts.compress import ask_ids, compress_ids
     from uncomp_cli.engine.generation import GenerationSettings
 
@@ -308,7 +309,7 @@ def _context_rows(loaded, policy, examples: Sequence[Example], scorers, context_
         by_context.setdefault(example.prompt_ids[: example.context_tokens], []).append(example)
     rows = []
     for context_ids, asked in by_context.items():
-        context = compress_ids(loaded, list(context_ids), policy, context_scorer)
+        context = compress_ids(loaded, list(context_ids), policy, context_scorer, readings=readings)
         for example in asked:
             result = ask_ids(loaded, context, list(example.prompt_ids[example.context_tokens:]),
                              GenerationSettings(max_new_tokens=example.max_new_tokens))
@@ -345,7 +346,10 @@ def run_eval(
     fewer methods keeps its folder. ``progress(run, done, total)`` is called when a run starts and
     after each batch. Finished runs are read back, not rerun. ``query_agnostic``: each context is
     compressed before its questions (:func:`_context_rows`; ``context_scorer`` as for
-    :func:`~uncomp_cli.contexts.compress.compress_ids`); both name the folder.
+    :func:`~uncomp_cli.contexts.compress.compress_ids`); both name the folder. A context's
+    re-reading is kept (up to half the memory available, least recently used out) for the
+    grid's other runs whose prefill leaves the same cache: every method and budget without
+    hidden-state pruning shares one, so the grid pays it once per context instead of once per run.
     """
     from uncomp_cli.engine.generation import eos_token_ids
     from uncomp_cli.policies.registry import with_profile
@@ -405,6 +409,12 @@ def run_eval(
     if pad_id is None:
         pad_id = (eos or [0])[0]
     order = {e.id: i for i, e in enumerate(examples)}
+    readings = None
+    if query_agnostic:
+        from uncomp_cli.contexts.compress import reading_store
+        from uncomp_cli.memory import available_memory_bytes
+
+        readings = reading_store(available_memory_bytes(loaded.device) // 2)
     for run, policy in pending:
         if progress is not None:
             progress(run, 0, len(examples))
@@ -413,7 +423,7 @@ def run_eval(
         for batch in _batches(examples, len(examples) if query_agnostic else batch_size):
             if query_agnostic:  # one batch: the questions of a context must meet its one compression
                 on_row = None if progress is None else functools.partial(progress, run, total=len(examples))
-                rows += _context_rows(loaded, policy, batch, scorers, context_scorer, on_row)
+                rows += _context_rows(loaded, policy, batch, scorers, context_scorer, on_row, readings)
             else:
                 rows += _generate_rows(loaded, policy, batch, scorers, eos, pad_id)
             if progress is not None:

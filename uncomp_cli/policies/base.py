@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import ClassVar
 
 import torch
@@ -67,6 +67,13 @@ class CachePolicy:
     def stats(self, cache: Cache) -> dict:
         """What this run's cache resolved and did (budgets, tokens per layer), for the results."""
         return {}
+
+    def reading_key(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Hashable | None:
+        """What a context's prefill leaves in this policy's cache when every layer keeps the whole
+        context (``select_later``), as a key: policies with equal keys leave equal caches, so one
+        re-reading of a context serves them all (:func:`~uncomp_cli.contexts.compress.compress_ids`
+        with ``readings``). None: not shared."""
+        return None
 
     def describe(self) -> dict:
         """Settings that identify this policy in reports (JSON-serialisable): the method and its options."""
@@ -147,6 +154,11 @@ class GroupedCachePolicy(CachePolicy):
 
     def stats(self, cache: Cache) -> dict:
         return dict(cache.stats)
+
+    def reading_key(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Hashable | None:
+        """Every layer ran on the whole context; eviction while decoding also keeps the prefill's
+        last queries, which a shared reading does not hold."""
+        return None if self.decode_evict else "whole"
 
 
 def budget_note(spec: str | int, prompt_len: int, floor: int) -> dict:

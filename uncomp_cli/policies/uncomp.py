@@ -10,8 +10,9 @@ decided online from attention scores, SnapKV-style.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -169,6 +170,14 @@ class UNCompPolicy(GroupedCachePolicy):
 
     def stats(self, cache: GroupedKVCache) -> dict:
         return dict(cache.stats) | {"prefill_tokens_per_layer": cache.prefill_tokens_per_layer()}
+
+    def reading_key(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Hashable | None:
+        """Unpruned: the whole context, as every method; pruned: the schedule and the scorer that
+        decides what the pruned layers run on (budgets do not enter)."""
+        if self.decode_evict:
+            return None
+        _, schedule = self.resolve(model, attention_mask)
+        return "whole" if schedule is None else ("pruned", json.dumps(schedule, sort_keys=True), self.scorer)
 
     def describe(self) -> dict:
         described = super().describe()
