@@ -20,6 +20,7 @@ explicit ``position_ids``, or use ``generate``, which derives them from the atte
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -147,6 +148,10 @@ class GroupedKVLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes of stored K and V: Σ groups B × heads × kept tokens × head_dim × 2 × dtype size."""
         return sum(group.nbytes() for group in self.groups)
+
+    def reserved_nbytes(self) -> int:
+        """Bytes of the groups' buffers: :meth:`nbytes` plus the slack decoding writes into."""
+        return sum(group.reserved_nbytes() for group in self.groups)
 
     def group_lengths(self) -> list[int]:
         """Stored tokens per group, in ``self.groups`` order."""
@@ -278,6 +283,18 @@ class GroupedKVLayer(CacheLayerMixin):
         self.groups = group_heads(self.budgets)
         self._keep(whole.keys, whole.values, whole.valid[:, 0], whole.positions[:, 0], scores, window)
 
+    def adopt(self, whole: GroupedKVLayer) -> None:
+        """Take over the whole context another policy's layer holds after a prefill with
+        ``select_later`` (one re-reading shared by several policies), keeping this layer's budgets,
+        scorer and eviction; :meth:`select` follows."""
+        if not whole.select_later or len(whole.groups) != 1 or whole.groups[0].keys is None:
+            raise UncompError("adopt() needs a layer prefilled with select_later and nothing added since")
+        self.device, self.dtype, self.is_initialized = whole.device, whole.dtype, True
+        self.seen, self.skipped, self.prefill_tokens = whole.seen, whole.skipped, whole.prefill_tokens
+        self.sliding_window, self.softcap = whole.sliding_window, whole.softcap
+        self.select_later = True
+        self.groups = [copy.copy(whole.groups[0])]
+
     def _allocate(self, scores: torch.Tensor) -> None:
         """Re-form the groups from the tokens ``budget_allocator`` gives each row and KV head."""
         row_budgets = self.budget_allocator(scores)  # [B, H_kv]
@@ -298,11 +315,9 @@ class GroupedKVLayer(CacheLayerMixin):
         outputs = []
         for group in self.groups:
             heads = len(group.heads)
-            group.keys = torch.cat([group.keys, take_heads(keys, group.heads)], dim=2)
-            group.values = torch.cat([group.values, take_heads(values, group.heads)], dim=2)
-            group.valid = torch.cat([group.valid, new_valid[:, None, :].expand(batch, heads, q_len)], dim=2)
-            group.positions = torch.cat([group.positions, new_positions[:, None, :].expand(batch, heads, q_len)], dim=2)
-            group.all_valid = group.all_valid and valid is None
+            group.append(take_heads(keys, group.heads), take_heads(values, group.heads),
+                         new_valid[:, None, :].expand(batch, heads, q_len),
+                         new_positions[:, None, :].expand(batch, heads, q_len), valid is None)
             group_query = take_heads(query, group.heads, rep)
             group_valid = None if group.all_valid else group.valid
             if self.sliding_window is None and self.softcap is None:
@@ -363,11 +378,7 @@ class GroupedKVLayer(CacheLayerMixin):
 
     def _map_batch(self, fn) -> None:
         for group in self.groups:
-            if group.keys is not None:
-                group.keys, group.values, group.valid = fn(group.keys), fn(group.values), fn(group.valid)
-                group.positions = fn(group.positions)
-            if group.row_budgets is not None:
-                group.row_budgets = fn(group.row_budgets)
+            group.map_batch(fn)
         if self._query_window is not None:
             self._query_window, self._query_valid = fn(self._query_window), fn(self._query_valid)
 
@@ -397,17 +408,21 @@ class GroupedKVCache(Cache):
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
+    def reserved_nbytes(self) -> int:
+        return sum(layer.reserved_nbytes() for layer in self.layers)
+
     def prefill_tokens_per_layer(self) -> list[int | None]:
         """Tokens each layer ran on at prefill: fewer in later layers under hidden-state pruning."""
         return [layer.prefill_tokens for layer in self.layers]
 
 
-def cache_nbytes(cache: Cache) -> int:
-    """Bytes of K/V a cache holds now: grouped layers report their own, dense layers their tensors."""
+def cache_nbytes(cache: Cache, reserved: bool = False) -> int:
+    """Bytes of K/V a cache holds now: grouped layers report their own (``reserved``: their buffers,
+    slack included), dense layers their tensors."""
     total = 0
     for layer in cache.layers:
         if isinstance(layer, GroupedKVLayer):
-            total += layer.nbytes()
+            total += layer.reserved_nbytes() if reserved else layer.nbytes()
         elif getattr(layer, "keys", None) is not None:
             total += layer.keys.numel() * layer.keys.element_size()
             total += layer.values.numel() * layer.values.element_size()

@@ -1,10 +1,11 @@
 """Return a cache to an earlier state: a compressed context answers one question, then the next.
 
-A checkpoint holds the cache's layers as they were, shallowly: no tensor is copied, because every
-cache update here replaces tensors (``torch.cat``, ``gather``) rather than writing into them, so
-the tensors a checkpoint refers to never change. (A cache that wrote in place — pre-allocated
-storage — would have to keep lengths instead.) Works for the grouped cache and for transformers'
-``DynamicCache``.
+A checkpoint holds the cache's layers as they were, shallowly: no tensor is copied. That is safe
+because no token a checkpoint can see is ever written again: the grouped cache's updates either
+replace tensors (``gather``, eviction) or write new tokens into pre-allocated slack past the
+stored length, which a checkpoint records (:class:`~uncomp_cli.engine.groups.HeadGroup` keeps
+views of its first ``length`` tokens); ``DynamicCache`` replaces its tensors (``torch.cat``).
+Works for both.
 """
 
 from __future__ import annotations

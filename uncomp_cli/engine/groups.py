@@ -15,9 +15,22 @@ import torch
 from uncomp_cli.engine.selection import select_tokens, select_tokens_per_row
 from uncomp_cli.errors import UncompError
 
+#: A full group's buffers grow by 1/GROWTH_DIVISOR of what they hold, at least MIN_GROWTH tokens.
+GROWTH_DIVISOR = 16
+MIN_GROWTH = 16
+
 
 class HeadGroup:
-    """The KV heads of one layer that share a budget, and the tokens they keep."""
+    """The KV heads of one layer that share a budget, and the tokens they keep.
+
+    Storage is pre-allocated: ``keys``, ``values``, ``valid`` and ``positions`` are views of the first
+    :meth:`length` tokens of buffers that may hold a few more, so decoding writes each new token
+    into the slack instead of copying the whole group (:meth:`append`); a full buffer grows by a
+    sixteenth (at least :data:`MIN_GROWTH` tokens), which keeps the copies amortised while the
+    slack stays a few percent of a compressed cache. :meth:`nbytes` counts the stored tokens (what
+    results report), :meth:`reserved_nbytes` the buffers, slack included. Only the slack is ever written in place: tokens once stored never change, so a
+    checkpoint (:mod:`uncomp_cli.engine.checkpoint`), which keeps the views it saw, stays valid.
+    """
 
     def __init__(self, heads: list[int], budget: int | None):
         self.heads = heads  # KV head indices, ascending
@@ -25,23 +38,90 @@ class HeadGroup:
         #: [B, h] tokens each row keeps when rows differ (AdaKV); ``budget`` is then their max, and a
         #: row's surplus entries are invalid fillers.
         self.row_budgets: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None  # [B, h, T, d]
-        self.values: torch.Tensor | None = None  # [B, h, T, d]
-        self.valid: torch.Tensor | None = None  # [B, h, T] bool; False = padding, never attended
-        self.positions: torch.Tensor | None = None  # [B, h, T] int64: each stored token's original position
+        self._keys: torch.Tensor | None = None  # [B, h, C, d], C >= length
+        self._values: torch.Tensor | None = None  # [B, h, C, d]
+        self._valid: torch.Tensor | None = None  # [B, h, C] bool; False = padding, never attended
+        self._positions: torch.Tensor | None = None  # [B, h, C] int64: each stored token's original position
+        self._length = 0
         self.all_valid = True  # fast path: no padding stored
 
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """[B, h, T, d]"""
+        return None if self._keys is None else self._keys[:, :, :self._length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """[B, h, T, d]"""
+        return None if self._values is None else self._values[:, :, :self._length]
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        """[B, h, T] bool"""
+        return None if self._valid is None else self._valid[:, :, :self._length]
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """[B, h, T] int64"""
+        return None if self._positions is None else self._positions[:, :, :self._length]
+
     def length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return self._length
+
+    def capacity(self) -> int:
+        return 0 if self._keys is None else self._keys.shape[2]
 
     def nbytes(self) -> int:
-        if self.keys is None:
+        """Bytes of the stored tokens' K and V: B × h × length × d × 2 × dtype size."""
+        if self._keys is None:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return (self.keys.numel() * self._keys.element_size() + self.values.numel() * self._values.element_size())
+
+    def reserved_nbytes(self) -> int:
+        """Bytes of the K and V buffers, slack included: the memory the group holds."""
+        if self._keys is None:
+            return 0
+        return self._keys.numel() * self._keys.element_size() + self._values.numel() * self._values.element_size()
 
     def store(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> None:
-        self.keys, self.values, self.valid, self.positions = keys, values, valid, positions
+        """Hold exactly these tokens (no slack): keys/values [B, h, T, d], valid/positions [B, h, T]."""
+        self._keys, self._values, self._valid, self._positions = keys, values, valid, positions
+        self._length = keys.shape[2]
         self.all_valid = bool(valid.all())
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+               all_valid: bool) -> None:
+        """Add tokens after those held (shapes as :meth:`store`; ``all_valid``: ``valid`` has no False),
+        growing the buffers when they are full."""
+        start, count = self._length, keys.shape[2]
+        if start + count > self.capacity():
+            self._grow(start + count + max(MIN_GROWTH, (start + count) // GROWTH_DIVISOR))
+        end = start + count
+        self._keys[:, :, start:end] = keys
+        self._values[:, :, start:end] = values
+        self._valid[:, :, start:end] = valid
+        self._positions[:, :, start:end] = positions
+        self._length = end
+        self.all_valid = self.all_valid and all_valid
+
+    def _grow(self, capacity: int) -> None:
+        """New buffers of ``capacity`` tokens holding what is stored (the old ones stay as they were)."""
+        def grown(buffer: torch.Tensor) -> torch.Tensor:
+            shape = list(buffer.shape)
+            shape[2] = capacity
+            bigger = buffer.new_empty(shape)
+            bigger[:, :, :self._length] = buffer[:, :, :self._length]
+            return bigger
+
+        self._keys, self._values = grown(self._keys), grown(self._values)
+        self._valid, self._positions = grown(self._valid), grown(self._positions)
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` (a function of a tensor over the batch dimension) to every stored tensor."""
+        if self._keys is not None:
+            self.store(fn(self.keys), fn(self.values), fn(self.valid), fn(self.positions))
+        if self.row_budgets is not None:
+            self.row_budgets = fn(self.row_budgets)
 
     def take(self, index: torch.Tensor, kept: torch.Tensor | None = None) -> None:
         """Keep the stored tokens at ``index`` [B, h, T'] (ascending); ``kept`` False marks fillers."""

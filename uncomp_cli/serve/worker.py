@@ -297,7 +297,7 @@ class Scheduler:
         while True:
             tokens = torch.stack([pick_tokens(logits[i:i + 1], job.sampling, generators[i])[0]
                                   for i, job in enumerate(jobs)])
-            self.metrics.kv_bytes.set(cache_nbytes(cache))
+            self.metrics.kv_bytes.set(cache_nbytes(cache, reserved=True))
             keep = []
             for i, (job, row) in enumerate(zip(jobs, rows)):
                 if row.tokens == 0:
