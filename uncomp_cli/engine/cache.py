@@ -82,6 +82,7 @@ class GroupedKVLayer(CacheLayerMixin):
         #: attention soft-capping. Either one moves attention from SDPA to :func:`rule_attention`.
         self.sliding_window: int | None = None
         self.softcap: float | None = None
+        self._merge: tuple | None = None  # (grouping, query-head order) for _merge_heads
 
     # -- transformers' layer contract ------------------------------------------------------------
 
@@ -350,11 +351,12 @@ class GroupedKVLayer(CacheLayerMixin):
 
     def _merge_heads(self, outputs: list[torch.Tensor], rep: int) -> torch.Tensor:
         """Per-group outputs [B, h·rep, q, d] back into query-head order [B, H_q, q, d]."""
-        order = [h * rep + r for group in self.groups for h in group.heads for r in range(rep)]
         merged = torch.cat(outputs, dim=1)
-        inverse = torch.empty(len(order), dtype=torch.long, device=merged.device)
-        inverse[torch.tensor(order, device=merged.device)] = torch.arange(len(order), device=merged.device)
-        return merged.index_select(1, inverse)
+        heads = tuple(h for group in self.groups for h in group.heads)
+        if self._merge is None or self._merge[0] != (heads, rep, merged.device):  # once per grouping
+            order = torch.tensor([h * rep + r for h in heads for r in range(rep)], device=merged.device)
+            self._merge = ((heads, rep, merged.device), order.argsort())
+        return merged.index_select(1, self._merge[1])
 
     def _evict(self, query: torch.Tensor, new_valid: torch.Tensor, scaling: float, rep: int) -> None:
         """Bring every group over budget back to it with the window score of the recent queries."""
