@@ -8,6 +8,7 @@ validity of each stored token. Used by :class:`~uncomp_cli.engine.cache.GroupedK
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -144,8 +145,13 @@ def take_heads(tensor: torch.Tensor, heads: list[int], per_head: int = 1) -> tor
     first = heads[0] * per_head
     if heads == list(range(heads[0], heads[0] + len(heads))):
         return tensor[:, first: first + len(heads) * per_head] if len(heads) * per_head != total else tensor
-    index = torch.tensor([h * per_head + r for h in heads for r in range(per_head)], device=tensor.device)
-    return tensor.index_select(1, index)
+    return tensor.index_select(1, _head_index(tuple(heads), per_head, tensor.device))
+
+
+@functools.lru_cache(maxsize=256)
+def _head_index(heads: tuple[int, ...], per_head: int, device: torch.device) -> torch.Tensor:
+    """The dim-1 indices :func:`take_heads` selects, made once, not at every decoding step."""
+    return torch.tensor([h * per_head + r for h in heads for r in range(per_head)], device=device)
 
 
 def group_heads(budgets: Sequence[int | None]) -> list[HeadGroup]:
