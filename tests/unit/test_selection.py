@@ -163,3 +163,16 @@ def test_budget_under_the_window_is_fine_when_it_keeps_the_whole_prompt():
 def test_scorer_settings_are_validated(kwargs, message):
     with pytest.raises(UncompError, match=message):
         SnapKVScorer(**kwargs)
+
+
+def test_the_pruning_score_can_rank_by_the_one_head_that_looks():
+    """heads="max": a token one head attends to sharply outranks one every head attends to mildly."""
+    from uncomp_cli.engine.selection import prune_scores
+
+    probs = torch.zeros(1, 4, 2, 10)  # [B, H_q, rows, N]
+    probs[:, :, :, 3] = 0.2  # every head, mildly
+    probs[:, 1, :, 7] = 0.5  # one head, sharply
+    by_sum = prune_scores(probs, rows=2, kernel=1, pooling="max")
+    by_max = prune_scores(probs, rows=2, kernel=1, pooling="max", heads="max")
+    assert int(by_sum.argmax()) == 3 and int(by_max.argmax()) == 7
+    torch.testing.assert_close(by_sum, probs.sum(dim=(1, 2)))

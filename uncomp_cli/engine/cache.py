@@ -73,6 +73,7 @@ class GroupedKVLayer(CacheLayerMixin):
         self.recorded: torch.Tensor | None = None
         #: Set by the hidden-state pruner: keep the pruning score of the prefill for the next layer.
         self.want_prune_scores = False
+        self.prune_heads = "sum"  # how those scores combine the heads (selection.prune_scores)
         self.prune_scores: torch.Tensor | None = None  # [B, N] after prefill when wanted
         self._query_window: torch.Tensor | None = None  # [B, H_q, w, d], decode_evict only
         self._query_valid: torch.Tensor | None = None  # [B, w]
@@ -213,7 +214,7 @@ class GroupedKVLayer(CacheLayerMixin):
             probs = window_attention(query[:, :, -rows:], keys, valid, scaling, query_valid)
             if self.want_prune_scores:
                 self.prune_scores = prune_scores(probs, self.scorer.window, self.scorer.kernel,
-                                                 self.scorer.pooling, valid)
+                                                 self.scorer.pooling, valid, self.prune_heads)
             if compress:
                 scores = self.scorer.score_prefill(query, keys, valid, scaling, probs)
             if self.decode_evict:

@@ -112,7 +112,7 @@ class HiddenStatePruner:
     """
 
     def __init__(self, model: torch.nn.Module, cache: GroupedKVCache, layer_keep: Sequence[float] | None = None,
-                 window: int = PRUNE_WINDOW, layer_tokens: Sequence[int] | None = None):
+                 window: int = PRUNE_WINDOW, layer_tokens: Sequence[int] | None = None, heads: str = "sum"):
         self.layers = decoder_layers(model)
         if (layer_keep is None) == (layer_tokens is None):
             raise UncompError("give the pruner either layer_keep (shares) or layer_tokens (counts)")
@@ -122,6 +122,7 @@ class HiddenStatePruner:
             raise UncompError(f"the cache has {len(cache.layers)} layers, the model {len(self.layers)}")
         self.cache = cache
         self.window = window
+        self.heads = heads  # how the scores combine the query heads (selection.prune_scores)
         limits = self.keep if self.keep is not None else self.tokens
         self.points = {i for i in range(1, len(limits)) if limits[i] < limits[i - 1]}
         self.kept_positions: dict[int, torch.Tensor] = {}
@@ -131,6 +132,7 @@ class HiddenStatePruner:
     def __enter__(self) -> HiddenStatePruner:
         for index in self.points:
             self.cache.layers[index - 1].want_prune_scores = True
+            self.cache.layers[index - 1].prune_heads = self.heads
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._hook(index), with_kwargs=True))
         return self

@@ -126,15 +126,23 @@ def snapkv_scores(window_probs: torch.Tensor, key_valid: torch.Tensor | None, nu
     return scores if kv is None else scores.masked_fill(~kv, float("-inf"))
 
 
+#: How the pruning score combines the query heads: ``sum`` (the official code) or ``max``.
+PRUNE_HEADS = ("sum", "max")
+
+
 def prune_scores(window_probs: torch.Tensor, rows: int = DEFAULT_WINDOW, kernel: int = DEFAULT_KERNEL,
-                 pooling: str = DEFAULT_POOLING, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Hidden-state pruning score: probabilities of the last ``rows`` queries summed over rows and
-    all heads, then pooled like the KV selection. [B, H_q, r, N] -> [B, N].
+                 pooling: str = DEFAULT_POOLING, valid: torch.Tensor | None = None, heads: str = "sum") -> torch.Tensor:
+    """Hidden-state pruning score: probabilities of the last ``rows`` queries summed over rows, then
+    summed over all heads (``heads="sum"``) or the largest of any head (``"max"``: a token one
+    retrieval head looks at counts as much as one every head does), then pooled like the KV
+    selection. [B, H_q, r, N] -> [B, N].
 
     The official code sums the last 8 rows without pooling; on SmolLM2-135M that drops the digits
     of a needle piecemeal, while the KV selection's window and pooling keep them (docs/results.md).
     """
-    return pool_scores(window_probs[:, :, -rows:].sum(dim=(1, 2)), kernel, pooling, valid)
+    window = window_probs[:, :, -rows:]
+    combined = window.sum(dim=2).amax(dim=1) if heads == "max" else window.sum(dim=(1, 2))
+    return pool_scores(combined, kernel, pooling, valid)
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

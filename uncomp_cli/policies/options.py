@@ -80,6 +80,10 @@ PRESET = MethodOption(
     "preset", str, None,
     "uncomp: official = the official code's configuration (window 8, kernel 7, max pooling, decode eviction, "
     "the absolute schedule from layer 2); options given beside it override it.")
+PRUNE_HEADS = MethodOption(
+    "prune_heads", str, "sum",
+    "uncomp: how hidden-state pruning ranks prompt tokens: the observation window's attention summed over the "
+    "heads (sum) or the most any one head pays (max).")
 SINKS = MethodOption("sinks", int, DEFAULT_SINKS, "streamingllm: first tokens every KV head keeps (attention sinks).")
 BETA = MethodOption(
     "beta", float, DEFAULT_PYRAMID_BETA,
@@ -91,5 +95,5 @@ FLOOR = MethodOption(
 #: Every option of every method, in the order ``--help`` lists them.
 CATALOGUE: dict[str, MethodOption] = {option.name: option for option in (
     BUDGET, WINDOW, KERNEL, POOLING, AGGREGATE, DECODE_EVICT, PREFILL_COMPRESSION, PREFILL_KEEP, PREFILL_SCHEDULE,
-    PREFILL_MAX_LEN, PREFILL_FROM, PRESET, SINKS, BETA, FLOOR,
+    PREFILL_MAX_LEN, PREFILL_FROM, PRUNE_HEADS, PRESET, SINKS, BETA, FLOOR,
 )}
