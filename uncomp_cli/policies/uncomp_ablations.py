@@ -25,6 +25,7 @@ class UNCompNoPrunePolicy(UNCompPolicy):
     prefill_schedule: str = options.PREFILL_SCHEDULE.field(init=False)
     prefill_max_len: int = options.PREFILL_MAX_LEN.field(init=False)
     prefill_from: None = options.PREFILL_FROM.field(None, init=False)
+    prune_heads: str = options.PRUNE_HEADS.field(init=False)
 
 
 @dataclass(eq=False)
