@@ -160,3 +160,12 @@ def test_a_prompt_a_share_keeps_whole_and_token_counts_are_left_as_given():
     assert own_budget(make_policy("uncomp", budget="5%"), 4000, keep_all=4096).prefill_compression
     assert own_budget(make_policy("snapkv", budget="64"), 1000, keep_all=4096).budget == "64"
     assert own_budget(make_policy("full"), 1000, keep_all=4096).name == "full"
+
+
+def test_a_store_that_does_not_evict_keeps_the_first_entries_when_full():
+    from uncomp_cli.contexts.store import BytesLRU
+
+    store = BytesLRU(100, lambda c: c.kv_cache_bytes(), evict=False)
+    for key in "abc":
+        store.put(key, _Context(40))
+    assert [store.get(k) is not None for k in "abc"] == [True, True, False] and store.bytes == 80

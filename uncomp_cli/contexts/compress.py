@@ -172,8 +172,9 @@ class Reading:
 
 
 def reading_store(limit_bytes: int) -> BytesLRU[Reading]:
-    """Where :func:`compress_ids` keeps re-readings for other policies and budgets (one model)."""
-    return BytesLRU(limit_bytes, Reading.nbytes)
+    """Where :func:`compress_ids` keeps re-readings for other policies and budgets (one model). When
+    full it keeps the first ones: a grid walks the same contexts run after run."""
+    return BytesLRU(limit_bytes, Reading.nbytes, evict=False)
 
 
 def _reread(loaded: LoadedModel, cache: Cache, policy: CachePolicy, ids: list[int], tail: str) -> list[torch.Tensor]:

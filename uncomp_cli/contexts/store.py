@@ -11,10 +11,16 @@ V = TypeVar("V")
 
 
 class BytesLRU(Generic[V]):
-    """``size(value)`` bytes per entry; putting one drops the least recently used until it fits."""
+    """``size(value)`` bytes per entry; putting one drops the least recently used until it fits.
 
-    def __init__(self, limit_bytes: int, size: Callable[[V], int]):
+    ``evict=False``: a full map keeps what it holds and refuses newcomers instead — right for a
+    cyclic walk over more entries than fit (an evaluation grid, run after run over the same
+    contexts), where dropping the least recently used would miss every time.
+    """
+
+    def __init__(self, limit_bytes: int, size: Callable[[V], int], evict: bool = True):
         self.limit_bytes = limit_bytes
+        self.evict = evict
         self._size = size
         self._entries: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
         self.bytes = 0
@@ -33,6 +39,8 @@ class BytesLRU(Generic[V]):
         """Keep ``value`` (one larger than the whole limit is not kept; a key already held stays)."""
         size = self._size(value)
         if size > self.limit_bytes or key in self._entries:
+            return
+        if not self.evict and self.bytes + size > self.limit_bytes:
             return
         while self._entries and self.bytes + size > self.limit_bytes:
             _, (_, dropped) = self._entries.popitem(last=False)

@@ -347,7 +347,7 @@ def run_eval(
     after each batch. Finished runs are read back, not rerun. ``query_agnostic``: each context is
     compressed before its questions (:func:`_context_rows`; ``context_scorer`` as for
     :func:`~uncomp_cli.contexts.compress.compress_ids`); both name the folder. A context's
-    re-reading is kept (up to half the memory available, least recently used out) for the
+    re-reading is kept (up to half the memory available; the first ones when more do not fit) for the
     grid's other runs whose prefill leaves the same cache: every method and budget without
     hidden-state pruning shares one, so the grid pays it once per context instead of once per run.
     """
