@@ -3,8 +3,6 @@ the group, the slack stays small, and a saved state never sees what was written 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from tiny import tiny_model
@@ -48,9 +46,9 @@ def test_a_saved_state_keeps_its_tokens_while_later_appends_write_the_slack():
     group = HeadGroup([0, 1], budget=None)
     group.store(*tokens(40, 0))
     group.append(*tokens(1, 40), all_valid=True)  # now with slack
-    saved = copy.copy(group)  # what engine.checkpoint keeps
+    saved = group.snapshot()  # what engine.checkpoint keeps
     for answer in (100, 200):  # two answers on the same saved state, each dropped afterwards
-        live = copy.copy(saved)
+        live = saved.snapshot()  # what engine.checkpoint restores
         live.append(*tokens(5, answer), all_valid=True)
         assert stored_positions(live) == list(range(41)) + list(range(answer, answer + 5))
         assert stored_positions(saved) == list(range(41)) and saved.length() == 41
@@ -79,3 +77,18 @@ def test_a_long_decode_through_several_growths_matches_the_dynamic_cache(shape):
     assert group.length() == 30 + 59  # grown several times: a growth adds 16 tokens here
     assert group.nbytes() <= group.reserved_nbytes() <= group.nbytes() * (1 + 1 / GROWTH_DIVISOR) + \
         MIN_GROWTH * group.nbytes() // group.length()
+
+
+def test_nested_checkpoints_never_see_each_others_tokens():
+    """A state saved after tokens were written into slack stays intact when an earlier state is
+    restored and written again (engine.checkpoint keeps snapshots)."""
+    first = HeadGroup([0, 1], budget=None)
+    first.store(*tokens(40, 0))
+    first.append(*tokens(1, 40), all_valid=True)  # a buffer with slack
+    saved_a = first.snapshot()
+    first.append(*tokens(3, 100), all_valid=True)  # written into the slack
+    saved_b = first.snapshot()
+    again = saved_a.snapshot()  # restore A and write other tokens where B's went
+    again.append(*tokens(3, 200), all_valid=True)
+    assert stored_positions(saved_b) == list(range(41)) + [100, 101, 102]
+    assert stored_positions(again) == list(range(41)) + [200, 201, 202]

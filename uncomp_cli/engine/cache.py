@@ -20,7 +20,6 @@ explicit ``position_ids``, or use ``generate``, which derives them from the atte
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -295,7 +294,7 @@ class GroupedKVLayer(CacheLayerMixin):
         self.seen, self.skipped, self.prefill_tokens = whole.seen, whole.skipped, whole.prefill_tokens
         self.sliding_window, self.softcap = whole.sliding_window, whole.softcap
         self.select_later = True
-        self.groups = [copy.copy(whole.groups[0])]
+        self.groups = [whole.groups[0].snapshot()]
 
     def _allocate(self, scores: torch.Tensor) -> None:
         """Re-form the groups from the tokens ``budget_allocator`` gives each row and KV head."""

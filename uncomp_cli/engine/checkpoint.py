@@ -3,8 +3,9 @@
 A checkpoint holds the cache's layers as they were, shallowly: no tensor is copied. That is safe
 because no token a checkpoint can see is ever written again: the grouped cache's updates either
 replace tensors (``gather``, eviction) or write new tokens into pre-allocated slack past the
-stored length, which a checkpoint records (:class:`~uncomp_cli.engine.groups.HeadGroup` keeps
-views of its first ``length`` tokens); ``DynamicCache`` replaces its tensors (``torch.cat``).
+stored length, and a checkpoint keeps each head group as a snapshot without slack
+(:meth:`~uncomp_cli.engine.groups.HeadGroup.snapshot`), so a state restored from it reallocates
+before writing, even when checkpoints nest; ``DynamicCache`` replaces its tensors (``torch.cat``).
 Works for both.
 """
 
@@ -20,7 +21,7 @@ from uncomp_cli.engine.cache import GroupedKVLayer
 def _shallow(layer):
     clone = copy.copy(layer)
     if isinstance(layer, GroupedKVLayer):  # its head groups are changed in place: copy them too
-        clone.groups = [copy.copy(group) for group in layer.groups]
+        clone.groups = [group.snapshot() for group in layer.groups]
     return clone
 
 

@@ -8,6 +8,7 @@ validity of each stored token. Used by :class:`~uncomp_cli.engine.cache.GroupedK
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 
@@ -29,8 +30,9 @@ class HeadGroup:
     into the slack instead of copying the whole group (:meth:`append`); a full buffer grows by a
     sixteenth (at least :data:`MIN_GROWTH` tokens), which keeps the copies amortised while the
     slack stays a few percent of a compressed cache. :meth:`nbytes` counts the stored tokens (what
-    results report), :meth:`reserved_nbytes` the buffers, slack included. Only the slack is ever written in place: tokens once stored never change, so a
-    checkpoint (:mod:`uncomp_cli.engine.checkpoint`), which keeps the views it saw, stays valid.
+    results report), :meth:`reserved_nbytes` the buffers, slack included. Only the slack is ever
+    written in place, and only by the group that grew the buffer: a checkpoint keeps a
+    :meth:`snapshot` (no slack), so whatever is restored from it reallocates before writing.
     """
 
     def __init__(self, heads: list[int], budget: int | None):
@@ -116,6 +118,15 @@ class HeadGroup:
 
         self._keys, self._values = grown(self._keys), grown(self._values)
         self._valid, self._positions = grown(self._valid), grown(self._positions)
+
+    def snapshot(self) -> HeadGroup:
+        """A copy whose buffers are exactly the stored tokens (views, nothing copied): its first
+        append reallocates, so neither copy ever writes what the other can see."""
+        clone = copy.copy(self)
+        if self._keys is not None:
+            clone._keys, clone._values, clone._valid, clone._positions = self.keys, self.values, self.valid, \
+                self.positions
+        return clone
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (a function of a tensor over the batch dimension) to every stored tensor."""
