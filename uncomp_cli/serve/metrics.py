@@ -21,7 +21,8 @@ class ServerMetrics:
         self.queue_depth = Gauge("uncomp_queue_depth", "Requests waiting for the worker.", registry=r)
         self.running = Gauge("uncomp_running_requests", "Requests in the batch being decoded.", registry=r)
         self.kv_bytes = Gauge("uncomp_kv_cache_bytes",
-                              "KV bytes held by the running batch: its cache buffers, with the slack decoding writes into.", registry=r)
+                              "KV bytes held by the running batch: its cache buffers, with the slack decoding "
+                              "writes into.", registry=r)
         self.kv_reserved = Gauge("uncomp_kv_cache_reserved_bytes",
                                  "KV bytes the running batch was admitted with (prompt, budget and max_tokens).",
                                  registry=r)
