@@ -29,7 +29,7 @@ def scheduler_for(loaded, settings: ServeSettings) -> tuple[RequestPlanner, Sche
 def test_a_compressed_cache_admits_as_many_more_rows_as_its_bytes_allow(tiny_loaded):
     settings = ServeSettings(method="full", max_batch=64, reuse_min_tokens=0, served_model_name=MODEL)
     planner, _ = scheduler_for(tiny_loaded, settings)
-    full_row = planner.token_bytes * (plan(planner).kv_tokens + 16)
+    full_row = planner.token_bytes * (plan(planner).kv_tokens + 16)  # the full cache: no slack
     settings.kv_cache_limit = 2 * full_row  # two full-cache rows
     planner, scheduler = scheduler_for(tiny_loaded, settings)
     small = {"method": "snapkv", "budget": "10%", "window": 4, "kernel": 3}
@@ -41,7 +41,7 @@ def test_a_compressed_cache_admits_as_many_more_rows_as_its_bytes_allow(tiny_loa
     assert [len(b) for b in batches[:3]] == [2, 2, 2]  # the full cache: two rows fit
     compressed = batches[3]
     row = plan(planner, small)
-    fits = settings.kv_cache_limit // (planner.token_bytes * (row.kv_tokens + 16))
+    fits = settings.kv_cache_limit // (planner.token_bytes * row.policy.held_tokens(row.kv_tokens + 16))
     assert len(compressed) == min(fits, 40) > 2
     assert all(job.policy_key == compressed[0].policy_key for job in compressed)
 

@@ -8,7 +8,11 @@ import torch
 from tiny import tiny_model
 from transformers import DynamicCache
 
+from uncomp_cli.engine.cache import cache_nbytes
+from uncomp_cli.engine.generation import full_kv_cache_bytes
 from uncomp_cli.engine.groups import GROWTH_DIVISOR, MIN_GROWTH, HeadGroup
+from uncomp_cli.policies.full import FullCachePolicy
+from uncomp_cli.policies.pyramidkv import PyramidKVPolicy
 from uncomp_cli.policies.snapkv import SnapKVPolicy
 
 
@@ -77,6 +81,24 @@ def test_a_long_decode_through_several_growths_matches_the_dynamic_cache(shape):
     assert group.length() == 30 + 59  # grown several times: a growth adds 16 tokens here
     assert group.nbytes() <= group.reserved_nbytes() <= group.nbytes() * (1 + 1 / GROWTH_DIVISOR) + \
         MIN_GROWTH * group.nbytes() // group.length()
+
+
+@pytest.mark.parametrize("policy", [SnapKVPolicy(budget=8, window=4, kernel=3),
+                                    PyramidKVPolicy(budget=12, window=4, kernel=3)], ids=["snapkv", "pyramidkv"])
+def test_what_admission_reserves_bounds_the_buffers_after_a_long_decode(policy):
+    """The server admits by ``policy.held_tokens``: the buffers, slack included, never exceed it."""
+    model = tiny_model("llama-gqa")
+    ids = torch.randint(3, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=70, min_new_tokens=70, do_sample=False,
+                    pad_token_id=0)
+    with torch.no_grad(), policy.attach(model, settings["attention_mask"]) as cache:
+        model.generate(ids, cache=cache, **settings)
+    stored = cache_nbytes(cache)
+    assert cache_nbytes(cache, reserved=True) > stored  # decoding left slack
+    per_token = full_kv_cache_bytes(model.config, 1, 1, model.dtype)
+    mean_tokens = -(-stored // per_token)  # tokens per KV head, over every layer and head
+    assert cache_nbytes(cache, reserved=True) <= per_token * policy.held_tokens(mean_tokens)
+    assert FullCachePolicy().held_tokens(mean_tokens) == mean_tokens  # DynamicCache: no slack
 
 
 def test_nested_checkpoints_never_see_each_others_tokens():

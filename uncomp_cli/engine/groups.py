@@ -22,6 +22,13 @@ GROWTH_DIVISOR = 16
 MIN_GROWTH = 16
 
 
+def buffer_tokens(tokens: int) -> int:
+    """The most tokens per KV head a grouped cache's buffers hold, slack included, once ``tokens``
+    per head (on average) are stored: a group that grew last at ``n ≤ t`` stored tokens holds
+    ``n + max(MIN_GROWTH, n // GROWTH_DIVISOR)``. What admission reserves (docs/serving.md)."""
+    return tokens + MIN_GROWTH + -(-tokens // GROWTH_DIVISOR)
+
+
 class HeadGroup:
     """The KV heads of one layer that share a budget, and the tokens they keep.
 

@@ -19,6 +19,7 @@ from transformers import Cache
 
 from uncomp_cli.engine.attention import check_supported, use_grouped_cache
 from uncomp_cli.engine.cache import GroupedKVCache, GroupedKVLayer
+from uncomp_cli.engine.groups import buffer_tokens
 from uncomp_cli.engine.selection import Budget, SnapKVScorer, resolve_budget
 
 
@@ -48,6 +49,11 @@ class CachePolicy:
         """Tokens per KV head for a prompt of ``prompt_len`` (None: keeps everything). The one budget
         check: raises :class:`~uncomp_cli.errors.UncompError` for a budget this method cannot use."""
         return None
+
+    def held_tokens(self, tokens: int) -> int:
+        """Tokens per KV head this method's cache buffers hold while ``tokens`` are stored (the
+        full cache: exactly those; a grouped cache adds its decoding slack)."""
+        return tokens
 
     def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Cache:
         """A fresh cache for one prefill of prompts padded to ``attention_mask`` [B, S]."""
@@ -119,6 +125,9 @@ class GroupedCachePolicy(CachePolicy):
         budget = Budget.parse(self.budget)
         if budget.tokens is not None:
             self.kv_budget(budget.tokens + 1)
+
+    def held_tokens(self, tokens: int) -> int:
+        return buffer_tokens(tokens)
 
     def layer_budgets(self, num_layers: int, prompt_len: int) -> list[int]:
         """Tokens per KV head for each layer, bottom first."""

@@ -24,7 +24,8 @@ class ServerMetrics:
                               "KV bytes held by the running batch: its cache buffers, with the slack decoding "
                               "writes into.", registry=r)
         self.kv_reserved = Gauge("uncomp_kv_cache_reserved_bytes",
-                                 "KV bytes the running batch was admitted with (prompt, budget and max_tokens).",
+                                 "KV bytes the running batch was admitted with (prompt, budget, max_tokens and "
+                                 "decoding slack).",
                                  registry=r)
         self.context_bytes = Gauge("uncomp_context_store_bytes", "KV bytes of compressed contexts kept for reuse.",
                                    registry=r)

@@ -155,7 +155,7 @@ class RequestPlanner:
         except UncompError as exc:
             raise ApiError(str(exc).replace("--", "uncomp."), param="uncomp", code="invalid_uncomp_settings") from None
         key = json.dumps(policy.describe(), sort_keys=True, default=str)
-        kv_bytes = self.token_bytes * (kept + max_tokens)
+        kv_bytes = self.token_bytes * policy.held_tokens(kept + max_tokens)
         if kv_bytes > self.settings.kv_cache_limit:
             raise ApiError(f"this request's KV cache would hold {kv_bytes} bytes, more than the server's "
                            f"--kv-cache-limit of {self.settings.kv_cache_limit}; ask for a smaller budget, "

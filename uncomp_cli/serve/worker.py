@@ -225,9 +225,10 @@ class Scheduler:
         return batch
 
     def _batch_bytes(self, jobs: list[Job]) -> int:
-        """A left-padded batch holds every row at the longest prompt's kept tokens and the longest answer."""
+        """A left-padded batch holds every row at the longest prompt's kept tokens and the longest
+        answer, and a grouped cache the slack decoding writes into (one batch: one policy)."""
         longest = max(job.kv_tokens for job in jobs) + max(job.sampling.max_new_tokens for job in jobs)
-        return len(jobs) * self.token_bytes * longest
+        return len(jobs) * self.token_bytes * jobs[0].policy.held_tokens(longest)
 
     def _resolved(self, job: Job) -> CachePolicy:
         """The job's policy with the model's profile, loaded once (in this thread: calibrating a
