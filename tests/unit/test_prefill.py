@@ -68,12 +68,14 @@ def manual_forward(model, ids: torch.Tensor, kept: dict[int, torch.Tensor]) -> t
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_pruned_prefill_equals_running_the_layers_on_the_kept_tokens(shape):
+@pytest.mark.parametrize("shape, layers", [(shape, "last") for shape in SHAPES] + [("llama-gqa", "span"),
+                                                                                    ("gemma3-gqa", "span")])
+def test_pruned_prefill_equals_running_the_layers_on_the_kept_tokens(shape, layers):
     model = tiny_model(shape, seed=2)
     ids, mask = left_padded([40], seed=2)
     cache = GroupedKVCache.from_budgets(budgets(model, 10_000))
-    with torch.no_grad(), use_grouped_cache(model, cache), HiddenStatePruner(model, cache, KEEP) as pruner:
+    pruner = HiddenStatePruner(model, cache, KEEP, layers=layers)
+    with torch.no_grad(), use_grouped_cache(model, cache), pruner:
         logits, _ = greedy(model, ids, mask, cache, steps=0)
     kept = pruner.kept_positions
     assert sorted(kept) == [2, 3]
@@ -97,7 +99,7 @@ class SpyPruner(HiddenStatePruner):
     """Records the scores each pruning decision was made from."""
 
     def _prune(self, index, hidden, state):
-        self.scores[index] = self.cache.layers[index - 1].prune_scores.clone()
+        self.scores[index] = state.evidence.clone()
         self.before[index] = state.index.clone()
         return super()._prune(index, hidden, state)
 
@@ -120,6 +122,39 @@ def test_the_most_attended_tokens_and_the_observation_window_are_kept():
         candidates, picked = scores[0, : n - PRUNE_WINDOW], chosen[: n - PRUNE_WINDOW]
         assert candidates[picked].min() >= candidates[~picked].max(), "the most attended tokens survive"
         assert bool(picked[candidates.argmax()])
+
+
+class LayerSpy(SpyPruner):
+    """Also records the scores every layer left."""
+
+    def _gather_evidence(self, index, state):
+        if (scores := self.cache.layers[index - 1].prune_scores) is not None:
+            self.per_layer[index - 1] = scores.clone()
+        super()._gather_evidence(index, state)
+
+
+@pytest.mark.parametrize("layers, scored", [("last", [1, 2]), ("span", [0, 1, 2])])
+def test_a_pruning_point_is_decided_by_the_layer_before_it_or_by_every_layer_since_the_last(layers, scored):
+    model = tiny_model("llama-gqa", seed=3)
+    ids, mask = left_padded([50], seed=3)
+    cache = GroupedKVCache.from_budgets(budgets(model, 10_000))
+    pruner = LayerSpy(model, cache, [1.0, 1.0, 0.7, 0.3], layers=layers)
+    pruner.scores, pruner.before, pruner.per_layer = {}, {}, {}
+    with torch.no_grad(), use_grouped_cache(model, cache), pruner:
+        greedy(model, ids, mask, cache, steps=0)
+    assert sorted(pruner.per_layer) == scored
+    first = pruner.per_layer[1] + (pruner.per_layer[0] if layers == "span" else 0)
+    torch.testing.assert_close(pruner.scores[2], first)
+    torch.testing.assert_close(pruner.scores[3], pruner.per_layer[2])
+    if layers == "span":
+        assert not torch.equal(pruner.per_layer[0], pruner.per_layer[1])  # two layers' evidence, not one twice
+    assert all(not layer.want_prune_scores for layer in cache.layers)  # flags are cleared on exit
+
+
+def test_an_unknown_pruning_evidence_is_refused():
+    model = tiny_model("llama-gqa")
+    with pytest.raises(UncompError, match="--prune-layers must be one of last, span"):
+        HiddenStatePruner(model, GroupedKVCache.from_budgets(budgets(model, 8)), KEEP, layers="all")
 
 
 def test_a_left_padded_batch_is_pruned_and_compressed_like_each_prompt_alone():

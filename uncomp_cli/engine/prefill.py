@@ -29,7 +29,7 @@ import torch
 
 from uncomp_cli.engine.attention import decoder_layers
 from uncomp_cli.engine.cache import GroupedKVCache
-from uncomp_cli.engine.selection import PRUNE_WINDOW, select_rows
+from uncomp_cli.engine.selection import PRUNE_LAYERS, PRUNE_WINDOW, select_rows
 from uncomp_cli.errors import UncompError
 
 
@@ -98,6 +98,7 @@ class _PrefillState:
     lengths: torch.Tensor  # [B] prompt tokens per row
     prompt_len: int  # N, padded
     pruned: bool = False  # from the first pruning point on, every layer's arguments are gathered
+    evidence: torch.Tensor | None = None  # pruning scores summed over the layers since the last point
 
 
 class HiddenStatePruner:
@@ -112,7 +113,8 @@ class HiddenStatePruner:
     """
 
     def __init__(self, model: torch.nn.Module, cache: GroupedKVCache, layer_keep: Sequence[float] | None = None,
-                 window: int = PRUNE_WINDOW, layer_tokens: Sequence[int] | None = None, heads: str = "sum"):
+                 window: int = PRUNE_WINDOW, layer_tokens: Sequence[int] | None = None, heads: str = "sum",
+                 layers: str = "last"):
         self.layers = decoder_layers(model)
         if (layer_keep is None) == (layer_tokens is None):
             raise UncompError("give the pruner either layer_keep (shares) or layer_tokens (counts)")
@@ -123,6 +125,9 @@ class HiddenStatePruner:
         self.cache = cache
         self.window = window
         self.heads = heads  # how the scores combine the query heads (selection.prune_scores)
+        if layers not in PRUNE_LAYERS:
+            raise UncompError(f"--prune-layers must be one of {', '.join(PRUNE_LAYERS)}, got {layers!r}")
+        self.span = layers == "span"  # every layer since the last point scores, not only the one before
         limits = self.keep if self.keep is not None else self.tokens
         self.points = {i for i in range(1, len(limits)) if limits[i] < limits[i - 1]}
         self.kept_positions: dict[int, torch.Tensor] = {}
@@ -130,9 +135,10 @@ class HiddenStatePruner:
         self._handles: list = []
 
     def __enter__(self) -> HiddenStatePruner:
-        for index in self.points:
-            self.cache.layers[index - 1].want_prune_scores = True
-            self.cache.layers[index - 1].prune_heads = self.heads
+        scoring = range(max(self.points, default=0)) if self.span else [index - 1 for index in self.points]
+        for index in scoring:
+            self.cache.layers[index].want_prune_scores = True
+            self.cache.layers[index].prune_heads = self.heads
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._hook(index), with_kwargs=True))
         return self
@@ -159,6 +165,7 @@ class HiddenStatePruner:
         state = self._state
         if state is None:
             return None
+        self._gather_evidence(index, state)
         if index in self.points:
             hidden = self._prune(index, hidden, state)
         self.cache.layers[index].skipped = state.prompt_len - state.index.shape[1]
@@ -182,11 +189,17 @@ class HiddenStatePruner:
         self._state = _PrefillState(index=index, valid=valid, lengths=valid.sum(-1), prompt_len=n)
         self.kept_positions.clear()
 
-    def _prune(self, index: int, hidden: torch.Tensor, state: _PrefillState) -> torch.Tensor:
-        """Carry the best-attended tokens of layer ``index - 1`` into layer ``index``."""
+    def _gather_evidence(self, index: int, state: _PrefillState) -> None:
+        """Add the scores layer ``index - 1`` left (every layer keeps the same tokens between points)."""
         previous = self.cache.layers[index - 1]
-        scores = previous.prune_scores
-        previous.prune_scores = None
+        scores, previous.prune_scores = previous.prune_scores, None
+        if scores is not None:
+            state.evidence = scores if state.evidence is None else state.evidence + scores
+
+    def _prune(self, index: int, hidden: torch.Tensor, state: _PrefillState) -> torch.Tensor:
+        """Carry the best-attended tokens of layer ``index - 1`` (with ``layers="span"``: of every
+        layer since the last point, scores summed) into layer ``index``."""
+        scores, state.evidence = state.evidence, None
         if scores is None:
             raise UncompError(f"layer {index - 1} left no pruning scores; is attention 'uncomp' active?")
         scores = scores.masked_fill(~state.valid, float("-inf"))

@@ -128,6 +128,8 @@ def snapkv_scores(window_probs: torch.Tensor, key_valid: torch.Tensor | None, nu
 
 #: How the pruning score combines the query heads: ``sum`` (the official code) or ``max``.
 PRUNE_HEADS = ("sum", "max")
+#: Which layers' scores decide a pruning point: the one before it, or every one since the last point.
+PRUNE_LAYERS = ("last", "span")
 
 
 def prune_scores(window_probs: torch.Tensor, rows: int = DEFAULT_WINDOW, kernel: int = DEFAULT_KERNEL,

@@ -84,6 +84,10 @@ PRUNE_HEADS = MethodOption(
     "prune_heads", str, "sum",
     "uncomp: how hidden-state pruning ranks prompt tokens: the observation window's attention summed over the "
     "heads (sum) or the most any one head pays (max).")
+PRUNE_LAYERS = MethodOption(
+    "prune_layers", str, "last",
+    "uncomp: which layers' attention decides a hidden-state pruning point: the layer before it (last) or every "
+    "layer since the previous point, summed (span).")
 SINKS = MethodOption("sinks", int, DEFAULT_SINKS, "streamingllm: first tokens every KV head keeps (attention sinks).")
 BETA = MethodOption(
     "beta", float, DEFAULT_PYRAMID_BETA,
@@ -95,5 +99,5 @@ FLOOR = MethodOption(
 #: Every option of every method, in the order ``--help`` lists them.
 CATALOGUE: dict[str, MethodOption] = {option.name: option for option in (
     BUDGET, WINDOW, KERNEL, POOLING, AGGREGATE, DECODE_EVICT, PREFILL_COMPRESSION, PREFILL_KEEP, PREFILL_SCHEDULE,
-    PREFILL_MAX_LEN, PREFILL_FROM, PRUNE_HEADS, PRESET, SINKS, BETA, FLOOR,
+    PREFILL_MAX_LEN, PREFILL_FROM, PRUNE_HEADS, PRUNE_LAYERS, PRESET, SINKS, BETA, FLOOR,
 )}

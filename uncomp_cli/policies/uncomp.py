@@ -22,7 +22,7 @@ from uncomp_cli.defaults import FIRST_PRUNED_LAYER_FRACTION, OFFICIAL_PRUNE_MIN_
 from uncomp_cli.engine.attention import check_supported, use_grouped_cache
 from uncomp_cli.engine.cache import GroupedKVCache
 from uncomp_cli.engine.prefill import HiddenStatePruner, parse_keep_fractions, spans_keep, validate_layer_keep
-from uncomp_cli.engine.selection import PRUNE_HEADS, Budget, resolve_budget
+from uncomp_cli.engine.selection import PRUNE_HEADS, PRUNE_LAYERS, Budget, resolve_budget
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies import options
 from uncomp_cli.policies.base import GroupedCachePolicy, budget_note, prompt_length
@@ -72,6 +72,7 @@ class UNCompPolicy(GroupedCachePolicy):
     prefill_max_len: int = options.PREFILL_MAX_LEN.field()
     prefill_from: int | None = options.PREFILL_FROM.field()
     prune_heads: str = options.PRUNE_HEADS.field()
+    prune_layers: str = options.PRUNE_LAYERS.field()
     preset: str | None = options.PRESET.field()
     uniform_heads: bool = False
 
@@ -84,6 +85,8 @@ class UNCompPolicy(GroupedCachePolicy):
             raise UncompError("--prefill-keep sets fractions; it does not go with --prefill-schedule official")
         if self.prune_heads not in PRUNE_HEADS:
             raise UncompError(f"--prune-heads must be one of {', '.join(PRUNE_HEADS)}, got {self.prune_heads!r}")
+        if self.prune_layers not in PRUNE_LAYERS:
+            raise UncompError(f"--prune-layers must be one of {', '.join(PRUNE_LAYERS)}, got {self.prune_layers!r}")
         if self.prefill_max_len < 1:
             raise UncompError(f"--prefill-max-len must be at least 1, got {self.prefill_max_len}")
         if self.prefill_from is not None and self.prefill_from < 1:
@@ -168,7 +171,8 @@ class UNCompPolicy(GroupedCachePolicy):
         with contextlib.ExitStack() as stack:
             stack.enter_context(use_grouped_cache(model, cache))
             if schedule is not None:
-                stack.enter_context(HiddenStatePruner(model, cache, **schedule, heads=self.prune_heads))
+                stack.enter_context(HiddenStatePruner(model, cache, **schedule, heads=self.prune_heads,
+                                                      layers=self.prune_layers))
             yield cache
 
     def stats(self, cache: GroupedKVCache) -> dict:
@@ -181,7 +185,7 @@ class UNCompPolicy(GroupedCachePolicy):
             return None
         _, schedule = self.resolve(model, attention_mask)
         return "whole" if schedule is None else ("pruned", json.dumps(schedule, sort_keys=True), self.scorer,
-                                                  self.prune_heads)
+                                                  self.prune_heads, self.prune_layers)
 
     def describe(self) -> dict:
         described = super().describe()

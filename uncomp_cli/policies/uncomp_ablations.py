@@ -26,6 +26,7 @@ class UNCompNoPrunePolicy(UNCompPolicy):
     prefill_max_len: int = options.PREFILL_MAX_LEN.field(init=False)
     prefill_from: None = options.PREFILL_FROM.field(None, init=False)
     prune_heads: str = options.PRUNE_HEADS.field(init=False)
+    prune_layers: str = options.PRUNE_LAYERS.field(init=False)
 
 
 @dataclass(eq=False)
