@@ -183,9 +183,13 @@ def _held(context) -> list[tuple]:
     return [(g.heads, g.keys, g.values, g.positions) for layer in context.cache.layers for g in layer.groups]
 
 
-@pytest.mark.parametrize("method,budget", [("snapkv", "24"), ("pyramidkv", "16"), ("adakv", "20"),
-                                           ("uncomp-noprune", "24"), ("uncomp", "24"), ("uncomp", "40")])
-def test_a_shared_reading_compresses_exactly_as_reading_again(loaded, method, budget):
+PRUNED = {"prune_contexts": True}
+
+
+@pytest.mark.parametrize("method,budget,options", [
+    ("snapkv", "24", {}), ("pyramidkv", "16", {}), ("adakv", "20", {}), ("uncomp-noprune", "24", {}),
+    ("uncomp", "24", {}), ("uncomp", "24", PRUNED), ("uncomp", "40", PRUNED)])
+def test_a_shared_reading_compresses_exactly_as_reading_again(loaded, method, budget, options):
     """One re-reading serves every policy whose prefill leaves the same cache, at any budget; the
     result is what a fresh prefill and re-reading keep, and the reading's cost is still counted."""
     from uncomp_cli.contexts.compress import compress_ids, reading_store
@@ -193,23 +197,43 @@ def test_a_shared_reading_compresses_exactly_as_reading_again(loaded, method, bu
     ids, tail = context_prompt(loaded.tokenizer, CONTEXT)
     profile = make_profile(loaded.model.config)  # several stages: uncomp prunes its prefill
 
-    def policy(name: str, size: str):
-        made = make_policy(name, budget=size, **SMALL)
+    def policy(name: str, size: str, **extra):
+        made = make_policy(name, budget=size, **SMALL, **extra)
         return replace(made, profile=profile) if made.needs_profile else made
 
     readings = reading_store(1 << 30)
     compress_ids(loaded, ids, policy("snapkv", "12"), "reconstruct", tail, readings)
-    compress_ids(loaded, ids, policy("uncomp", "12"), "reconstruct", tail, readings)  # a pruned prefill: its own
+    compress_ids(loaded, ids, policy("uncomp", "12", **PRUNED), "reconstruct", tail, readings)  # pruned: its own
     assert len(readings) == 2 and readings.hits == 0
-    shared = compress_ids(loaded, ids, policy(method, budget), "reconstruct", tail, readings)
+    shared = compress_ids(loaded, ids, policy(method, budget, **options), "reconstruct", tail, readings)
     assert readings.hits == 1
-    kind = policy(method, budget).reading_key(loaded.model, torch.ones(1, len(ids), dtype=torch.long))
+    kind = policy(method, budget, **options).for_context().reading_key(loaded.model,
+                                                                        torch.ones(1, len(ids), dtype=torch.long))
     assert shared.prefill_seconds >= readings.get((tuple(ids), tail, kind)).seconds
-    fresh = compress_ids(loaded, ids, policy(method, budget), "reconstruct", tail)
+    fresh = compress_ids(loaded, ids, policy(method, budget, **options), "reconstruct", tail)
     for (heads, *tensors), (fresh_heads, *fresh_tensors) in zip(_held(shared), _held(fresh), strict=True):
         assert heads == fresh_heads and all(torch.equal(a, b) for a, b in zip(tensors, fresh_tensors))
     assert shared.stats == fresh.stats
     assert [layer.get_seq_length() for layer in shared.cache.layers] == [len(ids)] * len(shared.cache.layers)
-    if method == "uncomp":  # the pruned layers ran on fewer tokens, in the shared reading too
+    if options == PRUNED:  # the pruned layers ran on fewer tokens, in the shared reading too
         assert min(shared.cache.prefill_tokens_per_layer()) < len(ids)
     assert ask(loaded, shared, QUESTIONS[0], SETTINGS).token_ids == ask(loaded, fresh, QUESTIONS[0], SETTINGS).token_ids
+
+
+@pytest.mark.parametrize("scorer", ["reconstruct", "window"])
+def test_a_context_is_compressed_without_pruning_unless_asked(loaded, scorer):
+    """Without its question a context's end would decide the pruning: uncomp keeps its entropy head
+    budgets and prunes nothing, exactly as uncomp-noprune, unless prune_contexts asks for it."""
+    profile = make_profile(loaded.model.config)  # several stages: uncomp prunes a prompt's prefill
+
+    def compress(name: str, **extra) -> CompressedContext:
+        policy = replace(make_policy(name, budget="24", **SMALL, **extra), profile=profile)
+        return compress_context(loaded, CONTEXT, policy, scorer=scorer)
+
+    default, noprune, pruned = compress("uncomp"), compress("uncomp-noprune"), compress("uncomp", **PRUNED)
+    length = default.context_tokens
+    assert default.cache.prefill_tokens_per_layer() == [length] * len(default.cache.layers)
+    assert min(pruned.cache.prefill_tokens_per_layer()) < length
+    for (heads, *tensors), (other_heads, *others) in zip(_held(default), _held(noprune), strict=True):
+        assert heads == other_heads and all(torch.equal(a, b) for a, b in zip(tensors, others))
+    assert default.policy.describe()["prefill_compression"] is False and default.policy.name == "uncomp"

@@ -11,7 +11,9 @@ question can tell the method what to keep. Two ways to score the context's token
   of its KV head pays it, and every layer's and head's entries are ranked together, weighted by
   the method's own budget shares (:func:`allocate_globally`). Costs one more pass over the
   context, paid once per compressed context; the re-reading tokens are dropped afterwards.
-  Hidden-state pruning (uncomp) still decides at prefill, by the end of the context.
+  UNComp's hidden-state pruning is off for contexts unless the policy asks for it
+  (:meth:`~uncomp_cli.policies.base.CachePolicy.for_context`): it would be decided by the end of
+  the context, and the pruned layers would never hold what a question asks.
 
 Each question then
 runs on the compressed cache at the context's absolute positions (the question itself is never
@@ -118,7 +120,7 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
     ``prefill_seconds`` still count the shared reading's cost, as if it had paid it.
     """
     check_context_scorer(scorer)
-    policy = policy or FullCachePolicy()
+    policy = (policy or FullCachePolicy()).for_context()
     limit = context_length(loaded.model.config)
     if len(ids) >= limit:
         raise PromptError(f"the context is {len(ids)} tokens but the model's context is {limit} tokens; "

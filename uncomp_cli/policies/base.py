@@ -74,6 +74,11 @@ class CachePolicy:
         """What this run's cache resolved and did (budgets, tokens per layer), for the results."""
         return {}
 
+    def for_context(self) -> CachePolicy:
+        """The policy that compresses a context before its question (:mod:`uncomp_cli.contexts`);
+        the same one, unless a method decides something at prefill that needs the question."""
+        return self
+
     def reading_key(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Hashable | None:
         """What a context's prefill leaves in this policy's cache when every layer keeps the whole
         context (``select_later``), as a key: policies with equal keys leave equal caches, so one

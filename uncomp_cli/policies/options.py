@@ -88,6 +88,11 @@ PRUNE_LAYERS = MethodOption(
     "prune_layers", str, "last",
     "uncomp: which layers' attention decides a hidden-state pruning point: the layer before it (last) or every "
     "layer since the previous point, summed (span).")
+PRUNE_CONTEXTS = MethodOption(
+    "prune_contexts", bool, False,
+    "uncomp: prune hidden states also when a context is compressed before its question (--context-file, "
+    "compress, --query-agnostic, the server's reused contexts). Off: without the question, the end of the "
+    "context decides what the pruned layers run on, and they lose what a question will ask (docs/methods.md).")
 SINKS = MethodOption("sinks", int, DEFAULT_SINKS, "streamingllm: first tokens every KV head keeps (attention sinks).")
 BETA = MethodOption(
     "beta", float, DEFAULT_PYRAMID_BETA,
@@ -99,5 +104,5 @@ FLOOR = MethodOption(
 #: Every option of every method, in the order ``--help`` lists them.
 CATALOGUE: dict[str, MethodOption] = {option.name: option for option in (
     BUDGET, WINDOW, KERNEL, POOLING, AGGREGATE, DECODE_EVICT, PREFILL_COMPRESSION, PREFILL_KEEP, PREFILL_SCHEDULE,
-    PREFILL_MAX_LEN, PREFILL_FROM, PRUNE_HEADS, PRUNE_LAYERS, PRESET, SINKS, BETA, FLOOR,
+    PREFILL_MAX_LEN, PREFILL_FROM, PRUNE_HEADS, PRUNE_LAYERS, PRUNE_CONTEXTS, PRESET, SINKS, BETA, FLOOR,
 )}

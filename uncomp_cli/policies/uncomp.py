@@ -10,6 +10,7 @@ decided online from attention scores, SnapKV-style.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import Hashable, Iterator, Sequence
@@ -73,6 +74,7 @@ class UNCompPolicy(GroupedCachePolicy):
     prefill_from: int | None = options.PREFILL_FROM.field()
     prune_heads: str = options.PRUNE_HEADS.field()
     prune_layers: str = options.PRUNE_LAYERS.field()
+    prune_contexts: bool = options.PRUNE_CONTEXTS.field()
     preset: str | None = options.PRESET.field()
     uniform_heads: bool = False
 
@@ -177,6 +179,14 @@ class UNCompPolicy(GroupedCachePolicy):
 
     def stats(self, cache: GroupedKVCache) -> dict:
         return dict(cache.stats) | {"prefill_tokens_per_layer": cache.prefill_tokens_per_layer()}
+
+    def for_context(self) -> UNCompPolicy:
+        """Without ``prune_contexts``, a context is compressed without hidden-state pruning (the
+        entropy head budgets stay): pruning is decided by the window at the end of the prompt, and
+        without the question there it keeps what the context's last sentences look at."""
+        if self.prune_contexts or not self.prefill_compression and self.layer_keep is None:
+            return self
+        return dataclasses.replace(self, prefill_compression=False, layer_keep=None)
 
     def reading_key(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Hashable | None:
         """Unpruned: the whole context, as every method; pruned: the schedule and the scorer that

@@ -27,6 +27,7 @@ class UNCompNoPrunePolicy(UNCompPolicy):
     prefill_from: None = options.PREFILL_FROM.field(None, init=False)
     prune_heads: str = options.PRUNE_HEADS.field(init=False)
     prune_layers: str = options.PRUNE_LAYERS.field(init=False)
+    prune_contexts: bool = options.PRUNE_CONTEXTS.field(init=False)
 
 
 @dataclass(eq=False)
