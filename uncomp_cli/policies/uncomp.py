@@ -184,7 +184,7 @@ class UNCompPolicy(GroupedCachePolicy):
         """Without ``prune_contexts``, a context is compressed without hidden-state pruning (the
         entropy head budgets stay): pruning is decided by the window at the end of the prompt, and
         without the question there it keeps what the context's last sentences look at."""
-        if self.prune_contexts or not self.prefill_compression and self.layer_keep is None:
+        if self.prune_contexts or (not self.prefill_compression and self.layer_keep is None):  # nothing to turn off
             return self
         return dataclasses.replace(self, prefill_compression=False, layer_keep=None)
 
