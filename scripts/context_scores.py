@@ -18,8 +18,8 @@ import torch
 
 from uncomp_cli.contexts.compress import RECONSTRUCT_CHUNK, REPEAT_PROMPT
 from uncomp_cli.engine.checkpoint import checkpoint, rollback
-from uncomp_cli.engine.generation import forward_last, prompt_positions
 from uncomp_cli.engine.selection import pool_scores
+from uncomp_cli.engine.steps import forward_last, prompt_positions
 from uncomp_cli.eval import needle
 from uncomp_cli.haystack import load_haystack
 from uncomp_cli.models.loading import load_model
@@ -32,9 +32,8 @@ def reconstruction_scores(loaded, ids: list[int]) -> tuple[list[torch.Tensor], f
     policy = make_policy("snapkv", budget="100%")
     mask = torch.ones(1, len(ids), dtype=torch.long)
     started = time.perf_counter()
-    with policy.attach(loaded.model, mask) as cache, torch.inference_mode():
-        for layer in cache.layers:
-            layer.select_later = True
+    with policy.attach(loaded.model, mask, policy.plan(loaded.model, mask).deferred()) as cache, \
+            torch.inference_mode():
         forward_last(loaded.model, torch.tensor([ids]), mask, prompt_positions(mask), cache)
     prefill = time.perf_counter() - started
     saved = checkpoint(cache)

@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from uncomp_cli.engine.generation import decode_one, forward_last, prompt_positions  # noqa: E402
+from uncomp_cli.engine.steps import forward_last, prompt_positions  # noqa: E402
 from uncomp_cli.haystack import load_haystack  # noqa: E402
 from uncomp_cli.models.loading import load_model  # noqa: E402
 from uncomp_cli.policies.registry import make_policy, with_profile  # noqa: E402
@@ -31,7 +31,7 @@ def decode_steps(model, token, mask, position, cache, steps: int):
     """Feed ``token`` ``steps`` times at the next positions (what is decoded does not matter here)."""
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=-1)
-        decode_one(model, token, mask, position, cache)
+        forward_last(model, token, mask, position, cache)
         position = position + 1
     return mask, position
 

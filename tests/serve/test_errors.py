@@ -109,9 +109,9 @@ def test_beyond_max_queue_requests_get_429(tiny_loaded):
 
 
 def test_an_exception_inside_a_batch_fails_that_batch_with_500_and_the_server_goes_on(running, monkeypatch):
-    import uncomp_cli.serve.worker as worker
+    import uncomp_cli.engine.steps as steps
 
-    real = worker.forward_last
+    real = steps.forward_last
     calls = []
 
     def broken(*args, **kwargs):
@@ -120,7 +120,7 @@ def test_an_exception_inside_a_batch_fails_that_batch_with_500_and_the_server_go
             raise RuntimeError("simulated failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(worker, "forward_last", broken)
+    monkeypatch.setattr(steps, "forward_last", broken)
     with pytest.raises(openai.InternalServerError, match="simulated failure"):
         running.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
     _ok(running)

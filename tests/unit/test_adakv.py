@@ -3,6 +3,7 @@ budgets, batches that behave like their rows alone, and eviction that keeps ever
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -98,10 +99,10 @@ def record_allocations(cache) -> list[torch.Tensor]:
     """Wrap every layer's allocator to keep what it returned."""
     seen = []
     for layer in cache.layers:
-        def spy(scores, allocate=layer.budget_allocator):
+        def spy(scores, allocate=layer.plan.allocator):
             seen.append(allocate(scores))
             return seen[-1]
-        layer.budget_allocator = spy
+        layer.plan = dataclasses.replace(layer.plan, allocator=spy)
     return seen
 
 

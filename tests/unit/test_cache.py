@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from uncomp_cli.engine.attention import grouped_attention, use_grouped_cache
 from uncomp_cli.engine.cache import GroupedKVCache, GroupedKVLayer, cache_nbytes
+from uncomp_cli.engine.plan import CachePlan, LayerPlan
 from uncomp_cli.engine.selection import SnapKVScorer
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies.snapkv import SnapKVPolicy
@@ -97,8 +98,8 @@ def test_bytes_held_follow_the_formula_and_shapes_follow_the_budgets(shape):
 def test_decode_attends_each_group_over_its_own_tokens():
     """Two KV heads with different budgets (different lengths): check one decode step by hand."""
     torch.manual_seed(0)
-    layer = GroupedKVLayer([5, 8], SMALL)
-    cache = GroupedKVCache([layer])
+    layer = GroupedKVLayer(LayerPlan((5, 8), SMALL))
+    cache = GroupedKVCache(CachePlan((layer.plan,)), [layer])
     module = torch.nn.Module()
     module.layer_idx, module._uncomp_cache = 0, cache
     q, k, v = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
@@ -253,7 +254,7 @@ def test_get_seq_length_counts_tokens_seen_not_stored():
 def test_the_grouped_cache_refuses_to_run_under_another_attention():
     model = tiny_model("llama-gqa")
     ids, mask = left_padded([10])
-    cache = GroupedKVCache.from_budgets(uniform(model, 8))
+    cache = GroupedKVCache(CachePlan.uniform(uniform(model, 8)))
     with pytest.raises(UncompError, match="'uncomp'"):
         greedy(model, ids, mask, cache, steps=1)  # stock sdpa would silently ignore the past
 
@@ -261,7 +262,7 @@ def test_the_grouped_cache_refuses_to_run_under_another_attention():
 def test_the_grouped_attention_refuses_to_run_without_its_cache():
     model = tiny_model("llama-gqa")
     ids, mask = left_padded([10])
-    with use_grouped_cache(model, GroupedKVCache.from_budgets(uniform(model, 8))):
+    with use_grouped_cache(model, GroupedKVCache(CachePlan.uniform(uniform(model, 8)))):
         with pytest.raises(UncompError, match="without its grouped KV cache"):
             greedy(model, ids, mask, DynamicCache(config=model.config), steps=0)
     model.set_attn_implementation("uncomp")

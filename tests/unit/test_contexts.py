@@ -150,15 +150,13 @@ def test_bad_files_are_one_clear_error(loaded, tmp_path, tiny_model_dir):
 def test_global_allocation_gives_the_budget_to_heads_whose_scores_stand_out(loaded):
     """KVzip's allocation: all layers' and heads' entries ranked together; sinks and the last 8 kept."""
     from uncomp_cli.contexts.compress import allocate_globally
-    from uncomp_cli.engine.generation import forward_last, prompt_positions
+    from uncomp_cli.engine.steps import feed, prompt_positions
 
     ids = context_prompt(loaded.tokenizer, CONTEXT)[0]
     mask = torch.ones(1, len(ids), dtype=torch.long)
     policy = make_policy("snapkv", budget="24", **SMALL)
-    with policy.attach(loaded.model, mask) as cache:
-        for layer in cache.layers:
-            layer.select_later = True
-        forward_last(loaded.model, torch.tensor([ids]), mask, prompt_positions(mask), cache)
+    with policy.attach(loaded.model, mask, policy.plan(loaded.model, mask).deferred()) as cache:
+        feed(loaded.model, cache, torch.tensor([ids]), mask, prompt_positions(mask))
     layers, heads, n = len(cache.layers), loaded.model.config.num_key_value_heads, len(ids)
     recorded = [torch.full((1, heads, n), 1e-4) for _ in range(layers)]
     peak = list(range(40, 70))  # one head of one layer attends sharply to these tokens

@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 from uncomp_cli.engine.attention import sliding_windows, use_grouped_cache
 from uncomp_cli.engine.cache import GroupedKVCache
+from uncomp_cli.engine.plan import CachePlan, PruneSchedule
 from uncomp_cli.engine.prefill import HiddenStatePruner, parse_keep_fractions, spans_keep, validate_layer_keep
 from uncomp_cli.engine.selection import PRUNE_WINDOW
 from uncomp_cli.errors import UncompError
@@ -21,6 +22,12 @@ from uncomp_cli.policies.uncomp import UNCompPolicy
 
 SHAPES = sorted(TINY_SHAPES)
 KEEP = [1.0, 1.0, 0.6, 0.4]
+
+
+def pruned_cache(model, tokens: int, keep, layers: str = "last") -> GroupedKVCache:
+    """A cache of ``tokens`` per KV head whose plan prunes to ``keep``."""
+    plan = CachePlan.uniform(budgets(model, tokens))
+    return GroupedKVCache(CachePlan.build(plan.layers, PruneSchedule(layer_keep=tuple(keep), layers=layers)))
 
 
 def budgets(model, tokens: int) -> torch.Tensor:
@@ -73,8 +80,8 @@ def manual_forward(model, ids: torch.Tensor, kept: dict[int, torch.Tensor]) -> t
 def test_pruned_prefill_equals_running_the_layers_on_the_kept_tokens(shape, layers):
     model = tiny_model(shape, seed=2)
     ids, mask = left_padded([40], seed=2)
-    cache = GroupedKVCache.from_budgets(budgets(model, 10_000))
-    pruner = HiddenStatePruner(model, cache, KEEP, layers=layers)
+    cache = pruned_cache(model, 10_000, KEEP, layers)
+    pruner = HiddenStatePruner(model, cache)
     with torch.no_grad(), use_grouped_cache(model, cache), pruner:
         logits, _ = greedy(model, ids, mask, cache, steps=0)
     kept = pruner.kept_positions
@@ -107,8 +114,8 @@ class SpyPruner(HiddenStatePruner):
 def test_the_most_attended_tokens_and_the_observation_window_are_kept():
     model = tiny_model("llama-gqa", seed=3)
     ids, mask = left_padded([50], seed=3)
-    cache = GroupedKVCache.from_budgets(budgets(model, 10_000))
-    pruner = SpyPruner(model, cache, [1.0, 0.7, 0.7, 0.3])
+    cache = pruned_cache(model, 10_000, [1.0, 0.7, 0.7, 0.3])
+    pruner = SpyPruner(model, cache)
     pruner.scores, pruner.before = {}, {}
     with torch.no_grad(), use_grouped_cache(model, cache), pruner:
         greedy(model, ids, mask, cache, steps=0)
@@ -128,7 +135,7 @@ class LayerSpy(SpyPruner):
     """Also records the scores every layer left."""
 
     def _gather_evidence(self, index, state):
-        if (scores := self.cache.layers[index - 1].prune_scores) is not None:
+        if (scores := self.cache.layers[index - 1]._prune_scores) is not None:  # a peek: the pruner takes them
             self.per_layer[index - 1] = scores.clone()
         super()._gather_evidence(index, state)
 
@@ -137,8 +144,8 @@ class LayerSpy(SpyPruner):
 def test_a_pruning_point_is_decided_by_the_layer_before_it_or_by_every_layer_since_the_last(layers, scored):
     model = tiny_model("llama-gqa", seed=3)
     ids, mask = left_padded([50], seed=3)
-    cache = GroupedKVCache.from_budgets(budgets(model, 10_000))
-    pruner = LayerSpy(model, cache, [1.0, 1.0, 0.7, 0.3], layers=layers)
+    cache = pruned_cache(model, 10_000, [1.0, 1.0, 0.7, 0.3], layers)
+    pruner = LayerSpy(model, cache)
     pruner.scores, pruner.before, pruner.per_layer = {}, {}, {}
     with torch.no_grad(), use_grouped_cache(model, cache), pruner:
         greedy(model, ids, mask, cache, steps=0)
@@ -148,13 +155,16 @@ def test_a_pruning_point_is_decided_by_the_layer_before_it_or_by_every_layer_sin
     torch.testing.assert_close(pruner.scores[3], pruner.per_layer[2])
     if layers == "span":
         assert not torch.equal(pruner.per_layer[0], pruner.per_layer[1])  # two layers' evidence, not one twice
-    assert all(not layer.want_prune_scores for layer in cache.layers)  # flags are cleared on exit
+    assert [i for i, layer in enumerate(cache.plan.layers) if layer.prune_heads] == scored  # the plan said so
+    assert all(layer.take_prune_scores() is None for layer in cache.layers)  # none left behind on exit
 
 
 def test_an_unknown_pruning_evidence_is_refused():
     model = tiny_model("llama-gqa")
     with pytest.raises(UncompError, match="--prune-layers must be one of last, span"):
-        HiddenStatePruner(model, GroupedKVCache.from_budgets(budgets(model, 8)), KEEP, layers="all")
+        pruned_cache(model, 8, KEEP, layers="all")
+    with pytest.raises(UncompError, match="no pruning schedule"):
+        HiddenStatePruner(model, GroupedKVCache(CachePlan.uniform(budgets(model, 8))))
 
 
 def test_a_left_padded_batch_is_pruned_and_compressed_like_each_prompt_alone():
@@ -198,16 +208,18 @@ def test_bad_schedules_are_refused(keep, message):
         validate_layer_keep(keep, 4)
 
 
-def test_hooks_and_flags_are_removed_even_when_the_body_raises():
+def test_hooks_are_removed_even_when_the_body_raises():
     model = tiny_model("llama-gqa")
-    cache = GroupedKVCache.from_budgets(budgets(model, 10))
+    ids, mask = left_padded([30])
+    cache = pruned_cache(model, 10, KEEP)
+    assert [layer.prune_heads for layer in cache.plan.layers] == [None, "sum", "sum", None]  # before each point
     with pytest.raises(RuntimeError, match="boom"):
-        with HiddenStatePruner(model, cache, KEEP):
+        with torch.no_grad(), use_grouped_cache(model, cache), HiddenStatePruner(model, cache):
             assert all(len(layer._forward_pre_hooks) == 1 for layer in model.model.layers)
-            assert cache.layers[1].want_prune_scores and cache.layers[2].want_prune_scores
+            greedy(model, ids, mask, cache, steps=0)
             raise RuntimeError("boom")
     assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
-    assert not any(layer.want_prune_scores for layer in cache.layers)
+    assert all(layer.take_prune_scores() is None for layer in cache.layers)
 
 
 def test_keep_spans_cut_the_prunable_layers_evenly_with_longer_spans_last():

@@ -41,12 +41,11 @@ from uncomp_cli.engine.generation import (
     TextStream,
     eos_token_ids,
     feed_and_generate,
-    forward_last,
     full_kv_cache_bytes,
-    prompt_positions,
     result_of,
 )
 from uncomp_cli.engine.selection import PRUNE_WINDOW
+from uncomp_cli.engine.steps import feed, prompt_positions
 from uncomp_cli.errors import PromptError, UncompError
 from uncomp_cli.memory import PeakMemory
 from uncomp_cli.models.loading import LoadedModel
@@ -78,6 +77,10 @@ class CompressedContext:
 
     def __post_init__(self) -> None:
         self._saved = checkpoint(self.cache)
+
+    def restore(self) -> None:
+        """Drop whatever was fed after the context (a question, an answer): back to the context alone."""
+        rollback(self.cache, self._saved)
 
     def kv_cache_bytes(self) -> int:
         return cache_nbytes(self.cache)
@@ -139,10 +142,10 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
             layer.adopt(whole)
         allocate_globally(cache.layers, shared.recorded)
     else:
-        with policy.attach(loaded.model, mask) as cache, torch.inference_mode():
-            for layer in cache.layers if reconstruct else []:
-                layer.select_later = True
-            forward_last(loaded.model, input_ids, mask, prompt_positions(mask), cache)
+        plan = policy.plan(loaded.model, mask)
+        with policy.attach(loaded.model, mask, plan.deferred() if reconstruct else plan) as cache, \
+                torch.inference_mode():
+            feed(loaded.model, cache, input_ids, mask, prompt_positions(mask))
         if reconstruct:
             recorded = _reread(loaded, cache, policy, ids, tail)
             if key is not None:
@@ -188,16 +191,13 @@ def _reread(loaded: LoadedModel, cache: Cache, policy: CachePolicy, ids: list[in
     reread = prompt + list(ids)
     context_tokens = len(ids)
     saved = checkpoint(cache)
-    total = context_tokens
+    total = context_tokens + len(reread)
+    device = loaded.device
     with policy.resume(model, cache), torch.inference_mode():
         for layer in cache.layers:
             layer.start_recording()
-        for start in range(0, len(reread), RECONSTRUCT_CHUNK):
-            chunk = torch.tensor([reread[start:start + RECONSTRUCT_CHUNK]], device=loaded.device)
-            total += chunk.shape[1]
-            positions = torch.arange(total - chunk.shape[1], total, device=loaded.device)[None]
-            model(input_ids=chunk, attention_mask=torch.ones(1, total, dtype=torch.long, device=loaded.device),
-                  position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        feed(model, cache, torch.tensor([reread], device=device), torch.ones(1, total, dtype=torch.long, device=device),
+             torch.arange(context_tokens, total, device=device)[None], chunk=RECONSTRUCT_CHUNK)
         recorded = [layer.recorded for layer in cache.layers]
     rollback(cache, saved)  # the re-reading tokens go; every layer holds the whole context again
     return recorded
@@ -269,12 +269,11 @@ def ask_ids(loaded: LoadedModel, context: CompressedContext, ids: list[int], set
         with context.policy.resume(loaded.model, context.cache) as cache, torch.inference_mode():
             out = feed_and_generate(loaded.model, cache, input_ids, mask, positions, settings, eos_token_ids(loaded),
                                     emit)
-            held = cache_nbytes(cache)
     finally:
-        rollback(context.cache, context._saved)  # the answer's tokens are dropped, whatever happened
+        context.restore()  # the answer's tokens are dropped, whatever happened
     if on_text is not None and (rest := stream.flush()):
         on_text(rest)
-    loop = LoopOutput(out.tokens, out.prefill_seconds, out.decode_seconds, held,
-                      full_kv_cache_bytes(loaded.model.config, 1, out.attention_mask.shape[-1], loaded.model.dtype),
+    loop = LoopOutput(out.tokens, out.prefill_seconds, out.decode_seconds, out.kv_cache_bytes,
+                      full_kv_cache_bytes(loaded.model.config, 1, out.tokens_seen, loaded.model.dtype),
                       context.summary())
     return result_of(loaded, context.policy, out.tokens[0], total, loop, meter.peak())

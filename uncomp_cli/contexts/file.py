@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from uncomp_cli.contexts.compress import CompressedContext
 from uncomp_cli.engine.cache import GroupedKVCache, GroupedKVLayer
-from uncomp_cli.engine.groups import HeadGroup
+from uncomp_cli.engine.plan import CachePlan, LayerPlan
 from uncomp_cli.errors import UncompError
 from uncomp_cli.files import atomic_write
 from uncomp_cli.profile.file import model_fingerprint
@@ -59,19 +59,9 @@ def save_context(context: CompressedContext, loaded, path: str | os.PathLike[str
             tensors[f"layers.{index}.keys"], tensors[f"layers.{index}.values"] = layer.keys, layer.values
             layers.append({})
             continue
-        groups = []
-        for g, group in enumerate(layer.groups):
-            prefix = f"layers.{index}.groups.{g}"
-            tensors |= {f"{prefix}.{name}": getattr(group, name).contiguous()  # views of the group's buffers
-                        for name in ("keys", "values", "valid", "positions")}
-            if group.row_budgets is not None:
-                tensors[f"{prefix}.row_budgets"] = group.row_budgets
-            groups.append({"heads": group.heads, "budget": group.budget})
-        if layer._query_window is not None:  # decode_evict's rolling score
-            tensors[f"layers.{index}.query_window"] = layer._query_window
-            tensors[f"layers.{index}.query_valid"] = layer._query_valid
-        layers.append({"seen": layer.seen, "skipped": layer.skipped, "prefill_tokens": layer.prefill_tokens,
-                       "budgets": layer.budgets, "groups": groups})
+        spec, held = layer.export()
+        tensors |= {f"layers.{index}.{name}": tensor for name, tensor in held.items()}
+        layers.append(spec)
     settings = context.policy.describe()
     metadata = {
         "format": CONTEXT_FORMAT,
@@ -120,8 +110,7 @@ def load_context(loaded, path: str | os.PathLike[str]) -> CompressedContext:
             for index, _ in enumerate(layers):
                 cache.update(tensors[f"layers.{index}.keys"], tensors[f"layers.{index}.values"], index)
         else:
-            cache = GroupedKVCache([_grouped_layer(index, spec, tensors, policy) for index, spec in enumerate(layers)],
-                                   json.loads(metadata["stats"]))
+            cache = _grouped_cache(policy, layers, tensors, json.loads(metadata["stats"]))
         context_tokens = int(metadata["context_tokens"])
     except (KeyError, ValueError, TypeError) as exc:
         raise UncompError(f"{path} is damaged: {type(exc).__name__} {exc}") from None
@@ -162,19 +151,13 @@ def _check(path: Path, metadata: dict[str, str], loaded) -> None:
                           f"({metadata.get('model', 'unknown')}); compress the context again with this model")
 
 
-def _grouped_layer(index: int, spec: dict, tensors: dict[str, torch.Tensor], policy) -> GroupedKVLayer:
-    layer = GroupedKVLayer(spec["budgets"], policy.scorer, policy.decode_evict)
-    layer.groups = []
-    for g, group_spec in enumerate(spec["groups"]):
-        prefix = f"layers.{index}.groups.{g}"
-        group = HeadGroup(list(group_spec["heads"]), group_spec["budget"])
-        group.store(tensors[f"{prefix}.keys"], tensors[f"{prefix}.values"], tensors[f"{prefix}.valid"],
-                    tensors[f"{prefix}.positions"])
-        group.row_budgets = tensors.get(f"{prefix}.row_budgets")
-        layer.groups.append(group)
-    first = layer.groups[0].keys
-    layer.device, layer.dtype, layer.is_initialized = first.device, first.dtype, True
-    layer.seen, layer.skipped, layer.prefill_tokens = spec["seen"], spec["skipped"], spec["prefill_tokens"]
-    layer._query_window = tensors.get(f"layers.{index}.query_window")
-    layer._query_valid = tensors.get(f"layers.{index}.query_valid")
-    return layer
+def _grouped_cache(policy, layers: list[dict], tensors: dict[str, torch.Tensor], stats: dict) -> GroupedKVCache:
+    """The cache a file holds: each layer restored with the budgets it saved and the policy's
+    scorer and eviction (what decoding needs; the prefill's choices are already made)."""
+    restored = []
+    for index, spec in enumerate(layers):
+        prefix = f"layers.{index}."
+        own = {name.removeprefix(prefix): tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+        plan = LayerPlan(tuple(spec["budgets"]), policy.scorer, policy.decode_evict)
+        restored.append(GroupedKVLayer.restore(plan, spec, own))
+    return GroupedKVCache(CachePlan(tuple(layer.plan for layer in restored), stats=stats), restored)

@@ -20,7 +20,8 @@ explicit ``position_ids``, or use ``generate``, which derives them from the atte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Sequence
 
 import torch
 from transformers import Cache
@@ -28,13 +29,14 @@ from transformers.cache_utils import CacheLayerMixin
 
 from uncomp_cli.engine.attend import attend_group, causal_attention, rule_attention
 from uncomp_cli.engine.attention import ATTN_IMPLEMENTATION
-from uncomp_cli.engine.groups import group_heads, take_heads
-from uncomp_cli.engine.selection import PRUNE_WINDOW, SnapKVScorer, prune_scores, window_attention
+from uncomp_cli.engine.groups import HeadGroup, group_heads, take_heads
+from uncomp_cli.engine.plan import CachePlan, LayerPlan
+from uncomp_cli.engine.selection import PRUNE_WINDOW, prune_scores, window_attention
 from uncomp_cli.errors import UncompError
 
 
 class GroupedKVLayer(CacheLayerMixin):
-    """One decoder layer's grouped cache. ``budgets[h]`` = tokens KV head ``h`` keeps (None = all).
+    """One decoder layer's grouped cache, built from its :class:`~uncomp_cli.engine.plan.LayerPlan`.
 
     ``decode_evict``: keep every group at its budget while decoding, as the official code does:
     after each step, evict the stored tokens with the lowest SnapKV score. Our rolling score: the
@@ -42,38 +44,31 @@ class GroupedKVLayer(CacheLayerMixin):
     each step, pooled like at prefill; the last ``window`` tokens are never evicted. Without it,
     new tokens are appended and nothing is evicted.
 
-    ``budget_allocator``: for budgets known only at prefill (AdaKV). It turns the prefill scores
-    [B, H_kv, N] into the tokens each row and KV head keeps, int64 [B, H_kv]; the layer then
-    re-forms its groups (heads storing as many tokens share a tensor; a row keeping fewer than
-    its head stores marks the rest invalid). None: the fixed ``budgets``.
+    An ``allocator`` (AdaKV) turns the prefill scores into the tokens each row and KV head keeps;
+    the layer then re-forms its groups (heads storing as many tokens share a tensor; a row keeping
+    fewer than its head stores marks the rest invalid). Otherwise the plan's fixed budgets.
     """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, budgets: Sequence[int | None], scorer: SnapKVScorer | None = None,
-                 decode_evict: bool = False,
-                 budget_allocator: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, plan: LayerPlan):
         super().__init__()
-        self.budgets = list(budgets)
+        self.plan = plan
+        self.budgets = list(plan.budgets)  # what each KV head keeps (select() may set them anew)
         self.groups = group_heads(self.budgets)
-        self.budget_allocator = budget_allocator
-        self.num_kv_heads = len(budgets)
-        self.scorer = scorer or SnapKVScorer()
-        self.decode_evict = decode_evict
+        self.num_kv_heads = len(self.budgets)
+        self.scorer = plan.scorer
+        self.decode_evict = plan.decode_evict
         self.seen = 0  # tokens this layer received
         self.skipped = 0  # prompt tokens pruned before reaching this layer (still seen by the model)
         self.prefill_tokens: int | None = None  # tokens this layer ran on at prefill (padding included)
-        #: Keep every token at prefill in one group, and the budgets only when select() is called.
-        self.select_later = False
+        self._deferred = plan.defer_selection  # every token kept in one group until select()
         #: [B, H_kv, N]: while set, the most attention any new query (of any of a KV head's query
         #: heads) paid each of the N tokens held before; a later pass's verdict on them.
         self.recorded: torch.Tensor | None = None
-        #: Set by the hidden-state pruner: keep the pruning score of the prefill for the next layer.
-        self.want_prune_scores = False
-        self.prune_heads = "sum"  # how those scores combine the heads (selection.prune_scores)
-        self.prune_scores: torch.Tensor | None = None  # [B, N] after prefill when wanted
+        self._prune_scores: torch.Tensor | None = None  # [B, N] after prefill, when the plan asks
         self._query_window: torch.Tensor | None = None  # [B, H_q, w, d], decode_evict only
         self._query_valid: torch.Tensor | None = None  # [B, w]
         self._awaiting_attention = False
@@ -125,7 +120,8 @@ class GroupedKVLayer(CacheLayerMixin):
         self.seen = self.skipped = 0
         self.prefill_tokens = None
         self.recorded = None
-        self.prune_scores = self._query_window = self._query_valid = None
+        self._prune_scores = self._query_window = self._query_valid = None
+        self._deferred = self.plan.defer_selection
         self._awaiting_attention = False
 
     def offload(self) -> None:
@@ -203,17 +199,18 @@ class GroupedKVLayer(CacheLayerMixin):
                                  None if valid is None else valid[:, None].expand(per_head), scaling,
                                  self.sliding_window, self.softcap)
 
-        if self.select_later:  # one group of every head, holding every token, until select() is called
+        if self._deferred:  # one group of every head, holding every token, until select() is called
             self.groups = group_heads([None] * self.num_kv_heads)
         compress = any(g.budget is not None and g.budget < n for g in self.groups)
         scores = None
-        if compress or self.want_prune_scores or self.decode_evict:
-            rows = min(n, max(self.scorer.window, PRUNE_WINDOW if self.want_prune_scores else 0))
+        prune_heads = self.plan.prune_heads
+        if compress or prune_heads is not None or self.decode_evict:
+            rows = min(n, max(self.scorer.window, PRUNE_WINDOW if prune_heads is not None else 0))
             query_valid = None if valid is None else valid[:, -rows:]
             probs = window_attention(query[:, :, -rows:], keys, valid, scaling, query_valid)
-            if self.want_prune_scores:
-                self.prune_scores = prune_scores(probs, self.scorer.window, self.scorer.kernel,
-                                                 self.scorer.pooling, valid, self.prune_heads)
+            if prune_heads is not None:
+                self._prune_scores = prune_scores(probs, self.scorer.window, self.scorer.kernel,
+                                                  self.scorer.pooling, valid, prune_heads)
             if compress:
                 scores = self.scorer.score_prefill(query, keys, valid, scaling, probs)
             if self.decode_evict:
@@ -242,12 +239,12 @@ class GroupedKVLayer(CacheLayerMixin):
         return keys[:, :, -tail:], values[:, :, -tail:], visible, positions[:, -tail:], scores
 
     def _keep(self, keys: torch.Tensor, values: torch.Tensor, row_valid: torch.Tensor, positions: torch.Tensor,
-              scores: torch.Tensor | None, window: int) -> None:
+              scores: torch.Tensor | None, window: int, allocate: bool = True) -> None:
         """Store in each group what its budget keeps of ``keys``/``values`` [B, H_kv, N, d] (tokens at
         ``positions`` [B, N]) by ``scores`` [B, H_kv, N] (None: nothing is dropped); the last
-        ``window`` tokens are always kept."""
+        ``window`` tokens are always kept. ``allocate``: let the plan's allocator set the budgets."""
         batch, _, n, dim = keys.shape
-        if scores is not None and self.budget_allocator is not None:
+        if scores is not None and allocate and self.plan.allocator is not None:
             self._allocate(scores)
         for group in self.groups:
             group_valid = row_valid[:, None, :].expand(batch, len(group.heads), n)
@@ -264,41 +261,97 @@ class GroupedKVLayer(CacheLayerMixin):
             group.store(group_keys.gather(2, expanded), group_values.gather(2, expanded),
                         group_valid if kept is None else group_valid & kept, group_positions.gather(2, index))
 
+    # -- what other parts of the engine ask of a layer ------------------------------------------
+
+    def take_prune_scores(self) -> torch.Tensor | None:
+        """The pruning score [B, N] of the last prefill (once; then None), if the plan asked for it."""
+        scores, self._prune_scores = self._prune_scores, None
+        return scores
+
+    def record_skipped(self, tokens: int) -> None:
+        """``tokens`` prompt tokens were pruned before this layer: they count as seen for positions."""
+        self.skipped = tokens
+
+    def holds_whole_context(self) -> bool:
+        """Whether the layer holds every token of a prefill whose selection is deferred, nothing added."""
+        return self._deferred and len(self.groups) == 1 and self.groups[0].keys is not None
+
     def start_recording(self) -> None:
         """From now on, record in :attr:`recorded` how new queries attend to the tokens held."""
-        if not self.select_later or self.groups[0].keys is None:
-            raise UncompError("recording needs a layer prefilled with select_later")
+        if not self.holds_whole_context():
+            raise UncompError("recording needs a layer prefilled with its selection deferred")
         self.recorded = torch.zeros(self.groups[0].keys.shape[:3], dtype=torch.float32,
                                     device=self.groups[0].keys.device)
 
     def select(self, scores: torch.Tensor, window: int, budgets: Sequence[int] | None = None) -> None:
         """Keep the budgets now, by ``scores`` [B, H_kv, N] over the N tokens held since a prefill
-        with ``select_later`` (a context scored by how a later pass attends to it). ``budgets``:
-        tokens per KV head decided elsewhere (then they replace the layer's, and no allocator runs)."""
+        with its selection deferred (a context scored by how a later pass attends to it).
+        ``budgets``: tokens per KV head decided elsewhere (then they replace the layer's, and no
+        allocator runs)."""
+        if not self.holds_whole_context() or self.groups[0].length() != scores.shape[-1]:
+            raise UncompError("select() needs a layer prefilled with its selection deferred and nothing added since")
         whole = self.groups[0]
-        if not self.select_later or len(self.groups) != 1 or whole.length() != scores.shape[-1]:
-            raise UncompError("select() needs a layer prefilled with select_later and nothing added since")
-        self.select_later = False
+        self._deferred = False
         if budgets is not None:
-            self.budgets, self.budget_allocator = list(budgets), None
+            self.budgets = list(budgets)
         self.groups = group_heads(self.budgets)
-        self._keep(whole.keys, whole.values, whole.valid[:, 0], whole.positions[:, 0], scores, window)
+        self._keep(whole.keys, whole.values, whole.valid[:, 0], whole.positions[:, 0], scores, window,
+                   allocate=budgets is None)
 
     def adopt(self, whole: GroupedKVLayer) -> None:
-        """Take over the whole context another policy's layer holds after a prefill with
-        ``select_later`` (one re-reading shared by several policies), keeping this layer's budgets,
-        scorer and eviction; :meth:`select` follows."""
-        if not whole.select_later or len(whole.groups) != 1 or whole.groups[0].keys is None:
-            raise UncompError("adopt() needs a layer prefilled with select_later and nothing added since")
+        """Take over the whole context another policy's layer holds after a deferred prefill (one
+        re-reading shared by several policies), keeping this layer's plan; :meth:`select` follows."""
+        if not whole.holds_whole_context():
+            raise UncompError("adopt() needs a layer prefilled with its selection deferred and nothing added since")
         self.device, self.dtype, self.is_initialized = whole.device, whole.dtype, True
         self.seen, self.skipped, self.prefill_tokens = whole.seen, whole.skipped, whole.prefill_tokens
         self.sliding_window, self.softcap = whole.sliding_window, whole.softcap
-        self.select_later = True
+        self._deferred = True
         self.groups = [whole.groups[0].snapshot()]
 
+    def snapshot(self) -> GroupedKVLayer:
+        """A copy of this layer's state that shares its tensors (a checkpoint): neither copy ever
+        writes a token the other can see (:meth:`~uncomp_cli.engine.groups.HeadGroup.snapshot`)."""
+        clone = copy.copy(self)
+        clone.groups = [group.snapshot() for group in self.groups]
+        return clone
+
+    def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The layer's state for a file: JSON-ready counters and group layout, and tensors by name
+        (views; :meth:`restore` reads both back)."""
+        tensors: dict[str, torch.Tensor] = {}
+        groups = []
+        for g, group in enumerate(self.groups):
+            tensors |= {f"groups.{g}.{name}": getattr(group, name) for name in ("keys", "values", "valid", "positions")}
+            if group.row_budgets is not None:
+                tensors[f"groups.{g}.row_budgets"] = group.row_budgets
+            groups.append({"heads": group.heads, "budget": group.budget})
+        if self._query_window is not None:  # decode_evict's rolling score
+            tensors["query_window"], tensors["query_valid"] = self._query_window, self._query_valid
+        spec = {"seen": self.seen, "skipped": self.skipped, "prefill_tokens": self.prefill_tokens,
+                "budgets": self.budgets, "groups": groups}
+        return spec, tensors
+
+    @classmethod
+    def restore(cls, plan: LayerPlan, spec: dict, tensors: dict[str, torch.Tensor]) -> GroupedKVLayer:
+        """A layer holding what :meth:`export` wrote, decoding by ``plan`` (KeyError or TypeError when
+        something is missing)."""
+        layer = cls(plan)
+        layer.groups = []
+        for g, group_spec in enumerate(spec["groups"]):
+            group = HeadGroup(list(group_spec["heads"]), group_spec["budget"])
+            group.store(*(tensors[f"groups.{g}.{name}"] for name in ("keys", "values", "valid", "positions")))
+            group.row_budgets = tensors.get(f"groups.{g}.row_budgets")
+            layer.groups.append(group)
+        first = layer.groups[0].keys
+        layer.device, layer.dtype, layer.is_initialized = first.device, first.dtype, True
+        layer.seen, layer.skipped, layer.prefill_tokens = spec["seen"], spec["skipped"], spec["prefill_tokens"]
+        layer._query_window, layer._query_valid = tensors.get("query_window"), tensors.get("query_valid")
+        return layer
+
     def _allocate(self, scores: torch.Tensor) -> None:
-        """Re-form the groups from the tokens ``budget_allocator`` gives each row and KV head."""
-        row_budgets = self.budget_allocator(scores)  # [B, H_kv]
+        """Re-form the groups from the tokens the plan's allocator gives each row and KV head."""
+        row_budgets = self.plan.allocator(scores)  # [B, H_kv]
         self.groups = group_heads(row_budgets.amax(dim=0).tolist())  # stored length: the max over rows
         for group in self.groups:
             per_row = row_budgets[:, group.heads]
@@ -389,29 +442,31 @@ class GroupedKVLayer(CacheLayerMixin):
 
 
 class GroupedKVCache(Cache):
-    """One :class:`GroupedKVLayer` per decoder layer (transformers ``Cache`` API).
+    """One :class:`GroupedKVLayer` per decoder layer (transformers ``Cache`` API), built from a plan.
 
     ``stats``: what the policy resolved for this run (budgets in tokens, notes), reported with the
     run's results; the cache is per run, so the policy that made it stays unchanged.
     """
 
-    def __init__(self, layers: Sequence[GroupedKVLayer], stats: dict | None = None):
-        super().__init__(layers=list(layers))
-        self.stats = dict(stats or {})
-
-    @classmethod
-    def from_budgets(cls, kv_head_budgets: Sequence[Sequence[int | None]] | torch.Tensor,
-                     scorer: SnapKVScorer | None = None, decode_evict: bool = False,
-                     stats: dict | None = None) -> GroupedKVCache:
-        """``kv_head_budgets``: [L, H_kv] tokens per KV head (None = keep all)."""
-        rows = kv_head_budgets.tolist() if isinstance(kv_head_budgets, torch.Tensor) else kv_head_budgets
-        return cls([GroupedKVLayer(row, scorer, decode_evict) for row in rows], stats)
+    def __init__(self, plan: CachePlan, layers: Sequence[GroupedKVLayer] | None = None):
+        """``layers``: ones already holding a state (:meth:`GroupedKVLayer.restore`); else empty ones."""
+        layers = [GroupedKVLayer(layer) for layer in plan.layers] if layers is None else list(layers)
+        if len(layers) != len(plan.layers):
+            raise UncompError(f"the plan has {len(plan.layers)} layers, the cache {len(layers)}")
+        super().__init__(layers=layers)
+        self.plan = plan
+        self.stats = dict(plan.stats)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
     def reserved_nbytes(self) -> int:
         return sum(layer.reserved_nbytes() for layer in self.layers)
+
+    def keeps(self, tokens: int) -> bool:
+        """Whether a prefill of ``tokens`` tokens keeps every one of them (so it may come in chunks)."""
+        return self.plan.prune is None and all(
+            layer.defer_selection or all(b is None or b >= tokens for b in layer.budgets) for layer in self.plan.layers)
 
     def prefill_tokens_per_layer(self) -> list[int | None]:
         """Tokens each layer ran on at prefill: fewer in later layers under hidden-state pruning."""

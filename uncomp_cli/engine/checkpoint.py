@@ -19,10 +19,9 @@ from uncomp_cli.engine.cache import GroupedKVLayer
 
 
 def _shallow(layer):
-    clone = copy.copy(layer)
-    if isinstance(layer, GroupedKVLayer):  # its head groups are changed in place: copy them too
-        clone.groups = [group.snapshot() for group in layer.groups]
-    return clone
+    if isinstance(layer, GroupedKVLayer):  # its head groups are changed in place: it snapshots them
+        return layer.snapshot()
+    return copy.copy(layer)
 
 
 def checkpoint(cache: Cache) -> list:

@@ -19,6 +19,15 @@ from transformers import DynamicCache
 
 from uncomp_cli.engine.attention import sliding_windows
 from uncomp_cli.engine.cache import cache_nbytes
+from uncomp_cli.engine.steps import (  # the step API's basics, re-exported for the callers of this module
+    Batch,
+    GenerationSettings,
+    Row,
+    forward_last,
+    left_pad,
+    pick_tokens,
+    prompt_positions,
+)
 from uncomp_cli.errors import UncompError
 from uncomp_cli.memory import PeakMemory
 from uncomp_cli.models.loading import LoadedModel
@@ -27,23 +36,7 @@ from uncomp_cli.models.prompting import build_prompt_ids, context_length, fit_to
 if TYPE_CHECKING:  # policies build on the engine, not the other way round
     from uncomp_cli.policies.base import CachePolicy
 
-
-@dataclass
-class GenerationSettings:
-    """How to pick tokens. ``temperature == 0`` means greedy."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UncompError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UncompError(f"--temperature must be 0 or more, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UncompError(f"--top-p must be in (0, 1], got {self.top_p}")
+__all__ = ["GenerationSettings", "forward_last", "left_pad", "pick_tokens", "prompt_positions"]
 
 
 @dataclass
@@ -77,40 +70,6 @@ class GenerationResult:
 # -- the loop -------------------------------------------------------------------------------------
 
 
-def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions of a left-padded batch: [B, S] -> [B, S], 0 at each row's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.inference_mode()
-def forward_last(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                 cache) -> torch.Tensor:
-    """One forward pass into ``cache``; only the last position's logits are computed. -> [B, V]."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :]
-
-
-def decode_one(model, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-               cache) -> torch.Tensor:
-    """Feed one token per row. tokens, positions: [B, 1]; attention_mask: [B, past + 1] -> [B, V]."""
-    return forward_last(model, tokens, attention_mask, positions, cache)
-
-
-def pick_tokens(logits: torch.Tensor, settings: GenerationSettings,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy or temperature/top-p sampling. logits: [B, V] -> tokens [B]."""
-    if settings.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
-    if settings.top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > settings.top_p  # always keeps the top token
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 @dataclass
 class LoopOutput:
     tokens: list[list[int]]
@@ -133,7 +92,8 @@ class Continuation:
     tokens: list[list[int]]
     prefill_seconds: float  # the forward pass over the fed tokens, plus picking the first new token
     decode_seconds: float
-    attention_mask: torch.Tensor  # [B, all tokens seen], for the byte accounting
+    tokens_seen: int  # the longest row's tokens in the cache at the end: context, prompt and answer
+    kv_cache_bytes: int  # the most the cache held while rows were running
 
 
 def feed_and_generate(
@@ -146,45 +106,48 @@ def feed_and_generate(
     eos_ids: Sequence[int],
     on_tokens: Callable[[torch.Tensor], None] | None = None,
 ) -> Continuation:
-    """Feed ``input_ids`` [B, q] at ``positions`` [B, q] into ``cache`` and generate.
+    """Feed ``input_ids`` [B, q] at ``positions`` [B, q] into ``cache`` and generate, on the step API.
 
     ``cache`` is empty (a prompt's prefill) or already holds earlier tokens (a question after a
     compressed context), which ``attention_mask`` [B, earlier + q] then covers. Each row stops at
-    its first end-of-sequence token (not included) or after ``settings.max_new_tokens``;
-    ``on_tokens`` sees each step's tokens [B] as they are chosen. The caller installs whatever
-    attention the cache needs.
+    its first end-of-sequence token (not included) or after ``settings.max_new_tokens`` and then
+    leaves the batch; ``on_tokens`` sees each step's tokens [B] as they are chosen (-1 for a row
+    that has ended). The caller installs whatever attention the cache needs.
     """
     device = input_ids.device
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(settings.seed)
     eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
-    batch = input_ids.shape[0]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    rows: list[list[int]] = [[] for _ in range(batch)]
-    next_position = positions[:, -1:] + 1  # [B, 1]
+    size = input_ids.shape[0]
+    batch = Batch(model, cache, [Row.sampling(settings, device) for _ in range(size)])
+    running = list(range(size))  # the original index of each row still in the batch
+    rows: list[list[int]] = [[] for _ in range(size)]
 
     _sync(device)
     started = time.perf_counter()
-    logits = forward_last(model, input_ids, attention_mask, positions, cache)
-    tokens = pick_tokens(logits, settings, generator)
+    tokens = batch.prefill(input_ids, attention_mask, positions)
     _sync(device)
     prefill_seconds = time.perf_counter() - started
+    held = cache_nbytes(cache)
     started = time.perf_counter()
     for step in range(settings.max_new_tokens):
-        done |= torch.isin(tokens, eos)
-        for row in (~done).nonzero().flatten().tolist():
-            rows[row].append(int(tokens[row]))
+        ended = torch.isin(tokens, eos).tolist()
+        chosen = tokens.tolist()
+        report = [-1] * size
+        for i, original in enumerate(running):
+            if not ended[i]:
+                rows[original].append(chosen[i])
+                report[original] = chosen[i]
         if on_tokens is not None:
-            on_tokens(torch.where(done, -1, tokens))
-        if bool(done.all()) or step == settings.max_new_tokens - 1:
+            on_tokens(torch.tensor(report, device=device))
+        if all(ended) or step == settings.max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
-        logits = decode_one(model, tokens[:, None], attention_mask, next_position, cache)
-        next_position = next_position + 1
-        tokens = pick_tokens(logits, settings, generator)
+        if any(ended):
+            held = max(held, cache_nbytes(cache))
+            batch.remove([i for i, end in enumerate(ended) if end])
+            running = [original for original, end in zip(running, ended) if not end]
+        tokens = batch.step()
     _sync(device)
-    return Continuation(rows, prefill_seconds, time.perf_counter() - started, attention_mask)
+    seen = batch.mask.shape[-1]
+    return Continuation(rows, prefill_seconds, time.perf_counter() - started, seen, max(held, cache_nbytes(cache)))
 
 
 def generate_ids(
@@ -211,9 +174,8 @@ def generate_ids(
             tokens=out.tokens,
             prefill_seconds=out.prefill_seconds,
             decode_seconds=out.decode_seconds,
-            kv_cache_bytes=cache_nbytes(cache),
-            full_kv_cache_bytes=full_kv_cache_bytes(model.config, input_ids.shape[0], out.attention_mask.shape[-1],
-                                                    model.dtype),
+            kv_cache_bytes=out.kv_cache_bytes,
+            full_kv_cache_bytes=full_kv_cache_bytes(model.config, input_ids.shape[0], out.tokens_seen, model.dtype),
             stats={} if policy is None else policy.stats(cache),
         )
 
@@ -350,17 +312,6 @@ class BatchItem:
     raw: bool = False
     max_new_tokens: int | None = None
     label: str = ""  # names the item in error messages, e.g. "line 3"
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad token rows on the left. -> input_ids, attention_mask: [B, max_len]."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, device=device)
-        mask[i, width - len(row):] = 1
-    return ids, mask
 
 
 def generate_batch(

@@ -29,7 +29,7 @@ import torch
 
 from uncomp_cli.engine.attention import decoder_layers
 from uncomp_cli.engine.cache import GroupedKVCache
-from uncomp_cli.engine.selection import PRUNE_LAYERS, PRUNE_WINDOW, select_rows
+from uncomp_cli.engine.selection import select_rows
 from uncomp_cli.errors import UncompError
 
 
@@ -102,7 +102,8 @@ class _PrefillState:
 
 
 class HiddenStatePruner:
-    """Context manager: prune hidden states between decoder layers at prefill.
+    """Context manager: prune hidden states between decoder layers at prefill, as the cache's plan
+    says (:class:`~uncomp_cli.engine.plan.PruneSchedule`; its scoring layers keep their scores).
 
     ``layer_keep[l]``: share of each row's prompt tokens that layer ``l`` runs on (rows keep
     ``ceil(f · own length)`` tokens), or ``layer_tokens[l]``: at most that many (the official
@@ -112,33 +113,25 @@ class HiddenStatePruner:
     :attr:`kept_positions` maps each pruning layer to the original positions it received ([B, n]).
     """
 
-    def __init__(self, model: torch.nn.Module, cache: GroupedKVCache, layer_keep: Sequence[float] | None = None,
-                 window: int = PRUNE_WINDOW, layer_tokens: Sequence[int] | None = None, heads: str = "sum",
-                 layers: str = "last"):
+    def __init__(self, model: torch.nn.Module, cache: GroupedKVCache):
         self.layers = decoder_layers(model)
-        if (layer_keep is None) == (layer_tokens is None):
-            raise UncompError("give the pruner either layer_keep (shares) or layer_tokens (counts)")
-        self.keep = None if layer_keep is None else validate_layer_keep(layer_keep, len(self.layers))
-        self.tokens = None if layer_tokens is None else validate_layer_tokens(layer_tokens, len(self.layers))
+        schedule = cache.plan.prune
+        if schedule is None:
+            raise UncompError("the cache's plan has no pruning schedule")
+        self.keep = None if schedule.layer_keep is None else validate_layer_keep(schedule.layer_keep,
+                                                                                 len(self.layers))
+        self.tokens = None if schedule.layer_tokens is None else validate_layer_tokens(schedule.layer_tokens,
+                                                                                       len(self.layers))
         if len(cache.layers) != len(self.layers):
             raise UncompError(f"the cache has {len(cache.layers)} layers, the model {len(self.layers)}")
         self.cache = cache
-        self.window = window
-        self.heads = heads  # how the scores combine the query heads (selection.prune_scores)
-        if layers not in PRUNE_LAYERS:
-            raise UncompError(f"--prune-layers must be one of {', '.join(PRUNE_LAYERS)}, got {layers!r}")
-        self.span = layers == "span"  # every layer since the last point scores, not only the one before
-        limits = self.keep if self.keep is not None else self.tokens
-        self.points = {i for i in range(1, len(limits)) if limits[i] < limits[i - 1]}
+        self.window = schedule.window
+        self.points = schedule.points()
         self.kept_positions: dict[int, torch.Tensor] = {}
         self._state: _PrefillState | None = None
         self._handles: list = []
 
     def __enter__(self) -> HiddenStatePruner:
-        scoring = range(max(self.points, default=0)) if self.span else [index - 1 for index in self.points]
-        for index in scoring:
-            self.cache.layers[index].want_prune_scores = True
-            self.cache.layers[index].prune_heads = self.heads
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._hook(index), with_kwargs=True))
         return self
@@ -148,8 +141,7 @@ class HiddenStatePruner:
             handle.remove()
         self._handles.clear()
         for layer in self.cache.layers:
-            layer.want_prune_scores = False
-            layer.prune_scores = None
+            layer.take_prune_scores()
         self._state = None
 
     def _hook(self, index: int):
@@ -168,7 +160,7 @@ class HiddenStatePruner:
         self._gather_evidence(index, state)
         if index in self.points:
             hidden = self._prune(index, hidden, state)
-        self.cache.layers[index].skipped = state.prompt_len - state.index.shape[1]
+        self.cache.layers[index].record_skipped(state.prompt_len - state.index.shape[1])
         if not state.pruned:
             return None
         # Each layer's own arguments: Gemma 3 gives sliding and full layers different RoPE.
@@ -191,8 +183,7 @@ class HiddenStatePruner:
 
     def _gather_evidence(self, index: int, state: _PrefillState) -> None:
         """Add the scores layer ``index - 1`` left (every layer keeps the same tokens between points)."""
-        previous = self.cache.layers[index - 1]
-        scores, previous.prune_scores = previous.prune_scores, None
+        scores = self.cache.layers[index - 1].take_prune_scores()
         if scores is not None:
             state.evidence = scores if state.evidence is None else state.evidence + scores
 

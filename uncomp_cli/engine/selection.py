@@ -260,7 +260,7 @@ class Budget:
         return self.percent is not None and min(self.share_of(prompt_len), prompt_len) < min(floor, prompt_len)
 
 
-def resolve_budget(spec: str | int, prompt_len: int, window: int = DEFAULT_WINDOW, clip: bool = True) -> int:
+def resolve_budget(spec: Budget | str | int, prompt_len: int, window: int = DEFAULT_WINDOW, clip: bool = True) -> int:
     """Tokens kept per KV head for a prompt of ``prompt_len`` tokens.
 
     ``"5%"`` is a share of the prompt (rounded up) and ``128`` or ``"128"`` a token count
@@ -268,8 +268,9 @@ def resolve_budget(spec: str | int, prompt_len: int, window: int = DEFAULT_WINDO
     ``prompt_len`` unless ``clip`` is off: an average that a profile spreads over heads is clipped
     per head instead). A share below the observation ``window`` keeps the whole prompt
     (:meth:`Budget.too_small`); a token count below it that would still drop tokens is an error.
+    Policies pass the :class:`Budget` they parsed when they were made.
     """
-    budget = Budget.parse(spec)
+    budget = spec if isinstance(spec, Budget) else Budget.parse(spec)
     if budget.too_small(prompt_len, window):
         return prompt_len
     tokens = budget.share_of(prompt_len)

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from uncomp_cli.defaults import DEFAULT_ADAKV_FLOOR
-from uncomp_cli.engine.cache import GroupedKVLayer
+from uncomp_cli.engine.plan import LayerPlan
 from uncomp_cli.engine.selection import top_indices
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies import options
@@ -73,7 +73,7 @@ class AdaKVPolicy(SnapKVPolicy):
         if isinstance(self.floor, bool) or not isinstance(self.floor, int | float) or not 0 <= self.floor <= 1:
             raise UncompError(f"--floor must be a share between 0 and 1, got {self.floor!r}")
 
-    def make_layer(self, budget: int, num_kv_heads: int) -> GroupedKVLayer:
+    def layer_plan(self, budget: int, num_kv_heads: int) -> LayerPlan:
         """Every head starts at the average; the layer re-forms its groups from the allocation at prefill."""
         allocate = functools.partial(adakv_budgets, budget=budget, window=self.window, floor=self.floor)
-        return GroupedKVLayer([budget] * num_kv_heads, self.scorer, self.decode_evict, allocate)
+        return LayerPlan((budget,) * num_kv_heads, self.scorer, self.decode_evict, allocate)

@@ -10,6 +10,7 @@ hyperparameters; it is never changed by a run, so one policy can serve many runs
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from collections.abc import Hashable, Iterator
 from typing import ClassVar
@@ -18,8 +19,10 @@ import torch
 from transformers import Cache
 
 from uncomp_cli.engine.attention import check_supported, use_grouped_cache
-from uncomp_cli.engine.cache import GroupedKVCache, GroupedKVLayer
+from uncomp_cli.engine.cache import GroupedKVCache
 from uncomp_cli.engine.groups import buffer_tokens
+from uncomp_cli.engine.plan import CachePlan, LayerPlan
+from uncomp_cli.engine.prefill import HiddenStatePruner
 from uncomp_cli.engine.selection import Budget, SnapKVScorer, resolve_budget
 
 
@@ -55,14 +58,22 @@ class CachePolicy:
         full cache: exactly those; a grouped cache adds its decoding slack)."""
         return tokens
 
-    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Cache:
-        """A fresh cache for one prefill of prompts padded to ``attention_mask`` [B, S]."""
+    def plan(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> CachePlan | None:
+        """What the cache does for prompts padded to ``attention_mask`` [B, S], resolved once (None:
+        the model's own cache, nothing to plan)."""
+        return None
+
+    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor, plan: CachePlan | None = None
+                   ) -> Cache:
+        """A fresh cache for one prefill of prompts padded to ``attention_mask`` [B, S] (``plan``:
+        one :meth:`plan` already resolved, e.g. deferred for a context)."""
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[Cache]:
+    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor, plan: CachePlan | None = None
+               ) -> Iterator[Cache]:
         """Yield a cache to prefill and decode with; undo any change to ``model`` on exit."""
-        yield self.make_cache(model, attention_mask)
+        yield self.make_cache(model, attention_mask, plan)
 
     @contextlib.contextmanager
     def resume(self, model: torch.nn.Module, cache: Cache) -> Iterator[Cache]:
@@ -90,23 +101,36 @@ class CachePolicy:
         """Settings that identify this policy in reports (JSON-serialisable): the method and its options."""
         return {"method": self.name, **{name: getattr(self, name) for name in self.option_names(settable=False)}}
 
+    def given(self, **fields) -> CachePolicy:
+        """A copy with ``fields`` set, not checked again (a profile, or a budget already resolved):
+        settings are checked once, when a policy is made from what a user wrote."""
+        clone = copy.copy(self)
+        for name, value in fields.items():
+            if not hasattr(clone, name):
+                raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+            setattr(clone, name, value)
+        return clone
+
 
 class GroupedCachePolicy(CachePolicy):
     """A policy whose cache is a :class:`~uncomp_cli.engine.cache.GroupedKVCache`.
 
     Subclasses have a ``budget`` and a ``decode_evict`` field; construction builds their scorer
-    (:meth:`make_scorer`) and checks every setting, so a bad one fails before a model loads. By
-    default every KV head of every layer keeps the resolved budget; a method overrides
-    :meth:`layer_budgets` (PyramidKV), :meth:`make_layer` (AdaKV) or :meth:`min_budget`
-    (StreamingLLM) for what it does differently.
+    (:meth:`make_scorer`), parses the budget (once: :attr:`parsed_budget`) and checks every
+    setting, so a bad one fails before a model loads. By default every KV head of every layer
+    keeps the resolved budget; a method overrides :meth:`layer_budgets` (PyramidKV),
+    :meth:`layer_plan` (AdaKV), :meth:`plan` (UNComp) or :meth:`min_budget` (StreamingLLM) for
+    what it does differently.
     """
 
     scorer: SnapKVScorer
+    parsed_budget: Budget
     selects_by_attention: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.scorer = self.make_scorer()  # validates the selection settings
         self.validate()
+        self.parsed_budget = Budget.parse(self.budget)
         self.check_budget()
 
     def make_scorer(self) -> SnapKVScorer:
@@ -121,15 +145,18 @@ class GroupedCachePolicy(CachePolicy):
         return self.scorer.window
 
     def kv_budget(self, prompt_len: int) -> int:
-        return resolve_budget(self.budget, prompt_len, self.min_budget())
+        return resolve_budget(self.parsed_budget, prompt_len, self.min_budget())
 
     def check_budget(self) -> None:
         """The budget check at construction, so it fails before any model loads: a share fits every
         prompt (one too short for it is kept whole), and a token count fits every prompt if it fits
         one longer than itself."""
-        budget = Budget.parse(self.budget)
-        if budget.tokens is not None:
-            self.kv_budget(budget.tokens + 1)
+        if self.parsed_budget.tokens is not None:
+            self.kv_budget(self.parsed_budget.tokens + 1)
+
+    def with_budget(self, tokens: int, **fields) -> GroupedCachePolicy:
+        """A copy keeping ``tokens`` per KV head (a share already resolved for one prompt)."""
+        return self.given(budget=str(tokens), parsed_budget=Budget(str(tokens), tokens=tokens), **fields)
 
     def held_tokens(self, tokens: int) -> int:
         return buffer_tokens(tokens)
@@ -138,27 +165,37 @@ class GroupedCachePolicy(CachePolicy):
         """Tokens per KV head for each layer, bottom first."""
         return [self.kv_budget(prompt_len)] * num_layers
 
-    def make_layer(self, budget: int, num_kv_heads: int) -> GroupedKVLayer:
-        return GroupedKVLayer([budget] * num_kv_heads, self.scorer, self.decode_evict)
+    def layer_plan(self, budget: int, num_kv_heads: int) -> LayerPlan:
+        """One layer's cache: every KV head keeps ``budget``."""
+        return LayerPlan((budget,) * num_kv_heads, self.scorer, self.decode_evict)
 
     def budget_stats(self, prompt_len: int, budgets: list[int]) -> dict:
         """The effective budget, and a note when a share was too small for this prompt to compress."""
         stats: dict = {"kv_budget_tokens": budgets[0]} if len(set(budgets)) == 1 else {
             "kv_budget_tokens_mean": round(sum(budgets) / len(budgets), 2), "kv_budget_tokens_per_layer": budgets}
-        return stats | budget_note(self.budget, prompt_len, self.min_budget())
+        return stats | budget_note(self.parsed_budget, prompt_len, self.min_budget())
 
-    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> GroupedKVCache:
+    def plan(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> CachePlan:
         config = model.config
         check_supported(config)
         prompt_len = prompt_length(attention_mask)
         budgets = self.layer_budgets(config.num_hidden_layers, prompt_len)
-        layers = [self.make_layer(budget, config.num_key_value_heads) for budget in budgets]
-        return GroupedKVCache(layers, self.budget_stats(prompt_len, budgets))
+        layers = [self.layer_plan(budget, config.num_key_value_heads) for budget in budgets]
+        return CachePlan.build(layers, stats=self.budget_stats(prompt_len, budgets))
+
+    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor, plan: CachePlan | None = None
+                   ) -> GroupedKVCache:
+        return GroupedKVCache(plan or self.plan(model, attention_mask))
 
     @contextlib.contextmanager
-    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[Cache]:
-        """Grouped attention over the cache :meth:`make_cache` builds; the model's is put back on exit."""
-        with use_grouped_cache(model, self.make_cache(model, attention_mask)) as cache:
+    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor, plan: CachePlan | None = None
+               ) -> Iterator[Cache]:
+        """Grouped attention over the planned cache, and hidden-state pruning when the plan prunes;
+        the model's attention is put back on exit."""
+        cache = self.make_cache(model, attention_mask, plan)
+        with use_grouped_cache(model, cache), contextlib.ExitStack() as stack:
+            if cache.plan.prune is not None:
+                stack.enter_context(HiddenStatePruner(model, cache))
             yield cache
 
     @contextlib.contextmanager
@@ -175,9 +212,8 @@ class GroupedCachePolicy(CachePolicy):
         return None if self.decode_evict else "whole"
 
 
-def budget_note(spec: str | int, prompt_len: int, floor: int) -> dict:
+def budget_note(budget: Budget, prompt_len: int, floor: int) -> dict:
     """``{"budget_note": ...}`` when a share is too small for this prompt to compress, else ``{}``."""
-    budget = Budget.parse(spec)
     if not budget.too_small(prompt_len, floor):
         return {}
     return {"budget_note": f"budget {budget.text} of this {prompt_len}-token prompt is {budget.share_of(prompt_len)} "

@@ -17,5 +17,5 @@ class FullCachePolicy(CachePolicy):
 
     name: ClassVar[str] = "full"
 
-    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Cache:
+    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor, plan=None) -> Cache:
         return DynamicCache(config=model.config)

@@ -113,4 +113,4 @@ def with_profile(policy: CachePolicy, loaded, profile_path: str | Path | None = 
         return policy
     from uncomp_cli.profile.store import profile_for
 
-    return dataclasses.replace(policy, profile=profile_for(loaded, profile_path))
+    return policy.given(profile=profile_for(loaded, profile_path))

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from uncomp_cli.defaults import DEFAULT_SINKS
-from uncomp_cli.engine.selection import Budget, SnapKVScorer, resolve_budget
+from uncomp_cli.engine.selection import SnapKVScorer, resolve_budget
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies import options
 from uncomp_cli.policies.base import GroupedCachePolicy
@@ -78,9 +78,9 @@ class StreamingLLMPolicy(GroupedCachePolicy):
 
     def kv_budget(self, prompt_len: int) -> int:
         """Tokens per KV head for a prompt of ``prompt_len``; refuses budgets with no recent part."""
-        if Budget.parse(self.budget).too_small(prompt_len, self.min_budget()):
+        if self.parsed_budget.too_small(prompt_len, self.min_budget()):
             return prompt_len
-        budget = resolve_budget(self.budget, prompt_len, window=1)
+        budget = resolve_budget(self.parsed_budget, prompt_len, window=1)
         if budget < prompt_len and budget <= self.sinks:
             raise UncompError(f"budget {self.budget} is {budget} tokens, no room for recent tokens after the "
                               f"{self.sinks} attention sinks; raise the budget or lower --sinks")

@@ -9,21 +9,20 @@ decided online from attention scores, SnapKV-style.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from uncomp_cli.defaults import FIRST_PRUNED_LAYER_FRACTION, OFFICIAL_PRUNE_MIN_SHARE, OFFICIAL_PRUNE_STEP_SHARE
-from uncomp_cli.engine.attention import check_supported, use_grouped_cache
+from uncomp_cli.engine.attention import check_supported
 from uncomp_cli.engine.cache import GroupedKVCache
-from uncomp_cli.engine.prefill import HiddenStatePruner, parse_keep_fractions, spans_keep, validate_layer_keep
-from uncomp_cli.engine.selection import PRUNE_HEADS, PRUNE_LAYERS, Budget, resolve_budget
+from uncomp_cli.engine.plan import CachePlan, LayerPlan, PruneSchedule
+from uncomp_cli.engine.prefill import parse_keep_fractions, spans_keep, validate_layer_keep
+from uncomp_cli.engine.selection import PRUNE_HEADS, PRUNE_LAYERS, resolve_budget
 from uncomp_cli.errors import UncompError
 from uncomp_cli.policies import options
 from uncomp_cli.policies.base import GroupedCachePolicy, budget_note, prompt_length
@@ -104,11 +103,11 @@ class UNCompPolicy(GroupedCachePolicy):
 
     def kv_budget(self, prompt_len: int) -> int:
         """The average tokens per KV head; the profile spreads it and each head is clipped to its layer."""
-        return resolve_budget(self.budget, prompt_len, self.min_budget(), clip=False)
+        return resolve_budget(self.parsed_budget, prompt_len, self.min_budget(), clip=False)
 
     def resolve(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
-        """Budgets int64 [L, H_kv] for this batch of prompts, and the pruner's schedule (None: no
-        pruning): ``{"layer_keep": shares}`` or ``{"layer_tokens": counts}``."""
+        """Budgets int64 [L, H_kv] for this batch of prompts, and the pruning schedule (None: no
+        pruning): ``{"layer_keep": shares}`` or ``{"layer_tokens": counts}``; :meth:`plan` wraps both."""
         config = model.config
         check_supported(config)
         if self.kv_head_budgets is not None:
@@ -119,7 +118,7 @@ class UNCompPolicy(GroupedCachePolicy):
         else:
             self.profile.check_model(config)
             prompt_len = prompt_length(attention_mask)
-            if Budget.parse(self.budget).too_small(prompt_len, self.min_budget()):  # nothing worth compressing
+            if self.parsed_budget.too_small(prompt_len, self.min_budget()):  # nothing worth compressing
                 return torch.full((config.num_hidden_layers, config.num_key_value_heads), prompt_len), None
             schedule, reach = self._schedule(config.num_hidden_layers, prompt_len)
             profile = self.profile
@@ -153,29 +152,19 @@ class UNCompPolicy(GroupedCachePolicy):
         reach = torch.ceil(keep.double() * prompt_len).long()
         return (None, prompt_len) if float(keep.min()) >= 1 else ({"layer_keep": [float(f) for f in keep]}, reach)
 
-    def _cache(self, budgets: torch.Tensor, attention_mask: torch.Tensor) -> GroupedKVCache:
+    def plan(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> CachePlan:
+        budgets, schedule = self.resolve(model, attention_mask)
         stats: dict = {"kv_budget_tokens_mean": round(float(budgets.float().mean()), 2)}
         if self.profile is not None:
             prompt_len = prompt_length(attention_mask)
             stats |= {"kv_budget_tokens": self.kv_budget(prompt_len), "layer_stage": self.profile.layer_stage.tolist()}
-            stats |= budget_note(self.budget, prompt_len, self.min_budget())
-        return GroupedKVCache.from_budgets(budgets, self.scorer, self.decode_evict, stats)
-
-    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> GroupedKVCache:
-        budgets, _ = self.resolve(model, attention_mask)
-        return self._cache(budgets, attention_mask)
-
-    @contextlib.contextmanager
-    def attach(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Iterator[GroupedKVCache]:
-        """Grouped attention over a fresh cache, plus hidden-state pruning when layers keep < 1."""
-        budgets, schedule = self.resolve(model, attention_mask)
-        cache = self._cache(budgets, attention_mask)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(use_grouped_cache(model, cache))
-            if schedule is not None:
-                stack.enter_context(HiddenStatePruner(model, cache, **schedule, heads=self.prune_heads,
-                                                      layers=self.prune_layers))
-            yield cache
+            stats |= budget_note(self.parsed_budget, prompt_len, self.min_budget())
+        prune = None if schedule is None else PruneSchedule(
+            layer_keep=None if "layer_keep" not in schedule else tuple(schedule["layer_keep"]),
+            layer_tokens=None if "layer_tokens" not in schedule else tuple(schedule["layer_tokens"]),
+            heads=self.prune_heads, layers=self.prune_layers)
+        layers = [LayerPlan(tuple(row), self.scorer, self.decode_evict) for row in budgets.tolist()]
+        return CachePlan.build(layers, prune, stats)
 
     def stats(self, cache: GroupedKVCache) -> dict:
         return dict(cache.stats) | {"prefill_tokens_per_layer": cache.prefill_tokens_per_layer()}
@@ -186,16 +175,15 @@ class UNCompPolicy(GroupedCachePolicy):
         without the question there it keeps what the context's last sentences look at."""
         if self.prune_contexts or (not self.prefill_compression and self.layer_keep is None):  # nothing to turn off
             return self
-        return dataclasses.replace(self, prefill_compression=False, layer_keep=None)
+        return self.given(prefill_compression=False, layer_keep=None)
 
     def reading_key(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> Hashable | None:
         """Unpruned: the whole context, as every method; pruned: the schedule and the scorer that
         decides what the pruned layers run on (budgets do not enter)."""
         if self.decode_evict:
             return None
-        _, schedule = self.resolve(model, attention_mask)
-        return "whole" if schedule is None else ("pruned", json.dumps(schedule, sort_keys=True), self.scorer,
-                                                  self.prune_heads, self.prune_layers)
+        prune = self.plan(model, attention_mask).prune
+        return "whole" if prune is None else ("pruned", json.dumps(prune.describe(), sort_keys=True), self.scorer)
 
     def describe(self) -> dict:
         described = super().describe()

@@ -7,13 +7,11 @@ that never reaches the model.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 
 from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 from uncomp_cli.engine.generation import GenerationSettings, full_kv_cache_bytes
-from uncomp_cli.engine.selection import Budget
 from uncomp_cli.errors import UncompError
 from uncomp_cli.models.loading import LoadedModel
 from uncomp_cli.models.prompting import context_length
@@ -61,14 +59,14 @@ def own_budget(policy: CachePolicy, prompt_tokens: int, keep_all: int) -> CacheP
     prompt the share keeps whole gets ``keep_all`` (more than any prompt) and no prefill pruning,
     as the share would. Token counts are kept as given.
     """
-    if "budget" not in policy.option_names() or Budget.parse(policy.budget).percent is None:
+    if "budget" not in policy.option_names() or policy.parsed_budget.percent is None:
         return policy
     kept = min(-(-policy.kv_budget(prompt_tokens) // BUDGET_STEP) * BUDGET_STEP, prompt_tokens)
     if kept < prompt_tokens:
-        return dataclasses.replace(policy, budget=str(kept))
+        return policy.with_budget(kept)
     # Kept whole, as the share would keep it: every token, and (uncomp) no prefill pruning either.
     whole = {"prefill_compression": False} if "prefill_compression" in policy.option_names() else {}
-    return dataclasses.replace(policy, budget=str(keep_all), **whole)
+    return policy.with_budget(keep_all, **whole)
 
 
 def _typed(name: str, value):

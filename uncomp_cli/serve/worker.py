@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
@@ -30,18 +29,8 @@ import torch
 
 from uncomp_cli.contexts.compress import compress_ids
 from uncomp_cli.engine.cache import cache_nbytes
-from uncomp_cli.engine.checkpoint import rollback
-from uncomp_cli.engine.generation import (
-    GenerationSettings,
-    TextStream,
-    decode_one,
-    eos_token_ids,
-    forward_last,
-    full_kv_cache_bytes,
-    left_pad,
-    pick_tokens,
-    prompt_positions,
-)
+from uncomp_cli.engine.generation import TextStream, eos_token_ids, full_kv_cache_bytes
+from uncomp_cli.engine.steps import Batch, GenerationSettings, Row, left_pad, prompt_positions
 from uncomp_cli.models.loading import LoadedModel
 from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.policies.registry import with_profile
@@ -237,7 +226,7 @@ class Scheduler:
             return job.policy
         if self._profile is None:
             self._profile = with_profile(job.policy, self.loaded, self.profile).profile
-        return dataclasses.replace(job.policy, profile=self._profile)
+        return job.policy.given(profile=self._profile)
 
     def _fail(self, jobs: list[Job], error: ApiError) -> None:
         for job in jobs:
@@ -272,7 +261,7 @@ class Scheduler:
             with torch.inference_mode(), policy.resume(self.loaded.model, context.cache) as cache:
                 self._run_rows(cache, input_ids, mask, positions, [job], served)
         finally:
-            rollback(context.cache, context._saved)
+            context.restore()
 
     @contextlib.contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
@@ -286,55 +275,49 @@ class Scheduler:
 
     def _run_rows(self, cache, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                   jobs: list[Job], served: dict) -> None:
-        """Feed the prompts, then decode until every row has ended; rows leave as they end."""
-        model = self.loaded.model
-        rows = [RowText(self.loaded.tokenizer, job.stops) for job in jobs]
-        generators = [None if job.sampling.seed is None else
-                      torch.Generator(device=self.loaded.device).manual_seed(job.sampling.seed) for job in jobs]
+        """Feed the prompts, then decode until every row has ended; rows leave as they end (the
+        engine's step API: :class:`~uncomp_cli.engine.steps.Batch`)."""
+        device = self.loaded.device
+        batch = Batch(self.loaded.model, cache, [Row.sampling(job.sampling, device) for job in jobs])
+        texts = [RowText(self.loaded.tokenizer, job.stops) for job in jobs]
         with self._timed("prefill"):
-            logits = forward_last(model, input_ids, mask, positions, cache)
+            tokens = batch.prefill(input_ids, mask, positions)
         served |= {"kv_cache_bytes": cache_nbytes(cache) // len(jobs)}
-        next_position = positions[:, -1:] + 1
         while True:
-            tokens = torch.stack([pick_tokens(logits[i:i + 1], job.sampling, generators[i])[0]
-                                  for i, job in enumerate(jobs)])
             self.metrics.kv_bytes.set(cache_nbytes(cache, reserved=True))
-            keep = []
-            for i, (job, row) in enumerate(zip(jobs, rows)):
-                if row.tokens == 0:
-                    self.metrics.ttft.observe(time.perf_counter() - job.arrived)
-                if job.cancelled.is_set():
-                    job.finished = True
-                    self.metrics.dropped_rows.inc()
-                    continue
-                token = int(tokens[i])
-                ended = "stop" if token in self.eos else None
-                delta = "" if ended else row.push(token)
-                if row.stopped:
-                    ended = "stop"
-                elif ended is None and row.tokens >= job.sampling.max_new_tokens:
-                    ended = "length"
-                delta += row.close() if ended else ""
-                if delta:
-                    job.send("text", delta)
-                if ended:
-                    self.metrics.completion_tokens.inc(row.tokens)
-                    self.metrics.prompt_tokens.inc(len(job.prompt.ids))
-                    job.send("done", ended, row.tokens, job.served | served)
-                else:
-                    keep.append(i)
-            if not keep:
+            ended = [i for i, (job, text, token) in enumerate(zip(jobs, texts, tokens.tolist()))
+                     if self._emit(job, text, token, served)]
+            if len(ended) == len(jobs):
                 return
-            if len(keep) < len(jobs):
-                index = torch.tensor(keep, device=input_ids.device)
-                cache.batch_select_indices(index)
-                mask, next_position, tokens = mask[index], next_position[index], tokens[index]
-                jobs, rows, generators = [jobs[i] for i in keep], [rows[i] for i in keep], \
-                    [generators[i] for i in keep]
+            if ended:
+                batch.remove(ended)
+                jobs = [job for i, job in enumerate(jobs) if i not in ended]
+                texts = [text for i, text in enumerate(texts) if i not in ended]
                 with self._cond:
                     self._running = list(jobs)
                 self.metrics.running.set(len(jobs))
-            mask = torch.cat([mask, mask.new_ones(len(jobs), 1)], dim=-1)
             with self._timed("decode"):
-                logits = decode_one(model, tokens[:, None], mask, next_position, cache)
-            next_position = next_position + 1
+                tokens = batch.step()
+
+    def _emit(self, job: Job, text: RowText, token: int, served: dict) -> bool:
+        """Send a row's new token to its client; True when the row has ended (or its client left)."""
+        if text.tokens == 0:
+            self.metrics.ttft.observe(time.perf_counter() - job.arrived)
+        if job.cancelled.is_set():
+            job.finished = True
+            self.metrics.dropped_rows.inc()
+            return True
+        ended = "stop" if token in self.eos else None
+        delta = "" if ended else text.push(token)
+        if text.stopped:
+            ended = "stop"
+        elif ended is None and text.tokens >= job.sampling.max_new_tokens:
+            ended = "length"
+        delta += text.close() if ended else ""
+        if delta:
+            job.send("text", delta)
+        if ended:
+            self.metrics.completion_tokens.inc(text.tokens)
+            self.metrics.prompt_tokens.inc(len(job.prompt.ids))
+            job.send("done", ended, text.tokens, job.served | served)
+        return ended is not None
