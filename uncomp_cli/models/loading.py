@@ -199,7 +199,9 @@ def _from_pretrained(location: str, dtype: torch.dtype, device: torch.device, hu
 
     def load(**kwargs):
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        # None, not "sdpa": transformers then picks SDPA where the class supports it (``_supports_sdpa``)
+        # and eager where not (Gemma 2 soft-caps its logits); naming "sdpa" turns that refusal into an error.
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=None, **kwargs)
         return model.to(device).eval(), tokenizer
 
     if not hub:
