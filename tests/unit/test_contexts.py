@@ -235,3 +235,19 @@ def test_a_context_is_compressed_without_pruning_unless_asked(loaded, scorer):
     for (heads, *tensors), (other_heads, *others) in zip(_held(default), _held(noprune), strict=True):
         assert heads == other_heads and all(torch.equal(a, b) for a, b in zip(tensors, others))
     assert default.policy.describe()["prefill_compression"] is False and default.policy.name == "uncomp"
+
+
+@pytest.mark.parametrize("name, method, options, scorer", [
+    ("snapkv-v1", "snapkv", {}, "reconstruct"),
+    ("adakv-evict-v1", "adakv", {"decode_evict": True}, "window"),
+])
+def test_a_context_file_of_the_previous_version_loads_and_answers_as_one_made_now(loaded, name, method, options,
+                                                                                  scorer):
+    """tests/data holds files written by uncomp before the engine was built from plans (format 1)."""
+    from tiny import REPO_ROOT
+
+    old = load_context(loaded, REPO_ROOT / "tests" / "data" / f"{name}.uncomp")
+    new = compress_context(loaded, CONTEXT, make_policy(method, budget="24", **SMALL, **options), scorer=scorer)
+    assert old.kv_cache_bytes() == new.kv_cache_bytes()
+    for question in QUESTIONS[:2]:
+        assert ask(loaded, old, question, SETTINGS).token_ids == ask(loaded, new, question, SETTINGS).token_ids
