@@ -1,21 +1,18 @@
 """A KV cache that keeps a different number of tokens per group of KV heads, with real savings.
 
 Layout (DuoAttention's, no custom kernels): per layer, the KV heads that share a budget form a
-group stored as one dense tensor for K and one for V, ``[B, heads_in_group, T_group, head_dim]``,
-holding only the kept tokens. K/V are stored per **KV head** (GQA-aware: never repeated per query
-head). Each group also keeps the per-row validity of its stored tokens ``[B, heads, T]`` (False for
-left padding), because transformers builds one mask per forward, sized for one length, and that
-cannot describe groups of different lengths or non-contiguous kept positions.
-
-So attention runs in a custom attention function registered as ``"uncomp"``
-(:mod:`uncomp_cli.engine.attention`): the cache layer's ``update`` only counts tokens; the attention
-function finds the layer through a reference set on each attention module, and the layer attends
-per group with SDPA using its own validity and a causal rule. At prefill (the first forward a
-layer sees) it attends with full K/V, scores the tokens with the last ``window`` queries and
-stores only the selected ones, so at most one layer's full K/V exists at a time.
+group (:mod:`uncomp_cli.engine.groups`) stored as one dense tensor for K and one for V, per **KV
+head** (never repeated per query head), holding only the kept tokens and their per-row validity:
+transformers builds one mask per forward, sized for one length, which cannot describe groups of
+different lengths or non-contiguous kept positions. So attention runs in the function registered
+as ``"uncomp"`` (:mod:`uncomp_cli.engine.attention`): ``update`` only counts tokens, and the layer
+attends per group with its own validity and a causal rule. At prefill (the first forward a layer
+sees) it attends with full K/V, scores the tokens with the last ``window`` queries and stores only
+the selected ones, so at most one layer's full K/V exists at a time. What a layer does is fixed
+by its :class:`~uncomp_cli.engine.plan.LayerPlan`.
 
 ``get_seq_length()`` counts tokens *seen* (positions never come from stored lengths); callers pass
-explicit ``position_ids``, or use ``generate``, which derives them from the attention mask.
+explicit ``position_ids`` (:mod:`uncomp_cli.engine.steps` does).
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from uncomp_cli.engine.attend import attend_group, causal_attention, rule_attention
 from uncomp_cli.engine.attention import ATTN_IMPLEMENTATION
-from uncomp_cli.engine.groups import HeadGroup, group_heads, take_heads
+from uncomp_cli.engine.groups import HeadGroup, group_heads, group_rows, slide_window, take_heads, visible_tail
 from uncomp_cli.engine.plan import CachePlan, LayerPlan
 from uncomp_cli.engine.selection import PRUNE_WINDOW, prune_scores, window_attention
 from uncomp_cli.errors import UncompError
@@ -72,9 +69,8 @@ class GroupedKVLayer(CacheLayerMixin):
         self._query_window: torch.Tensor | None = None  # [B, H_q, w, d], decode_evict only
         self._query_valid: torch.Tensor | None = None  # [B, w]
         self._awaiting_attention = False
-        #: What the model's attention module asks of this layer (set by each call): a sliding window
-        #: (a query sees the last W positions; the layer keeps no token older than that) and
-        #: attention soft-capping. Either one moves attention from SDPA to :func:`rule_attention`.
+        #: Set by each call from the attention module: a sliding window (the layer keeps nothing older)
+        #: and soft-capping; either one moves attention from SDPA to :func:`rule_attention`.
         self.sliding_window: int | None = None
         self.softcap: float | None = None
         self._merge: tuple | None = None  # (grouping, query-head order) for _merge_heads
@@ -221,22 +217,10 @@ class GroupedKVLayer(CacheLayerMixin):
 
         row_valid = valid if valid is not None else torch.ones(batch, n, dtype=torch.bool, device=keys.device)
         if self.sliding_window is not None:  # only what a later query can still see
-            keys, values, row_valid, token_positions, scores = self._in_window(keys, values, row_valid,
-                                                                               token_positions, scores)
+            keys, values, row_valid, token_positions, scores = visible_tail(keys, values, row_valid, token_positions,
+                                                                            scores, self.sliding_window)
         self._keep(keys, values, row_valid, token_positions, scores, self.scorer.window)
         return out
-
-    def _in_window(self, keys, values, row_valid, positions, scores):
-        """The prompt's tokens that the next query can see (the last W − 1 positions of each row):
-        they are the last columns of every row, the most of them kept, older ones in those columns
-        marked invalid."""
-        last = positions.masked_fill(~row_valid, -1).amax(-1, keepdim=True)
-        visible = row_valid & (positions >= last + 2 - self.sliding_window)
-        tail = max(int(visible.sum(-1).max()), 1)
-        visible = visible[:, -tail:]
-        if scores is not None:  # an older token in these columns is never chosen over a visible one
-            scores = scores[..., -tail:].masked_fill(~visible[:, None, :], float("-inf"))
-        return keys[:, :, -tail:], values[:, :, -tail:], visible, positions[:, -tail:], scores
 
     def _keep(self, keys: torch.Tensor, values: torch.Tensor, row_valid: torch.Tensor, positions: torch.Tensor,
               scores: torch.Tensor | None, window: int, allocate: bool = True) -> None:
@@ -245,7 +229,7 @@ class GroupedKVLayer(CacheLayerMixin):
         ``window`` tokens are always kept. ``allocate``: let the plan's allocator set the budgets."""
         batch, _, n, dim = keys.shape
         if scores is not None and allocate and self.plan.allocator is not None:
-            self._allocate(scores)
+            self.groups = group_rows(self.plan.allocator(scores))  # AdaKV: budgets known only now
         for group in self.groups:
             group_valid = row_valid[:, None, :].expand(batch, len(group.heads), n)
             group_positions = positions[:, None, :].expand(batch, len(group.heads), n)
@@ -349,15 +333,6 @@ class GroupedKVLayer(CacheLayerMixin):
         layer._query_window, layer._query_valid = tensors.get("query_window"), tensors.get("query_valid")
         return layer
 
-    def _allocate(self, scores: torch.Tensor) -> None:
-        """Re-form the groups from the tokens the plan's allocator gives each row and KV head."""
-        row_budgets = self.plan.allocator(scores)  # [B, H_kv]
-        self.groups = group_heads(row_budgets.amax(dim=0).tolist())  # stored length: the max over rows
-        for group in self.groups:
-            per_row = row_budgets[:, group.heads]
-            if bool((per_row != group.budget).any()):
-                group.row_budgets = per_row
-
     def _decode(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 valid: torch.Tensor | None, scaling: float, positions: torch.Tensor | None) -> torch.Tensor:
         """Append the new tokens to every group and attend per group. Returns [B, H_q, q, d]."""
@@ -388,19 +363,8 @@ class GroupedKVLayer(CacheLayerMixin):
         if self.decode_evict:
             self._evict(query, new_valid, scaling, rep)
         if self.sliding_window is not None:
-            self._slide(new_positions)
+            slide_window(self.groups, new_positions, self.sliding_window)
         return out
-
-    def _slide(self, new_positions: torch.Tensor) -> None:
-        """Drop what left the sliding window: tokens the next query (one past ``new_positions`` [B, q])
-        cannot see are marked invalid, and the leading columns no row can see are freed."""
-        threshold = new_positions.amax(-1) + 2 - self.sliding_window  # [B]
-        for group in self.groups:
-            valid = group.valid & (group.positions >= threshold[:, None, None])
-            seen = valid.flatten(0, 1).any(0)
-            first = int(seen.int().argmax()) if bool(seen.any()) else valid.shape[-1]
-            group.store(group.keys[:, :, first:], group.values[:, :, first:], valid[..., first:],
-                        group.positions[..., first:])
 
     def _merge_heads(self, outputs: list[torch.Tensor], rep: int) -> torch.Tensor:
         """Per-group outputs [B, h·rep, q, d] back into query-head order [B, H_q, q, d]."""

@@ -180,3 +180,41 @@ def group_heads(budgets: Sequence[int | None]) -> list[HeadGroup]:
             raise UncompError(f"KV head {head} has a budget of {budget} tokens; it must be at least 1")
         by_budget.setdefault(None if budget is None else int(budget), []).append(head)
     return [HeadGroup(heads, budget) for budget, heads in by_budget.items()]
+
+
+def group_rows(row_budgets: torch.Tensor) -> list[HeadGroup]:
+    """Groups for budgets that differ per row (AdaKV), ``row_budgets`` int64 [B, H_kv]: a head stores
+    the most any row keeps; a row keeping fewer marks the rest of its entries invalid."""
+    groups = group_heads(row_budgets.amax(dim=0).tolist())
+    for group in groups:
+        per_row = row_budgets[:, group.heads]
+        if bool((per_row != group.budget).any()):
+            group.row_budgets = per_row
+    return groups
+
+
+def visible_tail(keys: torch.Tensor, values: torch.Tensor, row_valid: torch.Tensor, positions: torch.Tensor,
+                 scores: torch.Tensor | None, window: int):
+    """The prompt's tokens that the next query can see under a sliding ``window`` (the last W − 1
+    positions of each row): the last columns of every row, the most of them kept, older ones in
+    those columns marked invalid. keys/values [B, H_kv, N, d], row_valid/positions [B, N], scores
+    [B, H_kv, N] or None -> the same, cut to the visible columns."""
+    last = positions.masked_fill(~row_valid, -1).amax(-1, keepdim=True)
+    visible = row_valid & (positions >= last + 2 - window)
+    tail = max(int(visible.sum(-1).max()), 1)
+    visible = visible[:, -tail:]
+    if scores is not None:  # an older token in these columns is never chosen over a visible one
+        scores = scores[..., -tail:].masked_fill(~visible[:, None, :], float("-inf"))
+    return keys[:, :, -tail:], values[:, :, -tail:], visible, positions[:, -tail:], scores
+
+
+def slide_window(groups: list[HeadGroup], new_positions: torch.Tensor, window: int) -> None:
+    """Drop what left a sliding ``window``: tokens the next query (one past ``new_positions`` [B, q])
+    cannot see are marked invalid, and the leading columns no row can see are freed."""
+    threshold = new_positions.amax(-1) + 2 - window  # [B]
+    for group in groups:
+        valid = group.valid & (group.positions >= threshold[:, None, None])
+        seen = valid.flatten(0, 1).any(0)
+        first = int(seen.int().argmax()) if bool(seen.any()) else valid.shape[-1]
+        group.store(group.keys[:, :, first:], group.values[:, :, first:], valid[..., first:],
+                    group.positions[..., first:])
