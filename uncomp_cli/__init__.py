@@ -36,6 +36,10 @@ _LAZY = {
     "BatchItem": "uncomp_cli.engine.generation",
     "GenerationSettings": "uncomp_cli.engine.generation",
     "GenerationResult": "uncomp_cli.engine.generation",
+    # the step API (docs/engine.md)
+    "Batch": "uncomp_cli.engine.steps",
+    "Row": "uncomp_cli.engine.steps",
+    "CachePlan": "uncomp_cli.engine.plan",
     # cache methods
     "make_policy": "uncomp_cli.policies.registry",
     "with_profile": "uncomp_cli.policies.registry",
@@ -54,7 +58,9 @@ _LAZY = {
     "save_context": "uncomp_cli.contexts.file",
     "load_context": "uncomp_cli.contexts.file",
     # evaluation and benchmarks
-    "plan_runs": "uncomp_cli.eval.runner",
+    "Cell": "uncomp_cli.policies.grid",
+    "plan_runs": "uncomp_cli.policies.grid",
+    "EvalSettings": "uncomp_cli.eval.runner",
     "run_eval": "uncomp_cli.eval.runner",
     "BenchSettings": "uncomp_cli.bench.results",
     "run_bench": "uncomp_cli.bench.runner",

@@ -10,12 +10,13 @@ import torch
 
 from uncomp_cli.bench import measure as bench
 from uncomp_cli.bench.measure import summarize
-from uncomp_cli.bench.results import BenchSettings, Case
+from uncomp_cli.bench.results import BenchSettings
 from uncomp_cli.bench.runner import run_bench
 from uncomp_cli.bench.search import predict_peak, search_max_batch
 from uncomp_cli.errors import UncompError
 from uncomp_cli.memory import PeakMemory
 from uncomp_cli.models.random_presets import PRESETS, check_fits, load_random_model, preset_config
+from uncomp_cli.policies.grid import Cell
 from uncomp_cli.profile.reference import reference_profile
 from uncomp_cli.units import parse_batch_sizes, parse_length, parse_memory
 
@@ -75,10 +76,10 @@ def test_bad_batch_sizes_are_user_errors(text):
 def test_cases_put_full_first_once_and_honour_own_budgets():
     settings = BenchSettings(methods=["snapkv", "full", "uncomp", "snapkv@100%", "snapkv"], budgets=["5%", "10%"])
     assert settings.cases() == [
-        Case("full"), Case("snapkv", "5%"), Case("snapkv", "10%"), Case("uncomp", "5%"), Case("uncomp", "10%"),
-        Case("snapkv", "100%"),
+        Cell("full"), Cell("snapkv", "5%"), Cell("snapkv", "10%"), Cell("uncomp", "5%"), Cell("uncomp", "10%"),
+        Cell("snapkv", "100%"),
     ]
-    assert BenchSettings(methods=["snapkv"]).cases()[0] == Case("full")
+    assert BenchSettings(methods=["snapkv"]).cases()[0] == Cell("full")
 
 
 @pytest.mark.parametrize("changes, message", [

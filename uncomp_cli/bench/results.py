@@ -9,31 +9,7 @@ from dataclasses import asdict, dataclass, field
 from uncomp_cli.bench.measure import RunSample, ratio, summarize
 from uncomp_cli.bench.search import Probe
 from uncomp_cli.errors import UncompError
-from uncomp_cli.units import split_list
-
-
-@dataclass(frozen=True)
-class Case:
-    """One method at one budget (``None`` for full): a row of the table at each length × batch size."""
-
-    method: str
-    budget: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.method if self.budget is None else f"{self.method} {self.budget}"
-
-
-def parse_methods(text: str | Sequence[str]) -> list[tuple[str, str | None]]:
-    """``full,snapkv,snapkv@100%`` -> ``[(method, own budget or None)]``; ``name@B`` runs only at budget B."""
-    items = split_list(text, "--methods") if isinstance(text, str) else list(text)
-    parsed = []
-    for item in items:
-        method, _, budget = item.partition("@")
-        if _ and not budget.strip():
-            raise UncompError(f"method {item!r} names no budget after '@'")
-        parsed.append((method.strip(), budget.strip() or None))
-    return parsed
+from uncomp_cli.policies.grid import Cell, make_policies, plan_runs
 
 
 @dataclass
@@ -58,34 +34,14 @@ class BenchSettings:
     reuse: bool = False  # context-reuse mode (bench.reuse) instead of the speed grid
     method_options: dict = field(default_factory=dict)
 
-    def cases(self) -> list[Case]:
+    def cases(self) -> list[Cell]:
         """full first, then every method at every budget (or its own), without duplicates."""
-        from uncomp_cli.policies.registry import policy_class
-
-        cases = [Case("full")]
-        for method, own_budget in parse_methods(self.methods):
-            takes_budget = "budget" in policy_class(method).option_names()
-            for budget in [own_budget] if own_budget else list(self.budgets) if takes_budget else [None]:
-                case = Case(method, budget)
-                if case not in cases:
-                    cases.append(case)
-        return cases
+        return plan_runs(["full", *self.methods], self.budgets)
 
     def policies(self) -> list:
         """One policy per case, built by the registry as ``uncomp generate`` builds them (without a
         profile yet); a bad option or a budget a method cannot use fails here."""
-        from uncomp_cli.policies.registry import check_options, make_policy, options_for
-
-        cases = self.cases()
-        check_options([case.method for case in cases], self.method_options)
-        policies = []
-        for case in cases:
-            budget = {} if case.budget is None else {"budget": case.budget}
-            try:
-                policies.append(make_policy(case.method, **options_for(case.method, self.method_options), **budget))
-            except UncompError as exc:
-                raise UncompError(f"{case.label}: {exc}") from None
-        return policies
+        return make_policies(self.cases(), self.method_options)
 
     def validate(self) -> None:
         """Every problem a user can fix, before a model is loaded (context lengths are checked later)."""
@@ -153,7 +109,7 @@ class BenchRow:
         self.run_memory_vs_full = ratio(self.run_memory_bytes, full.run_memory_bytes)
 
 
-def summarize_runs(case: Case, length: int, batch: int, new_tokens: int, samples: Sequence[RunSample]) -> BenchRow:
+def summarize_runs(case: Cell, length: int, batch: int, new_tokens: int, samples: Sequence[RunSample]) -> BenchRow:
     """Median and spread of each measured number over repeated runs of one configuration."""
     ttft = summarize([s.ttft_seconds for s in samples])
     prefill = summarize([s.loop.prefill_seconds for s in samples])

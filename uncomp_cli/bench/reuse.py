@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from uncomp_cli.bench.measure import PromptSource, ratio
-from uncomp_cli.bench.results import BenchSettings, Case
+from uncomp_cli.bench.results import BenchSettings
 from uncomp_cli.contexts.compress import ask_ids, compress_ids
 from uncomp_cli.contexts.file import load_context, save_context
 from uncomp_cli.engine.generation import GenerationSettings, generate_ids
 from uncomp_cli.models.prompting import question_ids
+from uncomp_cli.policies.grid import Cell
 
 #: The question asked of every context (random models, which have no tokenizer, get 16 random ids).
 QUESTION = "What is the main point of the text above?"
@@ -63,7 +64,7 @@ def _seconds(run: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def run_reuse(loaded, settings: BenchSettings, cases: Sequence[Case], policies: Sequence, prompts: PromptSource,
+def run_reuse(loaded, settings: BenchSettings, cases: Sequence[Cell], policies: Sequence, prompts: PromptSource,
               on_progress: Callable[[int, int, str], None] | None = None) -> list[ReuseRow]:
     """Measure every length × case of ``settings`` (medians over ``settings.repeats`` after ``warmup``)."""
     question = _question(loaded, prompts)

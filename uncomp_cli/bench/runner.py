@@ -12,7 +12,6 @@ and that batch's decode throughput.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -22,11 +21,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from uncomp_cli.bench.measure import TIME_MEASURE, PromptSource, RunSample, ratio, run_once
-from uncomp_cli.bench.results import BenchReport, BenchRow, BenchSettings, Case, ThroughputRow, summarize_runs
+from uncomp_cli.bench.results import BenchReport, BenchRow, BenchSettings, ThroughputRow, summarize_runs
 from uncomp_cli.bench.search import predict_peak, search_max_batch
 from uncomp_cli.errors import UncompError
 from uncomp_cli.memory import PeakMemory
 from uncomp_cli.models.loading import LoadedModel
+from uncomp_cli.policies.grid import Cell
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def resolve_profile(loaded: LoadedModel, settings: BenchSettings, policies: Sequ
 
 def with_profiles(policies: Sequence, profile) -> list:
     """The policies ready to run: those that need a profile share ``profile``."""
-    return [dataclasses.replace(p, profile=profile) if p.needs_profile else p for p in policies]
+    return [p.given(profile=profile) if p.needs_profile else p for p in policies]
 
 
 def _meta(loaded: LoadedModel, settings: BenchSettings, meter: PeakMemory, prompts: PromptSource,
@@ -139,7 +139,7 @@ def run_bench(loaded: LoadedModel, settings: BenchSettings | None = None,
     return report
 
 
-def _out_of_memory(case: Case, length: int, batch: int) -> UncompError:
+def _out_of_memory(case: Cell, length: int, batch: int) -> UncompError:
     return UncompError(f"out of memory running {case.label} on {length} tokens × batch {batch}; "
                        "lower --lengths or --batch-sizes")
 

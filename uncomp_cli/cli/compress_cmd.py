@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from uncomp_cli.cli.common import handle_errors
-from uncomp_cli.cli.options import METHOD_NAMES, Device, Dtype, Model, with_method_options
+from uncomp_cli.cli.options import METHOD_NAMES, ModelOptions, with_method_options, with_settings
 from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 
 DEFAULT_COMPRESS_METHOD = "uncomp"
 
 
+@dataclass(frozen=True)
+class ContextSource:
+    """The context to compress, and how it is put to the model."""
+
+    context_file: Annotated[Path | None, typer.Option(help="The context: a UTF-8 text file.")] = None
+    context: Annotated[str | None, typer.Option(help="'-' reads the context from stdin.")] = None
+    system: Annotated[str | None, typer.Option(help="System message (chat models).")] = None
+    raw: Annotated[bool, typer.Option("--raw", help="The context exactly as given: no chat template.")] = False
+
+
 @handle_errors
 @with_method_options()
+@with_settings(source=ContextSource, loading=ModelOptions)
 def compress(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the compressed context (.uncomp).")],
-    context_file: Annotated[Path | None, typer.Option(help="The context: a UTF-8 text file.")] = None,
-    context: Annotated[str | None, typer.Option(help="'-' reads the context from stdin.")] = None,
-    model: Model = None,
-    system: Annotated[str | None, typer.Option(help="System message (chat models).")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="The context exactly as given: no chat template.")] = False,
     method: Annotated[str, typer.Option(help=f"KV cache: {', '.join(METHOD_NAMES)}.")] = DEFAULT_COMPRESS_METHOD,
     context_scorer: Annotated[
         str, typer.Option(help="How context tokens are scored: reconstruct (how the model re-reads the context; "
@@ -33,10 +40,11 @@ def compress(
         Path | None,
         typer.Option(help="UNComp profile for the uncomp methods (default: the cached one, calibrated once)."),
     ] = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
-    method_options: dict | None = None,
+    *,
+    source: ContextSource,
+    loading: ModelOptions,
+    method_options: dict,
 ) -> None:
     """Prefill and compress a context without any question, and write its compressed cache to a file.
 
@@ -48,21 +56,20 @@ def compress(
     from uncomp_cli.contexts.compress import check_context_scorer, compress_context
     from uncomp_cli.contexts.file import save_context
     from uncomp_cli.errors import UncompError
-    from uncomp_cli.models.loading import load_model
     from uncomp_cli.policies.registry import make_policy, with_profile
 
     if out.is_dir():
         raise UncompError(f"--out {out} is a folder; give a file name such as {out / 'context.uncomp'}")
     if not out.parent.is_dir():
         raise UncompError(f"--out {out}: folder {out.parent} does not exist")
-    text = context_text(context, context_file)
+    text = context_text(source.context, source.context_file)
     if text is None:
         raise UncompError("no context: give --context-file PATH or --context - (stdin)")
     check_context_scorer(context_scorer)
-    policy = make_policy(method, **(method_options or {}))  # before the model loads: bad settings fail fast
-    loaded = load_model(model, device=device, dtype=dtype)
-    compressed = compress_context(loaded, text, with_profile(policy, loaded, profile), system=system, raw=raw,
-                                  scorer=context_scorer)
+    policy = make_policy(method, **method_options)  # before the model loads: bad settings fail fast
+    loaded = loading.load()
+    compressed = compress_context(loaded, text, with_profile(policy, loaded, profile), system=source.system,
+                                  raw=source.raw, scorer=context_scorer)
     save_context(compressed, loaded, out)
     full = compressed.full_kv_cache_bytes(loaded)
     summary = {"out": str(out), "method": policy.name, "model": loaded.name,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from uncomp_cli.cli.common import handle_errors, stderr_console
-from uncomp_cli.cli.options import Device, Dtype, Model, option, with_method_options, with_options
+from uncomp_cli.cli.options import Device, Dtype, Model, option, with_method_options, with_options, with_settings
 from uncomp_cli.errors import UncompError
 from uncomp_cli.haystack import load_haystack
 from uncomp_cli.units import parse_lengths, split_list
@@ -112,7 +113,7 @@ def evaluate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from uncomp_cli.eval.render import check_plot_path, plot_grids, render_eval
-    from uncomp_cli.eval.runner import check_runs, plan_runs, run_eval
+    from uncomp_cli.eval.runner import EvalSettings, run_eval
     from uncomp_cli.models.loading import load_model
     from uncomp_cli.models.prompting import context_length
 
@@ -125,8 +126,12 @@ def evaluate(
         if not grid["query_agnostic"]:
             raise UncompError("--context-scorer is for --query-agnostic runs")
         check_context_scorer(grid["context_scorer"])
-    runs = plan_runs(split_list(grid["methods"], "--methods"), split_list(grid["budgets"], "--budgets"))
-    check_runs(runs, method_options)  # before the model loads: a typo costs nothing
+    eval_settings = EvalSettings(
+        suite, suite_settings=settings, methods=split_list(grid["methods"], "--methods"),
+        budgets=split_list(grid["budgets"], "--budgets"), method_options=method_options, profile=profile,
+        batch_size=batch_size, out=grid["out"], query_agnostic=grid["query_agnostic"],
+        context_scorer=grid["context_scorer"])
+    eval_settings.validate()  # before the model loads: a typo costs nothing
     if profile is not None and not profile.is_file():
         raise UncompError(f"profile not found: {profile}")
     if plot is not None:
@@ -149,10 +154,7 @@ def evaluate(
                 tasks[run.name] = bar.add_task(run.name, total=total)
             bar.update(tasks[run.name], completed=done)
 
-        result = run_eval(loaded, examples, runs, suite=suite, settings=settings, out=grid["out"],
-                          selection=method_options, query_agnostic=grid["query_agnostic"],
-                          context_scorer=grid["context_scorer"],
-                          profile=profile, batch_size=batch_size, progress=progress)
+        result = run_eval(loaded, examples, eval_settings, progress=progress)
 
     heatmaps = panels(result)
     if plot is not None:
@@ -168,7 +170,28 @@ def evaluate(
 # -- the commands ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class NeedleOptions:
+    """The needles hidden in each prompt, and how they are asked for and answered."""
+
+    distractors: Annotated[int, typer.Option(help="Other keys with their own numbers (multi-key needle).")] = 0
+    needle_template: Annotated[
+        str | None, typer.Option(help="The needle sentence, with {key} and {value}.")
+    ] = None
+    question_template: Annotated[str | None, typer.Option(help="The question, with {key}.")] = None
+    answer_prefix: Annotated[
+        str | None,
+        typer.Option(help="Start of the answer, with {key} (default: the built-in one; none with custom templates)."),
+    ] = None
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 12
+    questions: Annotated[
+        int, typer.Option(help="Hide this many keys in each context and ask each (multi-query; with "
+                          "--query-agnostic every question is answered on one compressed context).")
+    ] = 1
+
+
 @eval_command("needle")
+@with_settings(needles=NeedleOptions)
 def needle(
     haystack: Annotated[
         Path, typer.Option(help="Folder of .txt files the needle is hidden in (e.g. ../shared/data/haystack).")
@@ -177,24 +200,12 @@ def needle(
     depths: Annotated[str, typer.Option(help="Needle depths from 0 (start) to 1 (end), comma-separated.")] = (
         "0,0.25,0.5,0.75,1"
     ),
-    distractors: Annotated[int, typer.Option(help="Other keys with their own numbers (multi-key needle).")] = 0,
     samples: Annotated[
         int, typer.Option(help="Prompts per length × depth cell, each with its own number, key and stretch of text.")
     ] = 1,
-    needle_template: Annotated[
-        str | None, typer.Option(help="The needle sentence, with {key} and {value}.")
-    ] = None,
-    question_template: Annotated[str | None, typer.Option(help="The question, with {key}.")] = None,
-    answer_prefix: Annotated[
-        str | None,
-        typer.Option(help="Start of the answer, with {key} (default: the built-in one; none with custom templates)."),
-    ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 12,
-    questions: Annotated[
-        int, typer.Option(help="Hide this many keys in each context and ask each (multi-query; with "
-                          "--query-agnostic every question is answered on one compressed context).")
-    ] = 1,
     seed: Seed = 0,
+    *,
+    needles: NeedleOptions,
     grid: dict | None = None,
     method_options: dict | None = None,
 ) -> None:
@@ -207,7 +218,8 @@ def needle(
 
     length_list = parse_lengths(lengths)
     depth_list = parse_depths(depths)
-    templates = suite.make_templates(needle_template, question_template, answer_prefix)
+    templates = suite.make_templates(needles.needle_template, needles.question_template, needles.answer_prefix)
+    distractors, questions, max_new_tokens = needles.distractors, needles.questions, needles.max_new_tokens
     suite.make_cases(length_list[:1], depth_list[:1], seed=seed, distractors=distractors,
                      samples=samples)  # checks --distractors and --samples
     if questions < 1 or questions > len(suite.KEYS) or (questions > 1 and distractors):

@@ -1,19 +1,35 @@
-"""Options several commands share, defined once: the method options (from the policies' catalogue),
-the model, the device and the dtype.
+"""Options several commands share, defined once, and the decorators that hand a command a group of
+options as one value.
 
-:func:`with_method_options` adds one flag per method option of
-:data:`~uncomp_cli.policies.options.CATALOGUE` to a command, so generate, eval and bench expose the
-same set with the same help, and hands the command only the options the user gave
-(``method_options``, a dict): the registry then refuses one that the chosen methods do not take,
-instead of a default silently standing in for it.
+A group of options is a dataclass whose fields are the options, each typed
+``Annotated[T, typer.Option(...)]`` with its default, as a command's parameter would be;
+:func:`with_settings` adds its flags to a command and hands the command one instance::
+
+    @dataclass(frozen=True)
+    class SamplingOptions:
+        temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0
+        seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None
+
+    @with_settings(sampling=SamplingOptions)
+    def generate(prompt: str, *, sampling: SamplingOptions) -> None: ...
+
+:class:`ModelOptions` (the model, the device and the dtype) is such a group, shared by the commands
+that load a model. :func:`with_method_options` adds one flag per method option of
+:data:`~uncomp_cli.policies.options.CATALOGUE`, so generate, eval and bench expose the same set with
+the same help, and hands the command only the options the user gave (``method_options``, a dict):
+the registry then refuses one that the chosen methods do not take, instead of a default silently
+standing in for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import typing
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -48,23 +64,28 @@ def _parameter(method_option: MethodOption) -> inspect.Parameter:
                                                 typer.Option(*names, help=help_text, show_default=False)])
 
 
-def with_options(into: str, parameters: list[inspect.Parameter], given_only: bool = False) -> Callable[[F], F]:
-    """Decorate a typer command that takes ``into: dict``: add ``parameters`` (keyword-only, each an
-    ``Annotated[..., typer.Option(...)]``) to its options and pass their values as that one dict
-    (``given_only``: only those the user gave, i.e. not None). Options several commands share are
-    declared once this way, and each command's own signature keeps only what is its own."""
+def with_options(into: str, parameters: list[inspect.Parameter], given_only: bool = False,
+                 build: Callable[..., Any] = dict) -> Callable[[F], F]:
+    """Decorate a typer command that takes ``into``: add ``parameters`` (keyword-only, each an
+    ``Annotated[..., typer.Option(...)]``) to its options and pass their values as that one value,
+    ``build(**values)``: a dict by default (``given_only``: only those the user gave, i.e. not None).
+    Options several commands share are declared once this way, and each command's own signature
+    keeps only what is its own."""
     names = [parameter.name for parameter in parameters]
 
     def decorate(command: F) -> F:
         signature = inspect.signature(command, eval_str=True)
         kept = [p for p in signature.parameters.values() if p.name != into]
+        twice = sorted(set(names) & {p.name for p in kept})
+        if twice:
+            raise TypeError(f"{command.__name__}: option {twice[0]!r} is declared twice")
 
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
             values = {name: kwargs.pop(name) for name in names if name in kwargs}
             if given_only:
                 values = {name: value for name, value in values.items() if value is not None}
-            return command(*args, **{into: values}, **kwargs)
+            return command(*args, **{into: build(**values)}, **kwargs)
 
         merged = kept + parameters
         wrapper.__signature__ = signature.replace(parameters=merged)
@@ -77,6 +98,49 @@ def with_options(into: str, parameters: list[inspect.Parameter], given_only: boo
 def option(name: str, annotation, default=None) -> inspect.Parameter:
     """A keyword-only parameter for :func:`with_options`."""
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def settings_options(settings: type) -> list[inspect.Parameter]:
+    """The options of a dataclass of options: one a field, with the field's
+    ``Annotated[T, typer.Option(...)]`` type and its default (a field without one is a required option)."""
+    types = typing.get_type_hints(settings, include_extras=True)
+    parameters = []
+    for field in dataclasses.fields(settings):
+        if field.default_factory is not dataclasses.MISSING:
+            raise TypeError(f"{settings.__name__}.{field.name}: give a default, not a default_factory")
+        default = inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
+        parameters.append(option(field.name, types[field.name], default))
+    return parameters
+
+
+def with_settings(**groups: type) -> Callable[[F], F]:
+    """Add a flag for every field of each dataclass of options and hand the command one instance of
+    each, as the parameter named by its keyword: ``@with_settings(sampling=SamplingOptions)`` gives
+    the command ``sampling: SamplingOptions``. ``--help`` lists the groups in the order given. A field
+    whose name is already a parameter (the command's own or another group's) is refused when the
+    command is declared."""
+
+    def decorate(command: F) -> F:
+        for into, settings in groups.items():  # the first group's options are added first
+            command = with_options(into, settings_options(settings), build=settings)(command)
+        return command
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model to load, on which device and in which dtype (generate, compress, serve, bench)."""
+
+    model: Model = None
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+
+    def load(self):
+        """The loaded model (:func:`~uncomp_cli.models.loading.load_model`)."""
+        from uncomp_cli.models.loading import load_model
+
+        return load_model(self.model, device=self.device, dtype=self.dtype)
 
 
 def with_method_options(exclude: tuple[str, ...] = ()) -> Callable[[F], F]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from uncomp_cli.cli.common import handle_errors
-from uncomp_cli.cli.options import METHOD_NAMES, Device, Dtype, Model, with_method_options
+from uncomp_cli.cli.options import METHOD_NAMES, ModelOptions, with_method_options, with_settings
 from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER, DEFAULT_METHOD
 from uncomp_cli.errors import UncompError
 
@@ -22,34 +23,55 @@ def kv_cache_limit_bytes(text: str, device) -> int:
     return available_memory_bytes(device) // 2 if text == "auto" else parse_memory(text)
 
 
+@dataclass(frozen=True)
+class ListenOptions:
+    """Where the server listens, the name it answers to, and how it stops."""
+
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1"
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000
+    served_model_name: Annotated[str | None, typer.Option(help="The model id clients send (default: the model's "
+                                                          "name).")] = None
+    shutdown_timeout: Annotated[float, typer.Option(
+        min=0, help="On SIGTERM, seconds to let running requests finish before they are failed.")] = 30.0
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """How many requests run and wait, and the memory their caches may take."""
+
+    max_batch: Annotated[int, typer.Option(min=1, help="Most requests prefilled and decoded together.")] = 8
+    max_queue: Annotated[int, typer.Option(min=1, help="Most requests waiting; beyond it: HTTP 429.")] = 64
+    kv_cache_limit: Annotated[str, typer.Option(
+        help="KV bytes a batch may hold (e.g. 256MiB, 8GiB); requests are admitted while their caches fit. "
+             "auto: half the memory available at start.")] = "auto"
+    default_max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens of a request that gives none.")] = 512
+
+
+@dataclass(frozen=True)
+class ReuseOptions:
+    """Long first messages compressed once and kept for the requests that repeat them."""
+
+    reuse_min_tokens: Annotated[int, typer.Option(
+        min=0, help="A first user message whose text before its last paragraph break has this many tokens is "
+                    "compressed once as a reusable context (0: off).")] = 1024
+    context_cache: Annotated[str, typer.Option(help="KV bytes of compressed contexts kept for reuse.")] = "1GiB"
+    context_scorer: Annotated[str, typer.Option(
+        help="How reusable contexts are scored: reconstruct or window (as in generate).")] = DEFAULT_CONTEXT_SCORER
+
+
 @handle_errors
 @with_method_options()
+@with_settings(loading=ModelOptions, listen=ListenOptions, batching=BatchingOptions, reuse=ReuseOptions)
 def serve(
-    model: Model = None,
     method: Annotated[str, typer.Option(help=f"Default KV cache: {', '.join(METHOD_NAMES)}. A request may ask for "
                                         "another in its 'uncomp' body field.")] = DEFAULT_METHOD,
     profile: Annotated[Path | None, typer.Option(help="UNComp profile (default: the model's cached one).")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
-    max_batch: Annotated[int, typer.Option(min=1, help="Most requests prefilled and decoded together.")] = 8,
-    max_queue: Annotated[int, typer.Option(min=1, help="Most requests waiting; beyond it: HTTP 429.")] = 64,
-    kv_cache_limit: Annotated[str, typer.Option(
-        help="KV bytes a batch may hold (e.g. 256MiB, 8GiB); requests are admitted while their caches fit. "
-             "auto: half the memory available at start.")] = "auto",
-    default_max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens of a request that gives none.")] = 512,
-    reuse_min_tokens: Annotated[int, typer.Option(
-        min=0, help="A first user message whose text before its last paragraph break has this many tokens is "
-                    "compressed once as a reusable context (0: off).")] = 1024,
-    context_cache: Annotated[str, typer.Option(help="KV bytes of compressed contexts kept for reuse.")] = "1GiB",
-    context_scorer: Annotated[str, typer.Option(
-        help="How reusable contexts are scored: reconstruct or window (as in generate).")] = DEFAULT_CONTEXT_SCORER,
-    served_model_name: Annotated[str | None, typer.Option(help="The model id clients send (default: the model's "
-                                                          "name).")] = None,
-    shutdown_timeout: Annotated[float, typer.Option(
-        min=0, help="On SIGTERM, seconds to let running requests finish before they are failed.")] = 30.0,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    method_options: dict | None = None,
+    *,
+    loading: ModelOptions,
+    listen: ListenOptions,
+    batching: BatchingOptions,
+    reuse: ReuseOptions,
+    method_options: dict,
 ) -> None:
     """Serve the model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models),
     with /health and Prometheus /metrics.
@@ -65,29 +87,30 @@ def serve(
         raise UncompError(f"uncomp serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'uncomp[serve]'") from None
     from uncomp_cli.contexts.compress import check_context_scorer
-    from uncomp_cli.models.loading import load_model
     from uncomp_cli.policies.registry import make_policy, with_profile
     from uncomp_cli.serve.server import ServeSettings
     from uncomp_cli.units import parse_memory
 
-    check_context_scorer(context_scorer)
-    policy = make_policy(method, **(method_options or {}))  # bad settings fail before the model loads
-    settings = ServeSettings(method=method, method_options=method_options or {}, max_batch=max_batch,
-                             max_queue=max_queue, default_max_tokens=default_max_tokens,
-                             reuse_min_tokens=reuse_min_tokens, context_cache_bytes=parse_memory(context_cache),
-                             context_scorer=context_scorer, served_model_name=served_model_name)
-    if kv_cache_limit != "auto":
-        settings.kv_cache_limit = parse_memory(kv_cache_limit)
+    check_context_scorer(reuse.context_scorer)
+    policy = make_policy(method, **method_options)  # bad settings fail before the model loads
+    settings = ServeSettings(method=method, method_options=method_options, max_batch=batching.max_batch,
+                             max_queue=batching.max_queue, default_max_tokens=batching.default_max_tokens,
+                             reuse_min_tokens=reuse.reuse_min_tokens,
+                             context_cache_bytes=parse_memory(reuse.context_cache),
+                             context_scorer=reuse.context_scorer, served_model_name=listen.served_model_name)
+    if batching.kv_cache_limit != "auto":
+        settings.kv_cache_limit = parse_memory(batching.kv_cache_limit)
     settings.validate()
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = loading.load()
     if policy.needs_profile or profile is not None:  # check (or calibrate) the profile now, not at a request
         with_profile(policy if policy.needs_profile else make_policy("uncomp"), loaded, profile)
-    settings.kv_cache_limit = kv_cache_limit_bytes(kv_cache_limit, loaded.device)
+    settings.kv_cache_limit = kv_cache_limit_bytes(batching.kv_cache_limit, loaded.device)
     app = create_app(loaded, settings, str(profile) if profile else None)
-    typer.echo(f"serving {settings.served_model_name or loaded.name} ({method}) on http://{host}:{port}/v1, "
-               f"KV cache limit {settings.kv_cache_limit} bytes", err=True)
+    typer.echo(f"serving {settings.served_model_name or loaded.name} ({method}) on "
+               f"http://{listen.host}:{listen.port}/v1, KV cache limit {settings.kv_cache_limit} bytes", err=True)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it found:
     # with this one installed that ends the run normally (exit 0) instead of killing the process.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
+    uvicorn.run(app, host=listen.host, port=listen.port, log_level="warning",
+                timeout_graceful_shutdown=listen.shutdown_timeout)
     typer.echo("stopped", err=True)

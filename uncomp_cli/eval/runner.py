@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import platform
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 from uncomp_cli.errors import UncompError
 from uncomp_cli.eval.examples import Example
 from uncomp_cli.files import atomic_write
+from uncomp_cli.policies.grid import Cell, cell_policy, make_policies, plan_runs, slug
 from uncomp_cli.policies.options import CATALOGUE
 
 log = logging.getLogger(__name__)
@@ -45,64 +45,42 @@ PREDICTIONS = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 
 
-@dataclass(frozen=True)
-class Run:
-    """One cell of the grid: a method and its budget (``None`` for the full cache)."""
+@dataclass
+class EvalSettings:
+    """What to evaluate and where the results go. ``methods`` run in the order given (an entry may
+    carry its own budget: ``"snapkv@100%"``); ``method_options`` such as ``{"window": 8}`` go each to
+    the methods that take it. All but ``methods`` and ``budgets`` choose the results folder (each run is
+    a subfolder of it, so a grid can grow); ``suite_settings`` is what the suite built its examples
+    with (lengths, seed…), kept as ``settings`` in ``config.json``."""
 
-    method: str
-    budget: str | None = None
+    suite: str
+    suite_settings: dict = field(default_factory=dict)
+    methods: Sequence[str] = ("full", "snapkv", "uncomp")
+    budgets: Sequence[str] = ("10%", "5%")
+    method_options: dict = field(default_factory=dict)
+    profile: str | Path | None = None
+    batch_size: int = 1
+    out: str | Path = DEFAULT_OUT
+    query_agnostic: bool = False
+    context_scorer: str | None = None
 
-    @property
-    def name(self) -> str:
-        """The run's folder: ``full``, ``snapkv-10pct``, ``uncomp-128``."""
-        if self.budget is None:
-            return self.method
-        return f"{self.method}-{_slug(self.budget.replace('%', 'pct'))}"
+    def runs(self) -> list[Cell]:
+        """Every method × budget in the order given, ``full`` once (:func:`~uncomp_cli.policies.grid.plan_runs`)."""
+        return plan_runs(self.methods, self.budgets)
 
-
-def plan_runs(methods: Sequence[str], budgets: Sequence[str]) -> list[Run]:
-    """Every method × budget, in the order given; a method without a budget (``full``) once."""
-    from uncomp_cli.policies.registry import policy_class
-
-    runs: list[Run] = []
-    for method in methods:
-        takes_budget = "budget" in policy_class(method).option_names()
-        for budget in budgets if takes_budget else [None]:
-            run = Run(method, budget)
-            if run not in runs:
-                runs.append(run)
-    if not runs:
-        raise UncompError("no runs: give at least one method (and a budget for methods other than full)")
-    return runs
-
-
-def check_runs(runs: Sequence[Run], selection: dict) -> None:
-    """Refuse, before a model loads, an option no run's method takes (what ``uncomp eval`` does;
-    :func:`run_eval` itself gives each run what its method takes) and any setting a policy refuses."""
-    from uncomp_cli.policies.registry import check_options
-
-    check_options([run.method for run in runs], selection)
-    for run in runs:
-        build_policy(run, selection)
-
-
-def build_policy(run: Run, selection: dict):
-    """The run's policy from the registry, with the options of ``selection`` its method takes (no profile
-    yet); a setting the policy refuses names the run."""
-    from uncomp_cli.policies.registry import make_policy, options_for
-
-    budget = {} if run.budget is None else {"budget": run.budget}
-    try:
-        return make_policy(run.method, **options_for(run.method, selection), **budget)
-    except UncompError as exc:
-        raise UncompError(f"{run.name}: {exc}") from None
+    def validate(self) -> None:
+        """Every problem a user can fix, before a model loads: a typo costs nothing. Stricter than
+        :func:`run_eval`, which gives each run the options its method takes and ignores the others."""
+        if self.batch_size < 1:
+            raise UncompError(f"--batch-size must be at least 1, got {self.batch_size}")
+        make_policies(self.runs(), self.method_options)
 
 
 @dataclass
 class RunResult:
     """A finished run: its metrics and per-example predictions (read back when it was skipped)."""
 
-    run: Run
+    run: Cell
     folder: Path
     metrics: dict
     predictions: list[dict]
@@ -128,10 +106,6 @@ class EvalResult:
 # -- naming ---------------------------------------------------------------------------------------
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
-
-
 def examples_digest(examples: Sequence[Example]) -> str:
     """A hash of everything in the examples that changes what the model sees or how it is scored."""
     digest = hashlib.sha256()
@@ -145,7 +119,7 @@ def examples_digest(examples: Sequence[Example]) -> str:
 def results_folder(out: str | Path, suite: str, model_name: str, identity: dict) -> Path:
     """``<out>/<suite>-<model>-<10 hex digits>``; the digits hash ``identity`` (settings and examples)."""
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return Path(out) / f"{_slug(suite)}-{_slug(model_name)}-{key}"
+    return Path(out) / f"{slug(suite)}-{slug(model_name)}-{key}"
 
 
 def _machine(loaded) -> dict:
@@ -324,28 +298,18 @@ def _context_rows(loaded, policy, examples: Sequence[Example], scorers, context_
 def run_eval(
     loaded,
     examples: Sequence[Example],
-    runs: Sequence[Run],
-    *,
-    suite: str,
-    settings: dict,
-    out: str | Path = DEFAULT_OUT,
-    selection: dict | None = None,
-    profile: str | Path | None = None,
-    batch_size: int = 1,
-    progress: Callable[[Run, int, int], None] | None = None,
-    query_agnostic: bool = False,
-    context_scorer: str | None = None,
+    settings: EvalSettings,
+    progress: Callable[[Cell, int, int], None] | None = None,
 ) -> EvalResult:
-    """Generate and score ``examples`` for every run on ``loaded``; write and return the results.
+    """Generate and score ``examples`` for every run of ``settings`` on ``loaded``; write and return the results.
 
-    suite, settings: name the results folder together with the model, ``selection`` (the method
-    options given, e.g. ``{"window": 8}``, each passed to the methods that take it; the folder is
-    named by them over the defaults of :data:`NAMED_SELECTION`), ``profile``, dtype, device type,
-    ``batch_size`` and a digest of the examples (methods and budgets do not: each is a subfolder).
-    ``profile`` goes to the methods that take one; the others ignore it, so a grid resumed with
-    fewer methods keeps its folder. ``progress(run, done, total)`` is called when a run starts and
-    after each batch. Finished runs are read back, not rerun. ``query_agnostic``: each context is
-    compressed before its questions (:func:`_context_rows`; ``context_scorer`` as for
+    The results folder is named by the model, dtype, device type, a digest of the examples and the
+    settings other than methods and budgets (each run is a subfolder), with the method options over
+    the defaults of :data:`NAMED_SELECTION`. Each run's method gets the options it takes and ignores
+    the others, and only the profile methods get ``profile``, so a grid resumed with fewer methods
+    keeps its folder. ``progress(run, done, total)`` is called when a run starts and after each batch.
+    Finished runs are read back, not rerun. ``query_agnostic``: each context is compressed before its
+    questions (:func:`_context_rows`; ``context_scorer`` as for
     :func:`~uncomp_cli.contexts.compress.compress_ids`); both name the folder. A context's
     re-reading is kept (up to half the memory available; the first ones when more do not fit) for the
     grid's other runs whose prefill leaves the same cache: every method and budget without
@@ -354,6 +318,8 @@ def run_eval(
     from uncomp_cli.engine.generation import eos_token_ids
     from uncomp_cli.policies.registry import with_profile
 
+    suite, batch_size, profile = settings.suite, settings.batch_size, settings.profile
+    query_agnostic, context_scorer = settings.query_agnostic, settings.context_scorer
     if not examples:
         raise UncompError("no examples to evaluate")
     if batch_size < 1:
@@ -361,14 +327,16 @@ def run_eval(
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
         raise UncompError(f"{suite}: example ids are not unique")
-    selection = dict(selection or {})
+    runs = settings.runs()
+    selection = dict(settings.method_options)
     named = {name: CATALOGUE[name].default for name in NAMED_SELECTION} | selection
     scorers = _metric_functions(examples)
     check_context(loaded, examples)
 
     model_info = {"name": loaded.name, "kind": loaded.source.kind, "location": loaded.source.location,
                   "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch.")}
-    identity = {"suite": suite, "settings": settings, "model": [loaded.source.kind, loaded.source.location],
+    identity = {"suite": suite, "settings": settings.suite_settings,
+                "model": [loaded.source.kind, loaded.source.location],
                 "dtype": model_info["dtype"], "device": loaded.device.type, "selection": named,
                 "profile": None if profile is None else str(Path(profile).resolve()), "batch_size": batch_size,
                 "examples": examples_digest(examples)}
@@ -377,9 +345,9 @@ def run_eval(
 
         context_scorer = context_scorer or DEFAULT_CONTEXT_SCORER
         identity |= {"query_agnostic": True, "context_scorer": context_scorer}
-    folder = results_folder(out, suite, loaded.name, identity)
+    folder = results_folder(settings.out, suite, loaded.name, identity)
     finished_runs: list[RunResult] = []
-    pending: list[tuple[Run, object]] = []
+    pending: list[tuple[Cell, object]] = []
     for run in runs:
         finished = _load_finished(folder / run.name)
         if finished is not None:
@@ -387,7 +355,7 @@ def run_eval(
             finished_runs.append(RunResult(run, folder / run.name, finished[0], finished[1], skipped=True))
             continue
         # Every policy before any generation: a bad profile or budget fails before minutes of work.
-        policy = build_policy(run, selection)
+        policy = cell_policy(run, selection)
         policy = with_profile(policy, loaded, profile if policy.needs_profile else None)
         pending.append((run, policy))
 
@@ -395,7 +363,7 @@ def run_eval(
     if config_path.is_file():
         config = json.loads(config_path.read_text(encoding="utf-8"))
     else:
-        config = {"suite": suite, "settings": settings, "model": model_info, "selection": selection,
+        config = {"suite": suite, "settings": settings.suite_settings, "model": model_info, "selection": selection,
                   "profile": identity["profile"], "batch_size": batch_size, "examples": len(examples),
                   "examples_digest": identity["examples"], "tasks": sorted({e.task for e in examples}),
                   "machine": _machine(loaded), "versions": _versions(),

@@ -67,7 +67,7 @@ class AdaKVPolicy(SnapKVPolicy):
 
     name: ClassVar[str] = "adakv"
 
-    floor: float = options.FLOOR.field()
+    floor: float = options.option_field("floor")
 
     def validate(self) -> None:
         if isinstance(self.floor, bool) or not isinstance(self.floor, int | float) or not 0 <= self.floor <= 1:

@@ -80,10 +80,10 @@ class H2OPolicy(GroupedCachePolicy):
 
     name: ClassVar[str] = "h2o"
 
-    budget: int | str = options.BUDGET.field()
-    window: int = options.WINDOW.field()
-    aggregate: str = options.AGGREGATE.field()
-    decode_evict: bool = options.DECODE_EVICT.field()
+    budget: int | str = options.option_field("budget")
+    window: int = options.option_field("window")
+    aggregate: str = options.option_field("aggregate")
+    decode_evict: bool = options.option_field("decode_evict")
 
     def make_scorer(self) -> H2OScorer:
         return H2OScorer(window=self.window, aggregate=self.aggregate)

@@ -53,7 +53,7 @@ class PyramidKVPolicy(SnapKVPolicy):
 
     name: ClassVar[str] = "pyramidkv"
 
-    beta: float = options.BETA.field()
+    beta: float = options.option_field("beta")
 
     def validate(self) -> None:
         if not self.beta >= 1:  # also refuses nan

@@ -21,9 +21,9 @@ class SnapKVPolicy(GroupedCachePolicy):
 
     name: ClassVar[str] = "snapkv"
 
-    budget: int | str = options.BUDGET.field()
-    window: int = options.WINDOW.field()
-    kernel: int = options.KERNEL.field()
-    pooling: str = options.POOLING.field()
-    aggregate: str = options.AGGREGATE.field()
-    decode_evict: bool = options.DECODE_EVICT.field()
+    budget: int | str = options.option_field("budget")
+    window: int = options.option_field("window")
+    kernel: int = options.option_field("kernel")
+    pooling: str = options.option_field("pooling")
+    aggregate: str = options.option_field("aggregate")
+    decode_evict: bool = options.option_field("decode_evict")

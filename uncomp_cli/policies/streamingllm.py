@@ -66,9 +66,9 @@ class StreamingLLMPolicy(GroupedCachePolicy):
     name: ClassVar[str] = "streamingllm"
     selects_by_attention: ClassVar[bool] = False
 
-    budget: int | str = options.BUDGET.field()
-    sinks: int = options.SINKS.field()
-    decode_evict: bool = options.DECODE_EVICT.field()
+    budget: int | str = options.option_field("budget")
+    sinks: int = options.option_field("sinks")
+    decode_evict: bool = options.option_field("decode_evict")
 
     def make_scorer(self) -> StreamingLLMScorer:
         return StreamingLLMScorer(sinks=self.sinks)

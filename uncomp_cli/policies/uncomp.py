@@ -59,22 +59,22 @@ class UNCompPolicy(GroupedCachePolicy):
 
     kv_head_budgets: torch.Tensor | None = None
     layer_keep: Sequence[float] | None = None
-    window: int = options.WINDOW.field()
-    kernel: int = options.KERNEL.field()
-    pooling: str = options.POOLING.field()
-    aggregate: str = options.AGGREGATE.field()
-    decode_evict: bool = options.DECODE_EVICT.field()
+    window: int = options.option_field("window")
+    kernel: int = options.option_field("kernel")
+    pooling: str = options.option_field("pooling")
+    aggregate: str = options.option_field("aggregate")
+    decode_evict: bool = options.option_field("decode_evict")
     profile: Profile | None = None
-    budget: int | str = options.BUDGET.field()
-    prefill_compression: bool = options.PREFILL_COMPRESSION.field()
-    prefill_keep: Sequence[float] | str | None = options.PREFILL_KEEP.field()
-    prefill_schedule: str = options.PREFILL_SCHEDULE.field()
-    prefill_max_len: int = options.PREFILL_MAX_LEN.field()
-    prefill_from: int | None = options.PREFILL_FROM.field()
-    prune_heads: str = options.PRUNE_HEADS.field()
-    prune_layers: str = options.PRUNE_LAYERS.field()
-    prune_contexts: bool = options.PRUNE_CONTEXTS.field()
-    preset: str | None = options.PRESET.field()
+    budget: int | str = options.option_field("budget")
+    prefill_compression: bool = options.option_field("prefill_compression")
+    prefill_keep: Sequence[float] | str | None = options.option_field("prefill_keep")
+    prefill_schedule: str = options.option_field("prefill_schedule")
+    prefill_max_len: int = options.option_field("prefill_max_len")
+    prefill_from: int | None = options.option_field("prefill_from")
+    prune_heads: str = options.option_field("prune_heads")
+    prune_layers: str = options.option_field("prune_layers")
+    prune_contexts: bool = options.option_field("prune_contexts")
+    preset: str | None = options.option_field("preset")
     uniform_heads: bool = False
 
     def validate(self) -> None:

@@ -20,14 +20,14 @@ class UNCompNoPrunePolicy(UNCompPolicy):
 
     name: ClassVar[str] = "uncomp-noprune"
 
-    prefill_compression: bool = options.PREFILL_COMPRESSION.field(False, init=False)
-    prefill_keep: None = options.PREFILL_KEEP.field(None, init=False)
-    prefill_schedule: str = options.PREFILL_SCHEDULE.field(init=False)
-    prefill_max_len: int = options.PREFILL_MAX_LEN.field(init=False)
-    prefill_from: None = options.PREFILL_FROM.field(None, init=False)
-    prune_heads: str = options.PRUNE_HEADS.field(init=False)
-    prune_layers: str = options.PRUNE_LAYERS.field(init=False)
-    prune_contexts: bool = options.PRUNE_CONTEXTS.field(init=False)
+    prefill_compression: bool = options.option_field("prefill_compression", False, init=False)
+    prefill_keep: None = options.option_field("prefill_keep", None, init=False)
+    prefill_schedule: str = options.option_field("prefill_schedule", init=False)
+    prefill_max_len: int = options.option_field("prefill_max_len", init=False)
+    prefill_from: None = options.option_field("prefill_from", None, init=False)
+    prune_heads: str = options.option_field("prune_heads", init=False)
+    prune_layers: str = options.option_field("prune_layers", init=False)
+    prune_contexts: bool = options.option_field("prune_contexts", init=False)
 
 
 @dataclass(eq=False)
