@@ -17,7 +17,6 @@ explicit ``position_ids`` (:mod:`uncomp_cli.engine.steps` does).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -26,13 +25,14 @@ from transformers.cache_utils import CacheLayerMixin
 
 from uncomp_cli.engine.attend import attend_group, causal_attention, rule_attention
 from uncomp_cli.engine.attention import ATTN_IMPLEMENTATION
-from uncomp_cli.engine.groups import HeadGroup, group_heads, group_rows, slide_window, take_heads, visible_tail
+from uncomp_cli.engine.groups import group_heads, group_rows, merge_heads, slide_window, take_heads, visible_tail
+from uncomp_cli.engine.layer_state import LayerState
 from uncomp_cli.engine.plan import CachePlan, LayerPlan
 from uncomp_cli.engine.selection import PRUNE_WINDOW, prune_scores, window_attention
 from uncomp_cli.errors import UncompError
 
 
-class GroupedKVLayer(CacheLayerMixin):
+class GroupedKVLayer(LayerState, CacheLayerMixin):
     """One decoder layer's grouped cache, built from its :class:`~uncomp_cli.engine.plan.LayerPlan`.
 
     ``decode_evict``: keep every group at its budget while decoding, as the official code does:
@@ -62,6 +62,11 @@ class GroupedKVLayer(CacheLayerMixin):
         self.skipped = 0  # prompt tokens pruned before reaching this layer (still seen by the model)
         self.prefill_tokens: int | None = None  # tokens this layer ran on at prefill (padding included)
         self._deferred = plan.defer_selection  # every token kept in one group until select()
+        #: While deferred: the last ``window`` queries seen [B, H_q, w, d] and their validity [B, w],
+        #: so a prompt fed in chunks is scored as a one-piece prefill would be (:meth:`select_by_window`).
+        self._window_queries: torch.Tensor | None = None
+        self._window_valid: torch.Tensor | None = None
+        self._scaling = 1.0
         #: [B, H_kv, N]: while set, the most attention any new query (of any of a KV head's query
         #: heads) paid each of the N tokens held before; a later pass's verdict on them.
         self.recorded: torch.Tensor | None = None
@@ -73,7 +78,6 @@ class GroupedKVLayer(CacheLayerMixin):
         #: and soft-capping; either one moves attention from SDPA to :func:`rule_attention`.
         self.sliding_window: int | None = None
         self.softcap: float | None = None
-        self._merge: tuple | None = None  # (grouping, query-head order) for _merge_heads
 
     # -- transformers' layer contract ------------------------------------------------------------
 
@@ -118,6 +122,7 @@ class GroupedKVLayer(CacheLayerMixin):
         self.recorded = None
         self._prune_scores = self._query_window = self._query_valid = None
         self._deferred = self.plan.defer_selection
+        self._window_queries = self._window_valid = None
         self._awaiting_attention = False
 
     def offload(self) -> None:
@@ -166,6 +171,7 @@ class GroupedKVLayer(CacheLayerMixin):
             raise UncompError("the model ran without its grouped KV cache; pass cache= from attach()")
         self._awaiting_attention = False
         self.sliding_window, self.softcap = sliding_window, softcap
+        self._scaling = scaling
         if valid is not None and bool(valid.all()):
             valid = None
         if self.groups[0].keys is None:
@@ -197,6 +203,7 @@ class GroupedKVLayer(CacheLayerMixin):
 
         if self._deferred:  # one group of every head, holding every token, until select() is called
             self.groups = group_heads([None] * self.num_kv_heads)
+            self._remember_window(query, valid)
         compress = any(g.budget is not None and g.budget < n for g in self.groups)
         scores = None
         prune_heads = self.plan.prune_heads
@@ -289,49 +296,36 @@ class GroupedKVLayer(CacheLayerMixin):
             raise UncompError("adopt() needs a layer prefilled with its selection deferred and nothing added since")
         self.device, self.dtype, self.is_initialized = whole.device, whole.dtype, True
         self.seen, self.skipped, self.prefill_tokens = whole.seen, whole.skipped, whole.prefill_tokens
-        self.sliding_window, self.softcap = whole.sliding_window, whole.softcap
+        self.sliding_window, self.softcap, self._scaling = whole.sliding_window, whole.softcap, whole._scaling
+        self._window_queries, self._window_valid = whole._window_queries, whole._window_valid
         self._deferred = True
         self.groups = [whole.groups[0].snapshot()]
 
-    def snapshot(self) -> GroupedKVLayer:
-        """A copy of this layer's state that shares its tensors (a checkpoint): neither copy ever
-        writes a token the other can see (:meth:`~uncomp_cli.engine.groups.HeadGroup.snapshot`)."""
-        clone = copy.copy(self)
-        clone.groups = [group.snapshot() for group in self.groups]
-        return clone
+    def select_by_window(self) -> None:
+        """End a prefill fed in chunks (a deferred plan): score the tokens held with the last
+        ``window`` queries, as a one-piece prefill scores them, and keep the budgets. Window scorers
+        only: one that needs every prompt query (H2O) takes its prompt in one piece."""
+        if not self.holds_whole_context() or self._window_queries is None:
+            raise UncompError("select_by_window() needs a layer fed with its selection deferred")
+        if self.scorer.needs_all_queries:
+            raise UncompError(f"{type(self.scorer).__name__} scores with every prompt query: prefill in one piece")
+        whole = self.groups[0]
+        valid = None if whole.all_valid else whole.valid[:, 0]
+        probs = window_attention(self._window_queries, whole.keys, valid, self._scaling, self._window_valid)
+        if self.decode_evict:
+            self._query_window, self._query_valid = self._window_queries, self._window_valid
+        self._window_queries = self._window_valid = None
+        self.select(self.scorer.score(probs, valid, self.num_kv_heads), self.scorer.window)
 
-    def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """The layer's state for a file: JSON-ready counters and group layout, and tensors by name
-        (views; :meth:`restore` reads both back)."""
-        tensors: dict[str, torch.Tensor] = {}
-        groups = []
-        for g, group in enumerate(self.groups):
-            tensors |= {f"groups.{g}.{name}": getattr(group, name) for name in ("keys", "values", "valid", "positions")}
-            if group.row_budgets is not None:
-                tensors[f"groups.{g}.row_budgets"] = group.row_budgets
-            groups.append({"heads": group.heads, "budget": group.budget})
-        if self._query_window is not None:  # decode_evict's rolling score
-            tensors["query_window"], tensors["query_valid"] = self._query_window, self._query_valid
-        spec = {"seen": self.seen, "skipped": self.skipped, "prefill_tokens": self.prefill_tokens,
-                "budgets": self.budgets, "groups": groups}
-        return spec, tensors
-
-    @classmethod
-    def restore(cls, plan: LayerPlan, spec: dict, tensors: dict[str, torch.Tensor]) -> GroupedKVLayer:
-        """A layer holding what :meth:`export` wrote, decoding by ``plan`` (KeyError or TypeError when
-        something is missing)."""
-        layer = cls(plan)
-        layer.groups = []
-        for g, group_spec in enumerate(spec["groups"]):
-            group = HeadGroup(list(group_spec["heads"]), group_spec["budget"])
-            group.store(*(tensors[f"groups.{g}.{name}"] for name in ("keys", "values", "valid", "positions")))
-            group.row_budgets = tensors.get(f"groups.{g}.row_budgets")
-            layer.groups.append(group)
-        first = layer.groups[0].keys
-        layer.device, layer.dtype, layer.is_initialized = first.device, first.dtype, True
-        layer.seen, layer.skipped, layer.prefill_tokens = spec["seen"], spec["skipped"], spec["prefill_tokens"]
-        layer._query_window, layer._query_valid = tensors.get("query_window"), tensors.get("query_valid")
-        return layer
+    def _remember_window(self, query: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Keep the last ``window`` queries (and their validity) of what was fed while deferred."""
+        batch, _, count, _ = query.shape
+        new_valid = torch.ones(batch, count, dtype=torch.bool, device=query.device) if valid is None else valid
+        if self._window_queries is not None:
+            query = torch.cat([self._window_queries, query], dim=2)
+            new_valid = torch.cat([self._window_valid, new_valid], dim=1)
+        window = self.scorer.window
+        self._window_queries, self._window_valid = query[:, :, -window:].clone(), new_valid[:, -window:].clone()
 
     def _decode(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 valid: torch.Tensor | None, scaling: float, positions: torch.Tensor | None) -> torch.Tensor:
@@ -341,6 +335,8 @@ class GroupedKVLayer(CacheLayerMixin):
         new_valid = valid if valid is not None else \
             torch.ones(batch, q_len, dtype=torch.bool, device=keys.device)
         new_positions = self._positions(positions, batch, q_len, keys.device)
+        if self._deferred:  # a prompt fed in chunks (or a re-reading): keep the latest window
+            self._remember_window(query, new_valid)
         outputs = []
         for group in self.groups:
             heads = len(group.heads)
@@ -359,21 +355,12 @@ class GroupedKVLayer(CacheLayerMixin):
                                      else self.groups[0].valid, scaling, new_valid)
             seen = probs[..., : self.recorded.shape[-1]].reshape(batch, self.num_kv_heads, -1, self.recorded.shape[-1])
             self.recorded = torch.maximum(self.recorded, seen.amax(dim=2))
-        out = outputs[0] if len(outputs) == 1 else self._merge_heads(outputs, rep)
+        out = outputs[0] if len(outputs) == 1 else merge_heads(outputs, self.groups, rep)
         if self.decode_evict:
             self._evict(query, new_valid, scaling, rep)
         if self.sliding_window is not None:
             slide_window(self.groups, new_positions, self.sliding_window)
         return out
-
-    def _merge_heads(self, outputs: list[torch.Tensor], rep: int) -> torch.Tensor:
-        """Per-group outputs [B, h·rep, q, d] back into query-head order [B, H_q, q, d]."""
-        merged = torch.cat(outputs, dim=1)
-        heads = tuple(h for group in self.groups for h in group.heads)
-        if self._merge is None or self._merge[0] != (heads, rep, merged.device):  # once per grouping
-            order = torch.tensor([h * rep + r for h in heads for r in range(rep)], device=merged.device)
-            self._merge = ((heads, rep, merged.device), order.argsort())
-        return merged.index_select(1, self._merge[1])
 
     def _evict(self, query: torch.Tensor, new_valid: torch.Tensor, scaling: float, rep: int) -> None:
         """Bring every group over budget back to it with the window score of the recent queries."""
@@ -431,6 +418,12 @@ class GroupedKVCache(Cache):
         """Whether a prefill of ``tokens`` tokens keeps every one of them (so it may come in chunks)."""
         return self.plan.prune is None and all(
             layer.defer_selection or all(b is None or b >= tokens for b in layer.budgets) for layer in self.plan.layers)
+
+    def select_by_window(self) -> None:
+        """End a prefill fed in chunks into a deferred plan: every layer keeps what a one-piece
+        prefill would have kept (:meth:`GroupedKVLayer.select_by_window`)."""
+        for layer in self.layers:
+            layer.select_by_window()
 
     def prefill_tokens_per_layer(self) -> list[int | None]:
         """Tokens each layer ran on at prefill: fewer in later layers under hidden-state pruning."""

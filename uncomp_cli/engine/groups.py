@@ -218,3 +218,18 @@ def slide_window(groups: list[HeadGroup], new_positions: torch.Tensor, window: i
         first = int(seen.int().argmax()) if bool(seen.any()) else valid.shape[-1]
         group.store(group.keys[:, :, first:], group.values[:, :, first:], valid[..., first:],
                     group.positions[..., first:])
+
+
+def merge_heads(outputs: list[torch.Tensor], groups: list[HeadGroup], rep: int) -> torch.Tensor:
+    """Per-group attention outputs [B, h·rep, q, d], in ``groups`` order, back into query-head order
+    [B, H_q, q, d]."""
+    merged = torch.cat(outputs, dim=1)
+    heads = tuple(h for group in groups for h in group.heads)
+    return merged.index_select(1, _merge_order(heads, rep, merged.device))
+
+
+@functools.lru_cache(maxsize=256)
+def _merge_order(heads: tuple[int, ...], rep: int, device: torch.device) -> torch.Tensor:
+    """Where each query head's output stands in the concatenated groups, made once per grouping."""
+    order = torch.tensor([h * rep + r for h in heads for r in range(rep)], device=device)
+    return order.argsort()

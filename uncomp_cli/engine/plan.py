@@ -115,6 +115,17 @@ class CachePlan:
         scorer = scorer or SnapKVScorer()
         return cls.build([LayerPlan(tuple(row), scorer, decode_evict) for row in rows], stats=stats)
 
+    @classmethod
+    def keep_all(cls, num_layers: int, num_kv_heads: int) -> CachePlan:
+        """Every layer keeps every token: the full cache as a grouped one (rows of different methods
+        decoding together, :mod:`uncomp_cli.engine.ragged`)."""
+        return cls.uniform([[None] * num_kv_heads] * num_layers)
+
+    def without_pruning(self) -> CachePlan:
+        """The same budgets and scorers, no hidden-state pruning (a prompt fed in chunks)."""
+        layers = [dataclasses.replace(layer, prune_heads=None) for layer in self.layers]
+        return dataclasses.replace(self, layers=tuple(layers), prune=None)
+
     def deferred(self) -> CachePlan:
         """The same plan with every layer keeping the whole prompt until told what to select."""
         return dataclasses.replace(self, layers=tuple(dataclasses.replace(layer, defer_selection=True)

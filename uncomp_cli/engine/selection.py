@@ -294,6 +294,9 @@ class SnapKVScorer:
     kernel: int = DEFAULT_KERNEL
     pooling: str = DEFAULT_POOLING
     aggregate: str = DEFAULT_AGGREGATE
+    #: Whether :meth:`score_prefill` reads every prompt query, not only the window's (then a prompt
+    #: is scored in one piece, never in chunks).
+    needs_all_queries = False
 
     def __post_init__(self) -> None:
         if self.window < 1:

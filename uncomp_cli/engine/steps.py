@@ -89,16 +89,19 @@ def feed(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor, po
     new tokens. Returns the last position's logits [B, V].
 
     A compressed cache chooses what it keeps at the end of its prefill, from the prefill's last
-    queries, so it takes a prompt in one piece; chunks go to caches that keep every token they are
-    fed (the full cache, a grouped one whose budgets hold the prompt) and to a cache that already
-    holds its prefill (a question, a re-reading)."""
+    queries, so it takes a prompt in one piece, unless it was built from a deferred plan
+    (``plan.deferred()``: it keeps every token until ``cache.select_by_window()``, called after
+    the last chunk, selects exactly what one piece would have). Chunks also go to caches that keep
+    every token (the full cache, budgets that hold the prompt) and to a cache that already holds
+    its prefill (a question, a re-reading)."""
     count = input_ids.shape[1]
     if chunk is None or chunk >= count:
         return forward_last(model, input_ids, attention_mask, positions, cache)
     if chunk < 1:
         raise UncompError(f"a prefill chunk must be at least 1 token, got {chunk}")
     if isinstance(cache, GroupedKVCache) and cache.get_seq_length() == 0 and not cache.keeps(attention_mask.shape[-1]):
-        raise UncompError("a compressing cache selects at the end of its prefill: feed its prompt in one piece")
+        raise UncompError("a compressing cache selects at the end of its prefill: feed its prompt in one piece, "
+                          "or build it from plan.deferred() and call select_by_window() after the last chunk")
     before = attention_mask.shape[-1] - count
     for start in range(0, count, chunk):
         end = min(start + chunk, count)

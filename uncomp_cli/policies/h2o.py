@@ -62,6 +62,7 @@ class H2OScorer(SnapKVScorer):
     evicting during decoding (see the module docstring)."""
 
     kernel: int = 1
+    needs_all_queries = True
 
     def score_prefill(self, query: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None,
                       scaling: float, window_probs: torch.Tensor) -> torch.Tensor:

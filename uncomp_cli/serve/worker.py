@@ -1,18 +1,16 @@
-"""The one thread that owns the model: it takes waiting jobs, prefills them together and decodes.
+"""The one thread that owns the model: iteration-level scheduling (continuous batching).
 
-Batching: when the worker is free it takes the oldest waiting job and, behind it, the waiting jobs
-that ask for the same cache method and settings, up to ``max_batch`` rows and while the KV bytes
-the batch will hold fit under the server's limit (admission by bytes: at one limit a 5 % budget
-admits many times the rows of the full cache). The batch is left-padded and prefilled at
-once, as ``uncomp generate --input`` does; rows leave the batch between decode steps as they
-finish or as their client goes away (``Cache.batch_select_indices``), so a finished row stops
-costing memory and time. Each row samples with its own generator, so a seeded request gets the
-same tokens alone or in any batch.
-
-A job whose prompt opens with a reusable context (:mod:`uncomp_cli.serve.prompts`) runs alone: the
-context is compressed once (or found in the :class:`~uncomp_cli.serve.store.ContextStore`), the
-rest of its prompt is fed on the compressed cache, and the cache returns to the compressed
-context afterwards.
+Every iteration the worker (1) admits waiting requests, oldest first, while the KV bytes they may
+hold fit under the server's limit (admission by bytes: at one limit a 5 % budget admits many times
+the rows of the full cache) and the rows fit ``max_batch``; (2) feeds one prompt chunk of the
+oldest request still prefilling (:mod:`uncomp_cli.serve.prefill`: each request gets its own cache,
+from its own method's plan); (3) runs one decode step over every row that has its prompt in —
+rows of any methods, budgets and lengths together (:class:`~uncomp_cli.engine.ragged.RaggedBatch`).
+A row leaves at the step it ends (end of sequence, stop string, ``max_tokens``, its client gone);
+a request joins at the step after its prefill. So a short request waits for at most one chunk and
+one step, not for a long answer, and a long prompt's prefill lets running streams go on between
+its chunks. Cancellation is checked before every chunk and every step. Each row samples with its
+own generator: a seeded request gets the same tokens alone or among others.
 """
 
 from __future__ import annotations
@@ -27,19 +25,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from uncomp_cli.contexts.compress import compress_ids
 from uncomp_cli.engine.cache import cache_nbytes
 from uncomp_cli.engine.generation import TextStream, eos_token_ids, full_kv_cache_bytes
-from uncomp_cli.engine.steps import Batch, GenerationSettings, Row, left_pad, prompt_positions
+from uncomp_cli.engine.ragged import RaggedBatch
+from uncomp_cli.engine.steps import GenerationSettings, Row, pick_tokens
 from uncomp_cli.models.loading import LoadedModel
 from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.policies.registry import with_profile
 from uncomp_cli.serve.metrics import ServerMetrics
+from uncomp_cli.serve.prefill import PrefixStore, PromptFeed, start_feed
 from uncomp_cli.serve.prompts import Prompt
 from uncomp_cli.serve.protocol import ApiError, server_error
-from uncomp_cli.serve.store import ContextStore
 
 log = logging.getLogger(__name__)
+
+#: Prompt tokens fed per forward pass between decode steps (chunked prefill).
+DEFAULT_PREFILL_CHUNK = 512
+
+SHUTTING_DOWN = {"status": 503, "type": "server_error", "code": "shutting_down"}
 
 
 @dataclass
@@ -104,22 +107,24 @@ class Scheduler:
     """The waiting queue, admission by KV bytes, and the worker thread."""
 
     def __init__(self, loaded: LoadedModel, metrics: ServerMetrics, max_batch: int, max_queue: int,
-                 kv_cache_limit: int, context_cache_bytes: int, context_scorer: str, profile: str | None = None):
+                 kv_cache_limit: int, context_cache_bytes: int, context_scorer: str | None = None,
+                 profile: str | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.loaded = loaded
         self.token_bytes = full_kv_cache_bytes(loaded.model.config, 1, 1, loaded.model.dtype)
         self.metrics = metrics
         self.max_batch, self.max_queue, self.kv_cache_limit = max_batch, max_queue, kv_cache_limit
-        self.context_scorer = context_scorer
+        self.prefill_chunk = prefill_chunk
         self.profile = profile
-        self.store = ContextStore(context_cache_bytes)
+        self.store = PrefixStore(context_cache_bytes)
         self.eos = set(eos_token_ids(loaded))
-        pad = loaded.tokenizer.pad_token_id if loaded.tokenizer is not None else None
-        self.pad_id = pad if pad is not None else (sorted(self.eos) or [0])[0]
         self._profile = None  # the model's UNComp profile, once a request needs it
         self._queue: collections.deque[Job] = collections.deque()
-        self._running: list[Job] = []
+        self._prefilling: collections.deque[Active] = collections.deque()
+        self._decoding: list[Active] = []
+        self._batch = RaggedBatch(loaded.model)
+        self._reserved = 0  # KV bytes the admitted requests may hold
         self._cond = threading.Condition()
-        self._stopping = False
+        self._stopping = False  # no new requests; the worker ends once the rows are gone
         self._thread = threading.Thread(target=self._loop, name="uncomp-worker", daemon=True)
 
     # -- the HTTP side ---------------------------------------------------------------------------
@@ -130,7 +135,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._stopping:
-                raise ApiError("the server is shutting down", status=503, type="server_error", code="shutting_down")
+                raise ApiError("the server is shutting down", **SHUTTING_DOWN)
             waiting = sum(not j.cancelled.is_set() for j in self._queue)
             if waiting >= self.max_queue:
                 raise ApiError(f"{waiting} requests are waiting, the most this server queues (--max-queue); "
@@ -139,23 +144,32 @@ class Scheduler:
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Take no more jobs, fail the waiting ones, cancel the running ones and wait for the worker."""
+    def begin_drain(self) -> None:
+        """Take no more requests and fail the waiting ones with 503; running requests go on."""
         with self._cond:
             self._stopping = True
             waiting, self._queue = list(self._queue), collections.deque()
-            for job in self._running:
-                job.cancelled.set()
+            self.metrics.queue_depth.set(0)
             self._cond.notify_all()
         for job in waiting:
-            job.send("error", ApiError("the server is shutting down", status=503, type="server_error",
-                                       code="shutting_down"))
+            job.send("error", ApiError("the server is shutting down", **SHUTTING_DOWN))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain: no new requests, waiting ones fail, running ones get ``timeout`` seconds to finish;
+        then the rest are cancelled and told so."""
+        self.begin_drain()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        for job in self._running:
+        with self._cond:
+            running = [a.job for a in (*self._prefilling, *self._decoding)]
+            for job in running:
+                job.cancelled.set()
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        for job in running:
             if not job.finished:
-                job.send("error", ApiError("the server shut down before the answer was finished", status=503,
-                                           type="server_error", code="shutting_down"))
+                job.send("error", ApiError("the server shut down before the answer was finished", **SHUTTING_DOWN))
 
     @property
     def stopping(self) -> bool:
@@ -164,60 +178,144 @@ class Scheduler:
     # -- the worker thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            try:
-                policy = self._resolved(batch[0])
-                if batch[0].prompt.context_ids is not None:
-                    self._serve_context(batch[0], policy)
-                else:
-                    self._serve_batch(batch, policy)
-            except ApiError as exc:
-                self._fail(batch, exc)
-            except Exception as exc:  # one batch's failure is not the server's
-                log.exception("a batch failed")
-                self._fail(batch, server_error(f"the batch failed: {type(exc).__name__}: {exc}"))
-            finally:
-                with self._cond:
-                    self._running = []
-                self.metrics.running.set(0)
-                self.metrics.kv_bytes.set(0)
-                self.metrics.kv_reserved.set(0)
+        while True:
+            with self._cond:
+                self._admit()
+                if not self._prefilling and not self._decoding:
+                    if self._stopping:
+                        return
+                    self._cond.wait()
+                    continue
+            if self._prefilling:
+                self._prefill_step(self._prefilling[0])
+            if self._decoding:
+                self._decode_step()
+            self._report()
 
-    def _next_batch(self) -> list[Job] | None:
+    def _admit(self) -> None:
+        """Move waiting jobs into prefill, oldest first, while their KV bytes fit (under the lock)."""
+        while self._queue and self._queue[0].cancelled.is_set():
+            self._queue.popleft()
+        while self._queue and len(self._prefilling) + len(self._decoding) < self.max_batch:
+            job = self._queue[0]
+            need = self._reservation(job)
+            if self._reserved and self._reserved + need > self.kv_cache_limit:
+                break  # first come, first served: no later, smaller job jumps the queue
+            self._queue.popleft()
+            self._reserved += need
+            self._prefilling.append(Active(job, RowText(self.loaded.tokenizer, job.stops), need))
+        self.metrics.queue_depth.set(len(self._queue))
+
+    def _reservation(self, job: Job) -> int:
+        """What a request's cache may hold: its prompt while a chunked prefill keeps every token,
+        then its kept tokens, answer and decoding slack (``CachePolicy.held_tokens``)."""
+        final = self.token_bytes * job.policy.held_tokens(job.kv_tokens + job.sampling.max_new_tokens)
+        prompt = len(job.prompt.ids)
+        during = self.token_bytes * prompt if prompt > self.prefill_chunk else 0
+        return max(final, during)
+
+    def _prefill_step(self, active: Active) -> None:
+        """One chunk of the oldest prefilling request; when its prompt is in, its first token."""
+        job = active.job
+        if job.cancelled.is_set():
+            self._drop(active, prefilling=True)
+            return
+        try:
+            with self._timed("prefill"):
+                if active.feed is None:
+                    policy = self._resolved(job)
+                    active.feed = start_feed(self.loaded.model, policy, job.prompt.ids, self.prefill_chunk,
+                                             job.prompt.context_ids, self.store)
+                    active.started = time.perf_counter()
+                    reused = active.feed.stats.get("context_reused")
+                    if reused is not None:
+                        self.metrics.context_reuse.labels("hit" if reused else "miss").inc()
+                logits = active.feed.advance()
+            self.metrics.context_bytes.set(self.store.bytes)
+        except Exception as exc:  # one request's failure is not the server's
+            error = exc if isinstance(exc, ApiError) else server_error(f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, ApiError):
+                log.exception("a prefill failed")
+            self._drop(active, prefilling=True, error=error)
+            return
+        if logits is None:
+            return
+        feed = active.feed
+        row = Row.sampling(job.sampling, logits.device)
+        token = int(pick_tokens(logits, job.sampling, row.generator)[0])
         with self._cond:
-            while True:
-                while self._queue and self._queue[0].cancelled.is_set():
-                    self._queue.popleft()
-                if self._queue or self._stopping:
-                    break
-                self._cond.wait()
-            if self._stopping:
-                return None
-            head = self._queue.popleft()
-            batch = [head]
-            if head.prompt.context_ids is None:
-                for job in list(self._queue):
-                    if len(batch) == self.max_batch:
-                        break
-                    if job.policy_key != head.policy_key or job.prompt.context_ids is not None \
-                            or job.cancelled.is_set():
-                        continue
-                    if self._batch_bytes([*batch, job]) > self.kv_cache_limit:
-                        break  # first come, first served: no later, smaller job jumps the queue
-                    batch.append(job)
-                    self._queue.remove(job)
-            self._running = batch
-            self.metrics.queue_depth.set(len(self._queue))
-        self.metrics.running.set(len(batch))
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.kv_reserved.set(self._batch_bytes(batch))
-        return batch
+            self._prefilling.popleft()
+            self._reserved += self._reservation_after(active)
+        active.served = {"kv_cache_bytes": cache_nbytes(feed.cache), "prefill_seconds":
+                         round(time.perf_counter() - active.started, 4)} | feed.stats
+        if self._emit(active, token):
+            self._release(active)
+            return
+        self._batch.join(row, feed.cache, feed.total, token)
+        self._decoding.append(active)
 
-    def _batch_bytes(self, jobs: list[Job]) -> int:
-        """A left-padded batch holds every row at the longest prompt's kept tokens and the longest
-        answer, and a grouped cache the slack decoding writes into (one batch: one policy)."""
-        longest = max(job.kv_tokens for job in jobs) + max(job.sampling.max_new_tokens for job in jobs)
-        return len(jobs) * self.token_bytes * jobs[0].policy.held_tokens(longest)
+    def _reservation_after(self, active: Active) -> int:
+        """Lower a request's reservation to what it holds once its prompt is in (a delta)."""
+        job = active.job
+        final = self.token_bytes * job.policy.held_tokens(job.kv_tokens + job.sampling.max_new_tokens)
+        delta, active.reserved = final - active.reserved, final
+        return delta
+
+    def _decode_step(self) -> None:
+        """One token for every row that has its prompt in; rows that end leave."""
+        cancelled = [i for i, a in enumerate(self._decoding) if a.job.cancelled.is_set()]
+        if cancelled:
+            self._leave(cancelled, dropped=True)
+        if not self._decoding:
+            return
+        try:
+            with self._timed("decode"):
+                tokens = self._batch.step().tolist()
+        except Exception as exc:
+            log.exception("a decode step failed")
+            error = server_error(f"the batch failed: {type(exc).__name__}: {exc}")
+            for active in self._decoding:
+                active.job.send("error", error)
+            self._leave(list(range(len(self._decoding))))
+            return
+        for active in self._decoding:
+            active.rows_together = max(active.rows_together, len(self._decoding))
+        self._leave([i for i, (active, token) in enumerate(zip(self._decoding, tokens)) if self._emit(active, token)])
+
+    def _leave(self, indices: list[int], dropped: bool = False) -> None:
+        """The rows at ``indices`` of the decoding batch leave it (their cache is freed)."""
+        self._batch.remove(indices)
+        gone = set(indices)
+        for i in sorted(gone):
+            if dropped:
+                self._decoding[i].job.finished = True
+                self.metrics.dropped_rows.inc()
+            self._release(self._decoding[i])
+        self._decoding = [a for i, a in enumerate(self._decoding) if i not in gone]
+
+    def _drop(self, active: Active, prefilling: bool, error: ApiError | None = None) -> None:
+        """A request that leaves while prefilling (cancelled, or its prefill failed)."""
+        with self._cond:
+            self._prefilling.remove(active)
+        if error is not None:
+            active.job.send("error", error)
+        else:
+            active.job.finished = True
+            self.metrics.dropped_rows.inc()
+        self._release(active)
+
+    def _release(self, active: Active) -> None:
+        with self._cond:
+            self._reserved -= active.reserved
+            self._cond.notify_all()
+
+    def _report(self) -> None:
+        rows = len(self._decoding) + len(self._prefilling)
+        self.metrics.running.set(rows)
+        self.metrics.kv_reserved.set(self._reserved)
+        held = sum(cache_nbytes(a.feed.cache, reserved=True) for a in (*self._decoding, *self._prefilling)
+                   if a.feed is not None)
+        self.metrics.kv_bytes.set(held)
 
     def _resolved(self, job: Job) -> CachePolicy:
         """The job's policy with the model's profile, loaded once (in this thread: calibrating a
@@ -227,41 +325,6 @@ class Scheduler:
         if self._profile is None:
             self._profile = with_profile(job.policy, self.loaded, self.profile).profile
         return job.policy.given(profile=self._profile)
-
-    def _fail(self, jobs: list[Job], error: ApiError) -> None:
-        for job in jobs:
-            if not job.finished:
-                job.send("error", error)
-
-    def _serve_batch(self, jobs: list[Job], policy: CachePolicy) -> None:
-        input_ids, mask = left_pad([job.prompt.ids for job in jobs], self.pad_id, self.loaded.device)
-        served = {"batch_size": len(jobs), "context_reused": None}
-        with torch.inference_mode(), policy.attach(self.loaded.model, mask) as cache:
-            self._run_rows(cache, input_ids, mask, prompt_positions(mask), jobs, served)
-
-    def _serve_context(self, job: Job, policy: CachePolicy) -> None:
-        key = (job.policy_key, self.context_scorer, job.prompt.context_hash())
-        context = self.store.get(key)
-        reused = context is not None
-        self.metrics.context_reuse.labels("hit" if reused else "miss").inc()
-        if context is None:
-            with self._timed("compress"):
-                context = compress_ids(self.loaded, job.prompt.context_ids, policy, self.context_scorer)
-            self.store.put(key, context)
-            self.metrics.context_bytes.set(self.store.bytes)
-        rest = job.prompt.rest_ids
-        total = context.context_tokens + len(rest)
-        device = self.loaded.device
-        input_ids = torch.tensor([rest], device=device)
-        mask = torch.ones(1, total, dtype=torch.long, device=device)
-        positions = torch.arange(context.context_tokens, total, device=device)[None]
-        served = {"batch_size": 1, "context_reused": reused,
-                  "context_tokens": context.context_tokens, "context_kv_cache_bytes": context.kv_cache_bytes()}
-        try:
-            with torch.inference_mode(), policy.resume(self.loaded.model, context.cache) as cache:
-                self._run_rows(cache, input_ids, mask, positions, [job], served)
-        finally:
-            context.restore()
 
     @contextlib.contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
@@ -273,40 +336,11 @@ class Scheduler:
                 torch.cuda.synchronize(self.loaded.device)
             self.metrics.worker_seconds.labels(phase).inc(time.perf_counter() - started)
 
-    def _run_rows(self, cache, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                  jobs: list[Job], served: dict) -> None:
-        """Feed the prompts, then decode until every row has ended; rows leave as they end (the
-        engine's step API: :class:`~uncomp_cli.engine.steps.Batch`)."""
-        device = self.loaded.device
-        batch = Batch(self.loaded.model, cache, [Row.sampling(job.sampling, device) for job in jobs])
-        texts = [RowText(self.loaded.tokenizer, job.stops) for job in jobs]
-        with self._timed("prefill"):
-            tokens = batch.prefill(input_ids, mask, positions)
-        served |= {"kv_cache_bytes": cache_nbytes(cache) // len(jobs)}
-        while True:
-            self.metrics.kv_bytes.set(cache_nbytes(cache, reserved=True))
-            ended = [i for i, (job, text, token) in enumerate(zip(jobs, texts, tokens.tolist()))
-                     if self._emit(job, text, token, served)]
-            if len(ended) == len(jobs):
-                return
-            if ended:
-                batch.remove(ended)
-                jobs = [job for i, job in enumerate(jobs) if i not in ended]
-                texts = [text for i, text in enumerate(texts) if i not in ended]
-                with self._cond:
-                    self._running = list(jobs)
-                self.metrics.running.set(len(jobs))
-            with self._timed("decode"):
-                tokens = batch.step()
-
-    def _emit(self, job: Job, text: RowText, token: int, served: dict) -> bool:
-        """Send a row's new token to its client; True when the row has ended (or its client left)."""
+    def _emit(self, active: Active, token: int) -> bool:
+        """Send a row's new token to its client; True when the row has ended."""
+        job, text = active.job, active.text
         if text.tokens == 0:
             self.metrics.ttft.observe(time.perf_counter() - job.arrived)
-        if job.cancelled.is_set():
-            job.finished = True
-            self.metrics.dropped_rows.inc()
-            return True
         ended = "stop" if token in self.eos else None
         delta = "" if ended else text.push(token)
         if text.stopped:
@@ -319,5 +353,18 @@ class Scheduler:
         if ended:
             self.metrics.completion_tokens.inc(text.tokens)
             self.metrics.prompt_tokens.inc(len(job.prompt.ids))
-            job.send("done", ended, text.tokens, job.served | served)
+            job.send("done", ended, text.tokens, job.served | active.served | {"batch_size": active.rows_together})
         return ended is not None
+
+
+@dataclass
+class Active:
+    """An admitted request: its text so far, what it reserved, and its prefill."""
+
+    job: Job
+    text: RowText
+    reserved: int
+    feed: PromptFeed | None = None
+    started: float = 0.0
+    served: dict = field(default_factory=dict)
+    rows_together: int = 1  # the most rows it decoded among
