@@ -23,7 +23,7 @@ def plan(planner: RequestPlanner, uncomp: dict | None = None, max_tokens: int = 
 def scheduler_for(loaded, settings: ServeSettings) -> tuple[RequestPlanner, Scheduler]:
     planner = RequestPlanner(loaded, settings)
     return planner, Scheduler(loaded, ServerMetrics(), settings.max_batch, settings.max_queue,
-                              settings.kv_cache_limit, settings.context_cache_bytes, settings.context_scorer)
+                              settings.kv_cache_limit, settings.context_cache_bytes)
 
 
 def admitted(scheduler: Scheduler) -> list:

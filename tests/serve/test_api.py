@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -11,6 +14,7 @@ from serving import MODEL, metric
 
 from uncomp_cli.engine.generation import GenerationSettings, generate
 from uncomp_cli.policies.registry import make_policy
+from uncomp_cli.serve.server import sampling_defaults
 
 SNAPKV = {"budget": "50%", "window": 4, "kernel": 3}
 PROMPTS = [f"The quick brown fox {i} " + "hello world " * (i % 5) + "the capital of France is" for i in range(16)]
@@ -161,3 +165,139 @@ def test_metrics_count_requests_and_tokens(running, client):
     for name in ("uncomp_queue_depth", "uncomp_kv_cache_bytes", "uncomp_time_to_first_token_seconds_bucket",
                  'uncomp_requests_total{endpoint="chat",outcome="ok"}'):
         assert name in text
+
+
+# -- defaults a request leaves to the server -------------------------------------------------------
+
+
+def _with_generation_config(**values):
+    from transformers import GenerationConfig
+
+    return SimpleNamespace(model=SimpleNamespace(generation_config=GenerationConfig(**values)))
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({}, (0.0, 1.0)),  # says nothing of sampling: greedy, as transformers' generate and uncomp generate
+    ({"do_sample": True, "temperature": 0.6, "top_p": 0.9}, (0.6, 0.9)),
+    ({"do_sample": True}, (1.0, 1.0)),
+    ({"temperature": 0.7}, (0.7, 1.0)),  # a temperature without do_sample: meant for sampling, as vLLM reads it
+    ({"do_sample": False, "temperature": 0.6}, (0.0, 1.0)),  # do_sample false: greedy whatever else it says
+], ids=["nothing", "sampling", "do_sample-only", "temperature-only", "greedy"])
+def test_sampling_defaults_come_from_the_generation_config(values, expected):
+    defaults = sampling_defaults(_with_generation_config(**values))
+    assert (defaults.temperature, defaults.top_p) == expected and defaults.source
+
+
+def test_sampling_defaults_of_tiny_models_with_and_without_a_generation_config(tiny_loaded, tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from uncomp_cli.models.loading import load_model
+
+    assert sampling_defaults(tiny_loaded)[:2] == (0.0, 1.0)  # a saved config with no sampling values
+    assert sampling_defaults(SimpleNamespace(model=SimpleNamespace()))[:2] == (0.0, 1.0)  # none at all
+    folder = tmp_path / "sampled"
+    shutil.copytree(tiny_model_dir, folder)
+    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, bos_token_id=1, eos_token_id=2).save_pretrained(folder)
+    assert sampling_defaults(load_model(str(folder), device="cpu"))[:2] == (0.6, 0.9)
+
+
+def test_a_request_without_temperature_gets_the_models_default_and_says_so(client):
+    default = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello world"}],
+                                             max_tokens=8)
+    greedy = chat(client, "hello world", max_tokens=8)
+    assert default.choices[0].message.content == greedy.choices[0].message.content
+    assert (default.model_extra["uncomp"]["temperature"], default.model_extra["uncomp"]["top_p"]) == (0.0, 1.0)
+    sampled = chat(client, "hello world", max_tokens=8, extra_body={"temperature": 0.9})  # asked: as asked
+    assert sampled.model_extra["uncomp"]["temperature"] == 0.9
+
+
+# -- message names ----------------------------------------------------------------------------------
+
+
+def test_a_name_is_taken_only_by_a_template_that_writes_it():
+    from tiny import tiny_tokenizer
+
+    from uncomp_cli.serve.prompts import template_carries_name
+    from uncomp_cli.serve.protocol import ChatRequest
+
+    tokenizer = tiny_tokenizer()
+    assert not template_carries_name(tokenizer)  # the tiny template, like most, drops it
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m.name %}{{ m.name }}: {% endif %}"
+                               "{{ m['content'] }}</s>{% endfor %}")
+    assert template_carries_name(tokenizer)
+    request = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi", "name": "ann"}]})
+    assert request.chat(names=True) == [{"role": "user", "content": "hi", "name": "ann"}]
+    assert "ann: hi" in tokenizer.apply_chat_template(request.chat(names=True), tokenize=False)
+
+
+def test_a_name_the_template_drops_is_refused_not_ignored(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="does not carry a message's name") as caught:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi", "name": "ann"}],
+                                       max_tokens=2)
+    assert caught.value.body["param"] == "messages" and "messages.0.name" in caught.value.body["message"]
+
+
+# -- log probabilities ------------------------------------------------------------------------------
+
+def test_chat_logprobs_come_with_every_token_in_openais_shape(client):
+    response = chat(client, "hello world", max_tokens=6, logprobs=True, top_logprobs=3)
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens or response.choices[0].finish_reason == "stop"
+    assert "".join(bytes(t.bytes).decode("utf-8", "replace") for t in content) == response.choices[0].message.content
+    for token in content:
+        assert len(token.top_logprobs) == 3 and token.logprob <= 0
+        assert token.top_logprobs[0].logprob >= token.logprob  # greedy: the chosen token is the most likely
+        assert token.top_logprobs[0].token == token.token
+    streamed = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello world"}],
+                                              max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+    tokens = [t.token for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+              for t in chunk.choices[0].logprobs.content]
+    assert tokens == [t.token for t in content]
+
+
+def test_completion_logprobs_are_the_legacy_lists(client):
+    response = client.completions.create(model=MODEL, prompt="hello world", max_tokens=5, temperature=0, logprobs=2)
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs)
+    assert all(len(top) in (2, 3) for top in logprobs.top_logprobs)
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+
+
+def _entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
+
+
+def test_the_handlers_put_the_workers_logprobs_on_the_chunk_that_carries_their_text():
+    """The app's side of the worker's ("logprobs", entries) events, without a worker."""
+    from uncomp_cli.serve.app import _stream, _whole
+    from uncomp_cli.serve.metrics import ServerMetrics
+
+    job = SimpleNamespace(prompt=SimpleNamespace(ids=[1, 2]), cancelled=threading.Event())
+    events = [("logprobs", [_entry("He", -0.5)]), ("logprobs", [_entry("llo", -0.25)]), ("text", "Hello"),
+              ("logprobs", [_entry("!", -1.0)]), ("done", "stop", 3, {})]
+
+    async def run(chat: bool):
+        queue: asyncio.Queue = asyncio.Queue()
+        for event in events:
+            queue.put_nowait(event)
+        chunks = [line async for line in _stream(job, queue, chat, "id", MODEL, False, ServerMetrics(), "chat",
+                                                 lambda job: None)]
+        for event in events:
+            queue.put_nowait(event)
+        whole = await _whole(None, job, queue, chat, "id", MODEL, ServerMetrics(), "chat")
+        return [json.loads(c.removeprefix("data: ")) for c in chunks[:-1]], json.loads(whole.body)
+
+    chunks, whole = asyncio.run(run(chat=True))
+    carried = [[t["token"] for t in c["choices"][0]["logprobs"]["content"]] for c in chunks
+               if c["choices"][0]["logprobs"]]
+    assert carried == [["He", "llo"], ["!"]]  # the text chunk, then the finishing one
+    assert [t["token"] for t in whole["choices"][0]["logprobs"]["content"]] == ["He", "llo", "!"]
+    chunks, whole = asyncio.run(run(chat=False))
+    offsets = [c["choices"][0]["logprobs"]["text_offset"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert offsets == [[0, 2], [5]]  # a stream's offsets go on from chunk to chunk
+    assert whole["choices"][0]["logprobs"]["tokens"] == ["He", "llo", "!"]
+    assert whole["choices"][0]["logprobs"]["text_offset"] == [0, 2, 5]

@@ -19,7 +19,9 @@ from uncomp_cli.serve.worker import RowText  # noqa: E402
 
 def test_a_valid_chat_request_parses_with_openai_defaults():
     request = parse_request(ChatRequest, b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
-    assert (request.temperature, request.top_p, request.n, request.stream, request.stops()) == (1.0, 1.0, 1, False, [])
+    # temperature and top_p stay unset: the server takes them from the model's generation_config
+    assert (request.temperature, request.top_p, request.n, request.stream, request.stops()) == \
+        (None, None, 1, False, [])
     assert request.chat() == [{"role": "user", "content": "hi"}]
 
 

@@ -11,7 +11,7 @@ import typer
 
 from uncomp_cli.cli.common import handle_errors
 from uncomp_cli.cli.options import METHOD_NAMES, ModelOptions, with_method_options, with_settings
-from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER, DEFAULT_METHOD
+from uncomp_cli.defaults import DEFAULT_METHOD
 from uncomp_cli.errors import UncompError
 
 
@@ -25,14 +25,18 @@ def kv_cache_limit_bytes(text: str, device) -> int:
 
 @dataclass(frozen=True)
 class ListenOptions:
-    """Where the server listens, the name it answers to, and how it stops."""
+    """Where the server listens, the name it answers to, what it reads, and how it stops."""
 
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1"
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000
     served_model_name: Annotated[str | None, typer.Option(help="The model id clients send (default: the model's "
                                                           "name).")] = None
+    max_body: Annotated[str, typer.Option(
+        help="Largest request body (e.g. 1MiB); larger: HTTP 413. auto: 32 bytes per token of the model's context, "
+             "at least 1MiB.")] = "auto"
     shutdown_timeout: Annotated[float, typer.Option(
-        min=0, help="On SIGTERM, seconds to let running requests finish before they are failed.")] = 30.0
+        min=0, help="On SIGTERM, seconds to let running requests finish before they are failed (waiting ones "
+                    "are failed at once).")] = 30.0
 
 
 @dataclass(frozen=True)
@@ -45,18 +49,20 @@ class BatchingOptions:
         help="KV bytes a batch may hold (e.g. 256MiB, 8GiB); requests are admitted while their caches fit. "
              "auto: half the memory available at start.")] = "auto"
     default_max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens of a request that gives none.")] = 512
+    prefill_chunk: Annotated[int, typer.Option(
+        min=1, help="Prompt tokens prefilled per step between the running requests' decode steps (chunked "
+                    "prefill).")] = 512
 
 
 @dataclass(frozen=True)
 class ReuseOptions:
-    """Long first messages compressed once and kept for the requests that repeat them."""
+    """Documents kept at full precision for the later turns that ask about them again."""
 
     reuse_min_tokens: Annotated[int, typer.Option(
-        min=0, help="A first user message whose text before its last paragraph break has this many tokens is "
-                    "compressed once as a reusable context (0: off).")] = 1024
-    context_cache: Annotated[str, typer.Option(help="KV bytes of compressed contexts kept for reuse.")] = "1GiB"
-    context_scorer: Annotated[str, typer.Option(
-        help="How reusable contexts are scored: reconstruct or window (as in generate).")] = DEFAULT_CONTEXT_SCORER
+        min=0, help="A first user message whose text before its last paragraph break has this many tokens is a "
+                    "document: its KV is kept (before any selection) for later turns about it (0: off).")] = 1024
+    context_cache: Annotated[str, typer.Option(
+        help="KV bytes of documents kept for reuse (full precision, least recently used dropped first).")] = "1GiB"
 
 
 @handle_errors
@@ -80,37 +86,41 @@ def serve(
     extra_body={"uncomp": {"method": "snapkv", "budget": "10%"}}.
     """
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (the serve extra: checked here, used by serve.app.run)
 
-        from uncomp_cli.serve.app import create_app
+        from uncomp_cli.serve.app import create_app, run
     except ImportError as exc:
         raise UncompError(f"uncomp serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'uncomp[serve]'") from None
-    from uncomp_cli.contexts.compress import check_context_scorer
     from uncomp_cli.policies.registry import make_policy, with_profile
     from uncomp_cli.serve.server import ServeSettings
     from uncomp_cli.units import parse_memory
 
-    check_context_scorer(reuse.context_scorer)
     policy = make_policy(method, **method_options)  # bad settings fail before the model loads
     settings = ServeSettings(method=method, method_options=method_options, max_batch=batching.max_batch,
                              max_queue=batching.max_queue, default_max_tokens=batching.default_max_tokens,
-                             reuse_min_tokens=reuse.reuse_min_tokens,
+                             prefill_chunk=batching.prefill_chunk, reuse_min_tokens=reuse.reuse_min_tokens,
                              context_cache_bytes=parse_memory(reuse.context_cache),
-                             context_scorer=reuse.context_scorer, served_model_name=listen.served_model_name)
+                             served_model_name=listen.served_model_name,
+                             shutdown_timeout=listen.shutdown_timeout)
     if batching.kv_cache_limit != "auto":
         settings.kv_cache_limit = parse_memory(batching.kv_cache_limit)
+    if listen.max_body != "auto":
+        settings.max_body = parse_memory(listen.max_body)
     settings.validate()
     loaded = loading.load()
     if policy.needs_profile or profile is not None:  # check (or calibrate) the profile now, not at a request
         with_profile(policy if policy.needs_profile else make_policy("uncomp"), loaded, profile)
     settings.kv_cache_limit = kv_cache_limit_bytes(batching.kv_cache_limit, loaded.device)
     app = create_app(loaded, settings, str(profile) if profile else None)
-    typer.echo(f"serving {settings.served_model_name or loaded.name} ({method}) on "
-               f"http://{listen.host}:{listen.port}/v1, KV cache limit {settings.kv_cache_limit} bytes", err=True)
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it found:
-    # with this one installed that ends the run normally (exit 0) instead of killing the process.
+    planner = app.state.planner
+    sampling = planner.sampling
+    typer.echo(f"serving {planner.model_name} ({method}) on http://{listen.host}:{listen.port}/v1, KV cache limit "
+               f"{settings.kv_cache_limit} bytes, bodies up to {planner.max_body} bytes; a request without "
+               f"temperature/top_p gets {sampling.temperature:g}/{sampling.top_p:g} ({sampling.source})", err=True)
+    # uvicorn stops on SIGTERM, then raises the signal again for the handler it found: with this one
+    # installed that ends the run normally (exit 0) instead of killing the process.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(app, host=listen.host, port=listen.port, log_level="warning",
-                timeout_graceful_shutdown=listen.shutdown_timeout)
+    if not run(app, listen.host, listen.port, listen.shutdown_timeout):
+        raise UncompError(f"the server could not start on {listen.host}:{listen.port}")
     typer.echo("stopped", err=True)

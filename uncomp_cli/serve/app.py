@@ -2,7 +2,12 @@
 
 Handlers only check requests and relay the worker's events: a whole JSON response, or server-sent
 events in OpenAI's chunk format ending in ``data: [DONE]``. A client that goes away cancels its
-job, and the worker drops its row at the next step.
+job, and the worker drops its row at the next step. A body is read up to ``--max-body`` bytes, and
+checked and tokenised in a thread, so a large one never holds up the event loop.
+
+Stopping (:func:`run`, on SIGTERM or Ctrl-C): the server stops listening, waiting requests get a
+503 at once, running ones get ``--shutdown-timeout`` seconds to finish and then a 503 (a stream: an
+error event, then ``[DONE]``); every client still connected is answered before its connection closes.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -20,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from uncomp_cli import __version__
 from uncomp_cli.models.loading import LoadedModel
+from uncomp_cli.serve.logprobs import CompletionLogprobs, chat_logprobs
 from uncomp_cli.serve.metrics import ServerMetrics
 from uncomp_cli.serve.protocol import (
     ApiError,
@@ -29,6 +35,8 @@ from uncomp_cli.serve.protocol import (
     completion_body,
     new_id,
     parse_request,
+    shutting_down,
+    too_large,
     usage,
 )
 from uncomp_cli.serve.server import RequestPlanner, ServeSettings
@@ -37,23 +45,47 @@ from uncomp_cli.serve.worker import Job, Scheduler
 #: How often a waiting non-streamed request checks that its client is still there (seconds).
 DISCONNECT_POLL = 0.5
 
+#: Seconds beyond ``--shutdown-timeout`` that uvicorn waits for the last answers to be written
+#: (the worker's last step, then the 503s) before it cancels what is left.
+DRAIN_GRACE = 10.0
+
 
 def create_app(loaded: LoadedModel, settings: ServeSettings, profile: str | None = None) -> FastAPI:
-    """An application serving ``loaded``; its worker starts and stops with the application."""
+    """An application serving ``loaded``; its worker starts and stops with the application.
+
+    ``app.state.drain()`` stops taking requests and answers every one it holds (see the module's
+    text); :func:`run` calls it as soon as the server begins to stop, and the application's shutdown
+    calls it (again: once is enough) whatever server runs it."""
     settings.validate()
     metrics = ServerMetrics()
     planner = RequestPlanner(loaded, settings)
     scheduler = Scheduler(loaded, metrics, settings.max_batch, settings.max_queue, settings.kv_cache_limit,
-                          settings.context_cache_bytes, settings.context_scorer, profile)
+                          settings.context_cache_bytes, profile, settings.prefill_chunk)
+    inflight: dict[int, Job] = {}  # submitted jobs whose handler still waits for their events, by id()
+    draining: list[asyncio.Future] = []
+
+    async def _drain() -> None:
+        # The scheduler fails the waiting jobs, lets the running ones finish for the timeout, then
+        # cancels them; a job it did not answer is answered here, while its handler still listens.
+        await asyncio.to_thread(scheduler.stop, settings.shutdown_timeout)
+        error = shutting_down("the server shut down before the answer was finished")
+        for job in list(inflight.values()):
+            job.sink(("error", error))
+
+    async def drain() -> None:
+        if not draining:
+            draining.append(asyncio.ensure_future(_drain()))
+        await asyncio.shield(draining[0])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scheduler.start()
         yield
-        await asyncio.to_thread(scheduler.stop)
+        await drain()
 
     app = FastAPI(title="uncomp", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.planner, app.state.metrics = scheduler, planner, metrics
+    app.state.drain = drain
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -79,10 +111,14 @@ def create_app(loaded: LoadedModel, settings: ServeSettings, profile: str | None
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def prepare(kind: type, raw: bytes, endpoint: str) -> tuple:
+        body = parse_request(kind, raw)
+        return body, planner.plan(body, endpoint)
+
     async def complete(request: Request, kind: type, endpoint: str) -> Response:
         try:
-            body = parse_request(kind, await request.body())
-            job = planner.plan(body, endpoint)
+            raw = await read_body(request, planner.max_body)
+            body, job = await asyncio.to_thread(prepare, kind, raw, endpoint)  # tokenising is not the loop's work
         except ApiError:
             metrics.requests.labels(endpoint, "bad_request").inc()
             raise
@@ -94,13 +130,17 @@ def create_app(loaded: LoadedModel, settings: ServeSettings, profile: str | None
         except ApiError as exc:
             metrics.requests.labels(endpoint, "rejected").inc()
             raise exc
+        inflight[id(job)] = job
         chat = endpoint == "chat"
         request_id = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             return StreamingResponse(_stream(job, events, chat, request_id, planner.model_name, body.include_usage(),
-                                             metrics, endpoint),
+                                             metrics, endpoint, lambda job: inflight.pop(id(job), None)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _whole(request, job, events, chat, request_id, planner.model_name, metrics, endpoint)
+        try:
+            return await _whole(request, job, events, chat, request_id, planner.model_name, metrics, endpoint)
+        finally:
+            inflight.pop(id(job), None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -111,6 +151,45 @@ def create_app(loaded: LoadedModel, settings: ServeSettings, profile: str | None
         return await complete(request, CompletionRequest, "completions")
 
     return app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with 413 when over ``limit`` bytes: by its Content-Length before
+    anything is read, or, sent in chunks, as soon as it passes the limit (the rest is never kept)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def run(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> bool:
+    """Serve ``app`` (from :func:`create_app`) until SIGTERM or Ctrl-C; False when it could not start.
+
+    uvicorn alone would stop listening, wait for the connections to close for its graceful timeout,
+    cancel the handlers still running (a stream is cut, a waiting request gets a bare 500), and only
+    then shut the application down, so the worker's 503s reached nobody. Here the application
+    drains as soon as the server begins to stop, and uvicorn waits ``DRAIN_GRACE`` seconds longer
+    than the drain, so every handler writes its answer first.
+    """
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            drained = asyncio.ensure_future(app.state.drain())  # runs once the listening sockets are closed
+            await super().shutdown(sockets)
+            await drained
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=shutdown_timeout + DRAIN_GRACE)
+    server = DrainingServer(config)
+    server.run()
+    return server.started
 
 
 async def _next_event(request: Request, job: Job, events: asyncio.Queue) -> tuple:
@@ -127,11 +206,14 @@ async def _next_event(request: Request, job: Job, events: asyncio.Queue) -> tupl
 async def _whole(request: Request, job: Job, events: asyncio.Queue, chat: bool, request_id: str, model: str,
                  metrics: ServerMetrics, endpoint: str) -> Response:
     parts: list[str] = []
+    entries: list[dict] | None = None  # log probabilities, when the worker sends them (asked for)
     try:
         while True:
             event = await _next_event(request, job, events)
             if event[0] == "text":
                 parts.append(event[1])
+            elif event[0] == "logprobs":
+                entries = [*(entries or []), *event[1]]
             elif event[0] == "error":
                 metrics.requests.labels(endpoint, "error").inc()
                 return JSONResponse(event[1].body(), status_code=event[1].status)
@@ -139,7 +221,8 @@ async def _whole(request: Request, job: Job, events: asyncio.Queue, chat: bool, 
                 _, finish_reason, completion_tokens, served = event
                 metrics.requests.labels(endpoint, "ok").inc()
                 body = completion_body(chat, request_id, model, "".join(parts), finish_reason,
-                                       usage(len(job.prompt.ids), completion_tokens), served)
+                                       usage(len(job.prompt.ids), completion_tokens), served,
+                                       _logprobs(chat, entries, CompletionLogprobs()))
                 return JSONResponse(body)
     except asyncio.CancelledError:
         job.cancelled.set()
@@ -147,21 +230,37 @@ async def _whole(request: Request, job: Job, events: asyncio.Queue, chat: bool, 
         raise
 
 
+def _logprobs(chat: bool, entries: list[dict] | None, legacy: CompletionLogprobs) -> dict | None:
+    """A choice's ``logprobs`` from the entries of its tokens (None: none were sent)."""
+    if entries is None:
+        return None
+    return chat_logprobs(entries) if chat else legacy(entries)
+
+
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
 async def _stream(job: Job, events: asyncio.Queue, chat: bool, request_id: str, model: str, include_usage: bool,
-                  metrics: ServerMetrics, endpoint: str) -> AsyncIterator[str]:
-    """Server-sent events; when the client goes away the generator is closed and the job cancelled."""
+                  metrics: ServerMetrics, endpoint: str, done: Callable[[Job], None]) -> AsyncIterator[str]:
+    """Server-sent events; when the client goes away the generator is closed and the job cancelled.
+
+    Log probabilities (``("logprobs", entries)`` events, sent before the text of their tokens) go
+    on the next chunk sent: the one with that text, or the finishing one."""
     finished = False
+    pending: list[dict] | None = None
+    legacy = CompletionLogprobs()
     try:
         if chat:
             yield _sse(chunk_body(chat, request_id, model, None, first=True))
         while True:
             event = await events.get()
+            if event[0] == "logprobs":
+                pending = [*(pending or []), *event[1]]
+                continue
             if event[0] == "text":
-                yield _sse(chunk_body(chat, request_id, model, event[1]))
+                yield _sse(chunk_body(chat, request_id, model, event[1], logprobs=_logprobs(chat, pending, legacy)))
+                pending = None
                 continue
             finished = True
             if event[0] == "error":
@@ -171,7 +270,8 @@ async def _stream(job: Job, events: asyncio.Queue, chat: bool, request_id: str, 
                 _, finish_reason, completion_tokens, served = event
                 metrics.requests.labels(endpoint, "ok").inc()
                 counts = usage(len(job.prompt.ids), completion_tokens)
-                yield _sse(chunk_body(chat, request_id, model, None, finish_reason, extra={"uncomp": served}))
+                yield _sse(chunk_body(chat, request_id, model, None, finish_reason, extra={"uncomp": served},
+                                      logprobs=_logprobs(chat, pending, legacy)))
                 if include_usage:
                     last = chunk_body(chat, request_id, model, None, extra={"usage": counts, "uncomp": served})
                     last["choices"] = []
@@ -179,6 +279,7 @@ async def _stream(job: Job, events: asyncio.Queue, chat: bool, request_id: str, 
             yield _sse("[DONE]")
             return
     finally:
+        done(job)
         if not finished:
             job.cancelled.set()
             metrics.requests.labels(endpoint, "cancelled").inc()

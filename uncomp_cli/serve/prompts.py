@@ -40,6 +40,18 @@ def _ids(encoded) -> list[int]:
     return list(encoded if isinstance(encoded, list) else encoded["input_ids"])
 
 
+def template_carries_name(tokenizer) -> bool:
+    """Whether the tokenizer's chat template writes a message's ``name`` into the prompt (most
+    templates drop it: then a request that gives one is refused rather than answered without it)."""
+    mark = "uncomp-name-mark"
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi", "name": mark}],
+                                                 add_generation_prompt=True, tokenize=False)
+    except Exception:  # a template that fails on the extra key does not carry it either
+        return False
+    return isinstance(rendered, str) and mark in rendered
+
+
 def chat_prompt(tokenizer, messages: list[dict], reuse_min_tokens: int = 0) -> Prompt:
     """Token ids of a chat (template with the assistant's turn opened); split when reusable."""
     if not any(m["role"] == "user" and m["content"].strip() for m in messages):

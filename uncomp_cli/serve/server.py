@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 from uncomp_cli.engine.generation import GenerationSettings, full_kv_cache_bytes
 from uncomp_cli.errors import UncompError
 from uncomp_cli.models.loading import LoadedModel
@@ -18,9 +18,21 @@ from uncomp_cli.models.prompting import context_length
 from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.policies.options import CATALOGUE
 from uncomp_cli.policies.registry import make_policy
-from uncomp_cli.serve.prompts import chat_prompt, text_prompt
-from uncomp_cli.serve.protocol import ApiError, ChatRequest, CompletionRequest
-from uncomp_cli.serve.worker import Job
+from uncomp_cli.serve.prompts import chat_prompt, template_carries_name, text_prompt
+from uncomp_cli.serve.protocol import ApiError, ChatRequest, CompletionRequest, request_logprobs
+from uncomp_cli.serve.worker import DEFAULT_PREFILL_CHUNK, Job
+
+#: ``--max-body auto``: this many bytes per token of the model's context, and at least
+#: :data:`MIN_MAX_BODY`. Text in a JSON body takes 1-4.5 bytes per token (English, code, CJK and emoji
+#: measured on the embedded model's tokenizer, escaped or not), so a body of a whole context fits
+#: with room for the JSON around it; a body many times larger is no prompt the model could take.
+BODY_BYTES_PER_TOKEN = 32
+MIN_MAX_BODY = 1 << 20
+
+
+def default_max_body(context_tokens: int) -> int:
+    """The largest request body taken by default: 32 bytes per token of context, at least 1 MiB."""
+    return max(MIN_MAX_BODY, BODY_BYTES_PER_TOKEN * context_tokens)
 
 
 @dataclass
@@ -33,10 +45,12 @@ class ServeSettings:
     max_queue: int = 64
     kv_cache_limit: int = 1 << 30  # bytes the running batch's caches may hold
     default_max_tokens: int = 512
-    reuse_min_tokens: int = 1024  # 0: no prefix reuse
-    context_cache_bytes: int = 1 << 30
-    context_scorer: str = DEFAULT_CONTEXT_SCORER
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per step between decode steps
+    reuse_min_tokens: int = 1024  # 0: no document reuse
+    context_cache_bytes: int = 1 << 30  # documents kept at full precision
     served_model_name: str | None = None
+    max_body: int | None = None  # bytes of a request body; None: default_max_body of the model's context
+    shutdown_timeout: float = 30.0  # seconds running requests get to finish once the server stops
 
     def validate(self) -> None:
         for name in ("max_batch", "max_queue", "default_max_tokens"):
@@ -44,6 +58,41 @@ class ServeSettings:
                 raise UncompError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.reuse_min_tokens < 0:
             raise UncompError(f"--reuse-min-tokens must be 0 (off) or more, got {self.reuse_min_tokens}")
+        if self.max_body is not None and self.max_body < 1:
+            raise UncompError(f"--max-body must be at least 1 byte, got {self.max_body}")
+        if self.prefill_chunk < 1:
+            raise UncompError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
+        if self.shutdown_timeout < 0:
+            raise UncompError(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout}")
+
+
+class SamplingDefaults(NamedTuple):
+    """What a request that leaves out ``temperature`` / ``top_p`` gets, and where that comes from."""
+
+    temperature: float
+    top_p: float
+    source: str
+
+
+def sampling_defaults(loaded: LoadedModel) -> SamplingDefaults:
+    """The sampling a request gets when it leaves ``temperature`` or ``top_p`` out.
+
+    From the model's ``generation_config`` where it speaks of sampling, as vLLM's
+    ``--generation-config auto``: ``do_sample: false`` is greedy; its ``temperature`` and ``top_p``
+    otherwise (1.0 for the one it leaves out). A model whose config says nothing of sampling (the
+    embedded model, any GGUF) gets greedy decoding, as ``transformers``' ``generate`` and
+    ``uncomp generate`` give it, not OpenAI's 1.0: a model that ships no sampling settings was not
+    tuned to answer at temperature 1, and small ones answer nonsense there.
+    """
+    config = getattr(loaded.model, "generation_config", None)
+    given = config.to_diff_dict() if config is not None else {}  # what the config sets, not the defaults
+    temperature, top_p = given.get("temperature"), given.get("top_p")
+    if given.get("do_sample") is False:
+        return SamplingDefaults(0.0, 1.0, "generation_config: do_sample is false (greedy)")
+    if given.get("do_sample") is None and temperature is None and top_p is None:
+        return SamplingDefaults(0.0, 1.0, "greedy: the model's generation_config sets no sampling")
+    return SamplingDefaults(1.0 if temperature is None else float(temperature), 1.0 if top_p is None else float(top_p),
+                            "generation_config")
 
 
 #: A share budget is resolved per request and rounded up to a multiple of this many tokens.
@@ -98,6 +147,9 @@ class RequestPlanner:
         self.model_name = settings.served_model_name or loaded.name
         self.context_limit = context_length(loaded.model.config)
         self.token_bytes = full_kv_cache_bytes(loaded.model.config, 1, 1, loaded.model.dtype)
+        self.max_body = settings.max_body or default_max_body(self.context_limit)
+        self.sampling = sampling_defaults(loaded)
+        self.names = template_carries_name(loaded.tokenizer)
 
     def policy_for(self, asked: dict | None) -> CachePolicy:
         """The policy a request asks for (``uncomp`` body field) over the server's defaults.
@@ -128,12 +180,18 @@ class RequestPlanner:
         if request.model != self.model_name:
             raise ApiError(f"the model '{request.model}' does not exist; this server serves '{self.model_name}'",
                            status=404, param="model", code="model_not_found")
+        logprobs = request_logprobs(request)
+        if isinstance(request, ChatRequest) and not self.names:
+            named = next((i for i, m in enumerate(request.messages) if m.name is not None), None)
+            if named is not None:
+                raise ApiError(f"messages.{named}.name: this model's chat template does not carry a message's "
+                               "name; put it in the content", param="messages")
         asked = self.policy_for(request.uncomp)
         tokenizer = self.loaded.tokenizer
         reuse = self.settings.reuse_min_tokens
         try:
             if isinstance(request, ChatRequest):
-                prompt = chat_prompt(tokenizer, request.chat(), reuse)
+                prompt = chat_prompt(tokenizer, request.chat(names=self.names), reuse)
             else:
                 prompt = text_prompt(tokenizer, request.prompt, reuse)
         except ValueError as exc:
@@ -144,12 +202,10 @@ class RequestPlanner:
                            f"but the model's context is {self.context_limit} tokens",
                            param="messages" if endpoint == "chat" else "prompt", code="context_length_exceeded")
         try:
-            if prompt.context_ids is None:  # batched: the share of its own prompt, as a token count
-                policy = own_budget(asked, len(prompt.ids), self.context_limit)
-                kept = self.kept_tokens(policy, len(prompt.ids))
-            else:  # alone: the share of the context, which the next turn's request shares
-                policy = asked
-                kept = self.kept_tokens(policy, len(prompt.context_ids)) + len(prompt.rest_ids)
+            # A share of its own prompt, as a token count (a document's later turns too: reuse
+            # only skips the document's prefill, the selection is the request's own).
+            policy = own_budget(asked, len(prompt.ids), self.context_limit)
+            kept = self.kept_tokens(policy, len(prompt.ids))
         except UncompError as exc:
             raise ApiError(str(exc).replace("--", "uncomp."), param="uncomp", code="invalid_uncomp_settings") from None
         key = json.dumps(policy.describe(), sort_keys=True, default=str)
@@ -158,7 +214,10 @@ class RequestPlanner:
             raise ApiError(f"this request's KV cache would hold {kv_bytes} bytes, more than the server's "
                            f"--kv-cache-limit of {self.settings.kv_cache_limit}; ask for a smaller budget, "
                            "a shorter prompt or fewer max_tokens", code="kv_cache_limit_exceeded")
-        sampling = GenerationSettings(max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+        temperature = self.sampling.temperature if request.temperature is None else request.temperature
+        top_p = self.sampling.top_p if request.top_p is None else request.top_p
+        sampling = GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                       seed=request.seed)
+        served = asked.describe() | {"kv_budget_tokens": kept, "temperature": temperature, "top_p": top_p}
         return Job(prompt=prompt, sampling=sampling, stops=request.stops(), policy=policy,
-                   policy_key=key, kv_tokens=kept, served=asked.describe() | {"kv_budget_tokens": kept})
+                   policy_key=key, kv_tokens=kept, served=served, logprobs=logprobs)

@@ -32,18 +32,16 @@ from uncomp_cli.engine.steps import GenerationSettings, Row, pick_tokens
 from uncomp_cli.models.loading import LoadedModel
 from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.policies.registry import with_profile
+from uncomp_cli.serve.logprobs import token_logprobs
 from uncomp_cli.serve.metrics import ServerMetrics
 from uncomp_cli.serve.prefill import PrefixStore, PromptFeed, start_feed
 from uncomp_cli.serve.prompts import Prompt
-from uncomp_cli.serve.protocol import ApiError, server_error
+from uncomp_cli.serve.protocol import ApiError, server_error, shutting_down
 
 log = logging.getLogger(__name__)
 
 #: Prompt tokens fed per forward pass between decode steps (chunked prefill).
 DEFAULT_PREFILL_CHUNK = 512
-
-SHUTTING_DOWN = {"status": 503, "type": "server_error", "code": "shutting_down"}
-
 
 @dataclass
 class Job:
@@ -57,6 +55,7 @@ class Job:
     policy_key: str
     kv_tokens: int  # prompt tokens its cache keeps per KV head (its method's budget, or all)
     served: dict = field(default_factory=dict)  # how it is served, as the client asked: method, options
+    logprobs: int | None = None  # log probabilities asked for: None, or how many alternatives per token
     sink: Callable[[tuple], None] = lambda event: None
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -107,8 +106,8 @@ class Scheduler:
     """The waiting queue, admission by KV bytes, and the worker thread."""
 
     def __init__(self, loaded: LoadedModel, metrics: ServerMetrics, max_batch: int, max_queue: int,
-                 kv_cache_limit: int, context_cache_bytes: int, context_scorer: str | None = None,
-                 profile: str | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 kv_cache_limit: int, context_cache_bytes: int, profile: str | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.loaded = loaded
         self.token_bytes = full_kv_cache_bytes(loaded.model.config, 1, 1, loaded.model.dtype)
         self.metrics = metrics
@@ -135,7 +134,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._stopping:
-                raise ApiError("the server is shutting down", **SHUTTING_DOWN)
+                raise shutting_down()
             waiting = sum(not j.cancelled.is_set() for j in self._queue)
             if waiting >= self.max_queue:
                 raise ApiError(f"{waiting} requests are waiting, the most this server queues (--max-queue); "
@@ -152,24 +151,24 @@ class Scheduler:
             self.metrics.queue_depth.set(0)
             self._cond.notify_all()
         for job in waiting:
-            job.send("error", ApiError("the server is shutting down", **SHUTTING_DOWN))
+            job.send("error", shutting_down())
 
     def stop(self, timeout: float = 30.0) -> None:
         """Drain: no new requests, waiting ones fail, running ones get ``timeout`` seconds to finish;
-        then the rest are cancelled and told so."""
+        the rest are then told the server shut down (503) and their rows dropped."""
         self.begin_drain()
         if self._thread.is_alive():
             self._thread.join(timeout)
         with self._cond:
             running = [a.job for a in (*self._prefilling, *self._decoding)]
-            for job in running:
-                job.cancelled.set()
+        for job in running:
+            if not job.finished:  # told first: the worker drops a cancelled row without a word
+                job.send("error", shutting_down("the server shut down before the answer was finished"))
+            job.cancelled.set()
+        with self._cond:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(5.0)
-        for job in running:
-            if not job.finished:
-                job.send("error", ApiError("the server shut down before the answer was finished", **SHUTTING_DOWN))
 
     @property
     def stopping(self) -> bool:
@@ -248,6 +247,8 @@ class Scheduler:
             self._reserved += self._reservation_after(active)
         active.served = {"kv_cache_bytes": cache_nbytes(feed.cache), "prefill_seconds":
                          round(time.perf_counter() - active.started, 4)} | feed.stats
+        if job.logprobs is not None:
+            self._send_logprobs(active, logits[0], token)
         if self._emit(active, token):
             self._release(active)
             return
@@ -278,8 +279,11 @@ class Scheduler:
                 active.job.send("error", error)
             self._leave(list(range(len(self._decoding))))
             return
-        for active in self._decoding:
+        for i, active in enumerate(self._decoding):
             active.rows_together = max(active.rows_together, len(self._decoding))
+            if active.job.logprobs is not None:
+                self._send_logprobs(active, self._batch.logits[i], tokens[i])
+        self.metrics.batch_size.observe(len(self._decoding))
         self._leave([i for i, (active, token) in enumerate(zip(self._decoding, tokens)) if self._emit(active, token)])
 
     def _leave(self, indices: list[int], dropped: bool = False) -> None:
@@ -335,6 +339,12 @@ class Scheduler:
             if self.loaded.device.type == "cuda":
                 torch.cuda.synchronize(self.loaded.device)
             self.metrics.worker_seconds.labels(phase).inc(time.perf_counter() - started)
+
+    def _send_logprobs(self, active: Active, logits: torch.Tensor, token: int) -> None:
+        """A row's log probabilities for its new token (none for the end-of-sequence token, which is
+        not sent), ahead of the token's text."""
+        if token not in self.eos:
+            active.job.send("logprobs", [token_logprobs(logits, token, active.job.logprobs, self.loaded.tokenizer)])
 
     def _emit(self, active: Active, token: int) -> bool:
         """Send a row's new token to its client; True when the row has ended."""
