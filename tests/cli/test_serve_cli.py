@@ -93,7 +93,7 @@ def test_on_sigterm_waiting_requests_get_503_running_ones_their_timeout_then_an_
                                 "--served-model-name", "tiny", "--max-batch", "1", "--shutdown-timeout", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 1500, "temperature": 0, "stop": ["\x00never"]}
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
     streamed: list[str] = []
     waited: list[httpx.Response] = []
 

@@ -10,11 +10,12 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from serving import MODEL, metric
+from serving import MODEL, metric, start_server
 
 from uncomp_cli.engine.generation import GenerationSettings, generate
+from uncomp_cli.models.loading import load_model
 from uncomp_cli.policies.registry import make_policy
-from uncomp_cli.serve.server import sampling_defaults
+from uncomp_cli.serve.server import ServeSettings, sampling_defaults
 
 SNAPKV = {"budget": "50%", "window": 4, "kernel": 3}
 PROMPTS = [f"The quick brown fox {i} " + "hello world " * (i % 5) + "the capital of France is" for i in range(16)]
@@ -301,3 +302,21 @@ def test_the_handlers_put_the_workers_logprobs_on_the_chunk_that_carries_their_t
     assert offsets == [[0, 2], [5]]  # a stream's offsets go on from chunk to chunk
     assert whole["choices"][0]["logprobs"]["tokens"] == ["He", "llo", "!"]
     assert whole["choices"][0]["logprobs"]["text_offset"] == [0, 2, 5]
+
+
+def test_ignore_eos_keeps_answering_past_the_end_of_sequence_token(tiny_model_dir):
+    # a model whose end-of-sequence token is the first one it answers "hello" with: without
+    # ignore_eos the answer is empty, with it the answer runs to max_tokens
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    first = generate(loaded, "hello", GenerationSettings(max_new_tokens=1), None, raw=True).token_ids[0]
+    loaded.model.generation_config.eos_token_id = first
+    handle = start_server(loaded, ServeSettings(method="full", served_model_name=MODEL))
+    try:
+        client = handle.client()
+        stopped = client.completions.create(model=MODEL, prompt="hello", max_tokens=5, temperature=0).choices[0]
+        assert stopped.finish_reason == "stop" and stopped.text == ""
+        kept = client.completions.create(model=MODEL, prompt="hello", max_tokens=5, temperature=0,
+                                         extra_body={"ignore_eos": True})
+        assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 5
+    finally:
+        handle.stop()

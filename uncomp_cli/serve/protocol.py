@@ -62,6 +62,8 @@ FIELDS: dict[str, tuple[str | tuple, str]] = {
                             f"{MAX_COMPLETION_LOGPROBS} alternatives"),
     "top_logprobs": (SUPPORTED, f"0-{MAX_TOP_LOGPROBS}, with logprobs: true"),
     "uncomp": (SUPPORTED, "UNComp's settings for this request: method and its options"),
+    "ignore_eos": (SUPPORTED, "vLLM's extension: true keeps generating past the end-of-sequence token, to "
+                              "max_tokens or a stop sequence (benchmarks ask for fixed answer lengths)"),
     # -- accepted and ignored: OpenAI uses them for nothing that changes the answer
     "user": (IGNORED, "OpenAI uses it to detect abuse and to route requests to its prompt cache"),
     "safety_identifier": (IGNORED, "OpenAI uses it to detect abuse"),
@@ -168,6 +170,8 @@ class _Request(BaseModel):
     presence_penalty: Any = None
     frequency_penalty: Any = None
     logit_bias: Any = None
+    #: vLLM's extension: generate past the end-of-sequence token (fixed answer lengths for benchmarks).
+    ignore_eos: StrictBool = False
     #: UNComp's settings for this request: ``method`` and the method's options (``budget``, ...).
     uncomp: dict[str, Any] | None = None
 

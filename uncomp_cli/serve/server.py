@@ -220,4 +220,5 @@ class RequestPlanner:
                                       seed=request.seed)
         served = asked.describe() | {"kv_budget_tokens": kept, "temperature": temperature, "top_p": top_p}
         return Job(prompt=prompt, sampling=sampling, stops=request.stops(), policy=policy,
-                   policy_key=key, kv_tokens=kept, served=served, logprobs=logprobs)
+                   policy_key=key, kv_tokens=kept, served=served, logprobs=logprobs,
+                   ignore_eos=request.ignore_eos)

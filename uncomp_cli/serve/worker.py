@@ -56,6 +56,7 @@ class Job:
     kv_tokens: int  # prompt tokens its cache keeps per KV head (its method's budget, or all)
     served: dict = field(default_factory=dict)  # how it is served, as the client asked: method, options
     logprobs: int | None = None  # log probabilities asked for: None, or how many alternatives per token
+    ignore_eos: bool = False  # the end-of-sequence token is text like any other (vLLM's extension)
     sink: Callable[[tuple], None] = lambda event: None
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -340,10 +341,14 @@ class Scheduler:
                 torch.cuda.synchronize(self.loaded.device)
             self.metrics.worker_seconds.labels(phase).inc(time.perf_counter() - started)
 
+    def _eos(self, job: Job) -> set[int]:
+        """The tokens that end ``job``'s answer: the model's end-of-sequence tokens, unless it ignores them."""
+        return set() if job.ignore_eos else self.eos
+
     def _send_logprobs(self, active: Active, logits: torch.Tensor, token: int) -> None:
         """A row's log probabilities for its new token (none for the end-of-sequence token, which is
         not sent), ahead of the token's text."""
-        if token not in self.eos:
+        if token not in self._eos(active.job):
             active.job.send("logprobs", [token_logprobs(logits, token, active.job.logprobs, self.loaded.tokenizer)])
 
     def _emit(self, active: Active, token: int) -> bool:
@@ -351,7 +356,7 @@ class Scheduler:
         job, text = active.job, active.text
         if text.tokens == 0:
             self.metrics.ttft.observe(time.perf_counter() - job.arrived)
-        ended = "stop" if token in self.eos else None
+        ended = "stop" if token in self._eos(job) else None
         delta = "" if ended else text.push(token)
         if text.stopped:
             ended = "stop"
