@@ -171,7 +171,7 @@ class _Request(BaseModel):
     frequency_penalty: Any = None
     logit_bias: Any = None
     #: vLLM's extension: generate past the end-of-sequence token (fixed answer lengths for benchmarks).
-    ignore_eos: StrictBool = False
+    ignore_eos: StrictBool | None = None  # null: the default (false), as for every field
     #: UNComp's settings for this request: ``method`` and the method's options (``budget``, ...).
     uncomp: dict[str, Any] | None = None
 

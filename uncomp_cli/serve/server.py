@@ -221,4 +221,4 @@ class RequestPlanner:
         served = asked.describe() | {"kv_budget_tokens": kept, "temperature": temperature, "top_p": top_p}
         return Job(prompt=prompt, sampling=sampling, stops=request.stops(), policy=policy,
                    policy_key=key, kv_tokens=kept, served=served, logprobs=logprobs,
-                   ignore_eos=request.ignore_eos)
+                   ignore_eos=bool(request.ignore_eos))
