@@ -31,6 +31,9 @@ UNCOMP = str(Path(sys.executable).with_name("uncomp"))
     (["--method", "zip"], "unknown method"),
     (["--kv-cache-limit", "lots"], "invalid memory size 'lots'"),
     (["--max-body", "lots"], "invalid memory size 'lots'"),
+    (["--context-dir", "/tmp/x", "--reuse-min-tokens", "0"], "--context-dir keeps documents for reuse"),
+    (["--context-dir-limit", "lots"], "invalid memory size 'lots'"),
+    (["--ray-address", "auto"], "--ray-address is for --replicas N"),
 ])
 def test_bad_settings_are_one_error_line_before_anything_loads(args, message):
     result = CliRunner().invoke(app, ["serve", "-m", "/nonexistent/model", *args])

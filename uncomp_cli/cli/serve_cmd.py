@@ -15,14 +15,6 @@ from uncomp_cli.defaults import DEFAULT_METHOD
 from uncomp_cli.errors import UncompError
 
 
-def kv_cache_limit_bytes(text: str, device) -> int:
-    """``auto``: half the memory available now (free GPU memory, or the machine's available RAM)."""
-    from uncomp_cli.memory import available_memory_bytes
-    from uncomp_cli.units import parse_memory
-
-    return available_memory_bytes(device) // 2 if text == "auto" else parse_memory(text)
-
-
 @dataclass(frozen=True)
 class ListenOptions:
     """Where the server listens, the name it answers to, what it reads, and how it stops."""
@@ -63,11 +55,29 @@ class ReuseOptions:
                     "document: its KV is kept (before any selection) for later turns about it (0: off).")] = 1024
     context_cache: Annotated[str, typer.Option(
         help="KV bytes of documents kept for reuse (full precision, least recently used dropped first).")] = "1GiB"
+    context_dir: Annotated[Path | None, typer.Option(
+        help="A folder where documents kept for reuse are also written (.uncomp files) and looked for before a "
+             "document is prefilled: shared by replicas (local disk, NFS, an object-store mount).")] = None
+    context_dir_limit: Annotated[str, typer.Option(
+        help="Bytes the --context-dir files may take; least recently used files go first.")] = "16GiB"
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    """Several engine replicas on Ray Serve (the ray extra)."""
+
+    replicas: Annotated[int, typer.Option(
+        min=0, help="Engine replicas on Ray Serve, each with its own model, batch and --kv-cache-limit; requests "
+                    "about one document go to the replica that holds it (0: one process, no Ray).")] = 0
+    ray_address: Annotated[str | None, typer.Option(
+        help="With --replicas: the Ray cluster to run on (e.g. ray://head:10001 or auto); default: start a "
+             "local one.")] = None
 
 
 @handle_errors
 @with_method_options()
-@with_settings(loading=ModelOptions, listen=ListenOptions, batching=BatchingOptions, reuse=ReuseOptions)
+@with_settings(loading=ModelOptions, listen=ListenOptions, batching=BatchingOptions, reuse=ReuseOptions,
+               scaling=ReplicaOptions)
 def serve(
     method: Annotated[str, typer.Option(help=f"Default KV cache: {', '.join(METHOD_NAMES)}. A request may ask for "
                                         "another in its 'uncomp' body field.")] = DEFAULT_METHOD,
@@ -77,6 +87,7 @@ def serve(
     listen: ListenOptions,
     batching: BatchingOptions,
     reuse: ReuseOptions,
+    scaling: ReplicaOptions,
     method_options: dict,
 ) -> None:
     """Serve the model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models),
@@ -102,15 +113,24 @@ def serve(
                              prefill_chunk=batching.prefill_chunk, reuse_min_tokens=reuse.reuse_min_tokens,
                              context_cache_bytes=parse_memory(reuse.context_cache),
                              served_model_name=listen.served_model_name,
-                             shutdown_timeout=listen.shutdown_timeout)
+                             shutdown_timeout=listen.shutdown_timeout,
+                             context_dir=None if reuse.context_dir is None else str(reuse.context_dir),
+                             context_dir_bytes=parse_memory(reuse.context_dir_limit))
     if batching.kv_cache_limit != "auto":
         settings.kv_cache_limit = parse_memory(batching.kv_cache_limit)
     if listen.max_body != "auto":
         settings.max_body = parse_memory(listen.max_body)
     settings.validate()
+    if scaling.ray_address and not scaling.replicas:
+        raise UncompError("--ray-address is for --replicas N")
+    if scaling.replicas:
+        _serve_replicas(loading, settings, profile, batching.kv_cache_limit, listen, scaling)
+        return
     loaded = loading.load()
     if policy.needs_profile or profile is not None:  # check (or calibrate) the profile now, not at a request
         with_profile(policy if policy.needs_profile else make_policy("uncomp"), loaded, profile)
+    from uncomp_cli.serve.server import kv_cache_limit_bytes
+
     settings.kv_cache_limit = kv_cache_limit_bytes(batching.kv_cache_limit, loaded.device)
     app = create_app(loaded, settings, str(profile) if profile else None)
     planner = app.state.planner
@@ -123,4 +143,25 @@ def serve(
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     if not run(app, listen.host, listen.port, listen.shutdown_timeout):
         raise UncompError(f"the server could not start on {listen.host}:{listen.port}")
+    typer.echo("stopped", err=True)
+
+
+def _serve_replicas(loading, settings, profile: Path | None, kv_cache_limit: str, listen: ListenOptions,
+                    scaling: ReplicaOptions) -> None:
+    try:
+        import ray  # noqa: F401
+
+        from uncomp_cli.serve.replicas import ReplicaSpec, run_replicas
+    except ImportError as exc:
+        raise UncompError(f"uncomp serve --replicas needs the ray extra ({exc.name} is missing): "
+                          "pip install 'uncomp[ray]'") from None
+    spec = ReplicaSpec(loading, settings, str(profile) if profile else None, kv_cache_limit)
+    typer.echo(f"serving {scaling.replicas} replicas ({settings.method}) on http://{listen.host}:{listen.port}/v1 "
+               f"through Ray Serve{' at ' + scaling.ray_address if scaling.ray_address else ''}; KV cache limit "
+               f"{kv_cache_limit} per replica", err=True)
+    import torch
+
+    device = str(loading.device or "auto")
+    device_type = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    run_replicas(spec, scaling.replicas, listen.host, listen.port, scaling.ray_address, device_type)
     typer.echo("stopped", err=True)

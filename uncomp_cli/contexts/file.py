@@ -96,7 +96,7 @@ def load_context(loaded, path: str | os.PathLike[str]) -> CompressedContext:
         raise UncompError(f"{path} is a folder, not a compressed context file") from None
     try:
         tensors = load_bytes(raw)
-        metadata = _metadata(raw)
+        metadata = file_metadata(raw)
     except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UncompError(f"{path} is not a compressed context file (not readable safetensors: {exc})") from None
     _check(path, metadata, loaded)
@@ -120,7 +120,7 @@ def load_context(loaded, path: str | os.PathLike[str]) -> CompressedContext:
     return CompressedContext(cache, policy, context_tokens, metadata["tail"], 0.0, json.loads(metadata["stats"]))
 
 
-def _metadata(raw: bytes) -> dict[str, str]:
+def file_metadata(raw: bytes) -> dict[str, str]:
     """The header's metadata, read without loading tensors (safetensors: 8-byte length, JSON header)."""
     if len(raw) < 8:
         raise ValueError("too short")

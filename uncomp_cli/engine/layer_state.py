@@ -38,6 +38,11 @@ class LayerState:
             tensors["query_window"], tensors["query_valid"] = self._query_window, self._query_valid
         spec = {"seen": self.seen, "skipped": self.skipped, "prefill_tokens": self.prefill_tokens,
                 "budgets": self.budgets, "groups": groups}
+        if self.holds_whole_context():  # a document before any selection: what adopt() takes over
+            spec |= {"deferred": True, "scaling": self._scaling, "sliding_window": self.sliding_window,
+                     "softcap": self.softcap}
+            if self._window_queries is not None:
+                tensors["window_queries"], tensors["window_valid"] = self._window_queries, self._window_valid
         return spec, tensors
 
     @classmethod
@@ -55,5 +60,9 @@ class LayerState:
         layer.device, layer.dtype, layer.is_initialized = first.device, first.dtype, True
         layer.seen, layer.skipped, layer.prefill_tokens = spec["seen"], spec["skipped"], spec["prefill_tokens"]
         layer._query_window, layer._query_valid = tensors.get("query_window"), tensors.get("query_valid")
+        if spec.get("deferred"):
+            layer._deferred, layer._scaling = True, spec["scaling"]
+            layer.sliding_window, layer.softcap = spec["sliding_window"], spec["softcap"]
+            layer._window_queries, layer._window_valid = tensors.get("window_queries"), tensors.get("window_valid")
         return layer
 

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from uncomp_cli import __version__
 from uncomp_cli.models.loading import LoadedModel
+from uncomp_cli.serve.context_dir import ContextDirectory
 from uncomp_cli.serve.logprobs import CompletionLogprobs, chat_logprobs
 from uncomp_cli.serve.metrics import ServerMetrics
 from uncomp_cli.serve.protocol import (
@@ -59,8 +60,12 @@ def create_app(loaded: LoadedModel, settings: ServeSettings, profile: str | None
     settings.validate()
     metrics = ServerMetrics()
     planner = RequestPlanner(loaded, settings)
+    directory = None
+    if settings.context_dir is not None:
+        directory = ContextDirectory(settings.context_dir, settings.context_dir_bytes, loaded.model, loaded.dtype,
+                                     loaded.device)
     scheduler = Scheduler(loaded, metrics, settings.max_batch, settings.max_queue, settings.kv_cache_limit,
-                          settings.context_cache_bytes, profile, settings.prefill_chunk)
+                          settings.context_cache_bytes, profile, settings.prefill_chunk, directory)
     inflight: dict[int, Job] = {}  # submitted jobs whose handler still waits for their events, by id()
     draining: list[asyncio.Future] = []
 

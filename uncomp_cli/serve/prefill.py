@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,8 @@ from uncomp_cli.engine.plan import CachePlan
 from uncomp_cli.engine.prefill import HiddenStatePruner
 from uncomp_cli.engine.steps import forward_last
 from uncomp_cli.policies.base import CachePolicy
+
+log = logging.getLogger("uncomp.serve")
 
 
 @dataclass
@@ -45,10 +49,43 @@ class Prefix:
 
 
 class PrefixStore(BytesLRU[Prefix]):
-    """Documents' full-precision prefixes, least recently used dropped first, bounded by bytes."""
+    """Documents' full-precision prefixes, least recently used dropped first, bounded by bytes.
 
-    def __init__(self, limit_bytes: int):
+    With a ``directory`` (:class:`~uncomp_cli.serve.context_dir.ContextDirectory`, shared by
+    replicas) a miss in memory looks there before the document is prefilled again, and every new
+    prefix is written there too, by one background thread (the snapshot's tensors are never
+    written again, so the worker goes on at once)."""
+
+    def __init__(self, limit_bytes: int, directory=None):
         super().__init__(limit_bytes, Prefix.nbytes)
+        self.directory = directory
+        self.source: str | None = None  # where the last get() found its prefix
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="uncomp-context-dir") if directory else None
+
+    def get(self, key: str) -> Prefix | None:
+        """The prefix of document ``key``: from memory, else from the directory; ``source`` says which."""
+        prefix = super().get(key)
+        self.source = None if prefix is None else "memory"
+        if prefix is None and self.directory is not None and (prefix := self.directory.load(key)) is not None:
+            super().put(key, prefix)
+            self.source = "directory"
+        return prefix
+
+    def put(self, key: str, value: Prefix) -> None:
+        super().put(key, value)
+        if self._writer is not None:
+            self._writer.submit(self._write, key, value)
+
+    def _write(self, key: str, value: Prefix) -> None:
+        try:
+            self.directory.save(key, value)
+        except Exception:  # a full or unreachable folder costs reuse, not the request
+            log.exception("context directory: could not write a document's prefix")
+
+    def close(self) -> None:
+        """Finish the writes already asked for."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
 
 
 def document_key(ids: list[int]) -> str:
@@ -125,6 +162,8 @@ def start_feed(model: torch.nn.Module, policy: CachePolicy, ids: list[int], chun
     prefix = store.get(key)
     stats["context_tokens"] = len(context_ids)
     stats["context_reused"] = prefix is not None
+    if prefix is not None:
+        stats["context_from"] = store.source
     if prefix is None:
         feed.document = (key, len(context_ids))
         feed.store = store

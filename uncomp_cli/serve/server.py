@@ -35,6 +35,15 @@ def default_max_body(context_tokens: int) -> int:
     return max(MIN_MAX_BODY, BODY_BYTES_PER_TOKEN * context_tokens)
 
 
+def kv_cache_limit_bytes(text: str, device) -> int:
+    """``--kv-cache-limit``: a size, or ``auto``: half the memory available now (free GPU memory, or
+    the machine's available RAM)."""
+    from uncomp_cli.memory import available_memory_bytes
+    from uncomp_cli.units import parse_memory
+
+    return available_memory_bytes(device) // 2 if text == "auto" else parse_memory(text)
+
+
 @dataclass
 class ServeSettings:
     """How a server runs; the method and its options are the defaults a request may override."""
@@ -51,6 +60,8 @@ class ServeSettings:
     served_model_name: str | None = None
     max_body: int | None = None  # bytes of a request body; None: default_max_body of the model's context
     shutdown_timeout: float = 30.0  # seconds running requests get to finish once the server stops
+    context_dir: str | None = None  # a folder of documents' prefixes shared by replicas (context_dir.py)
+    context_dir_bytes: int = 16 << 30  # what its files may hold in all
 
     def validate(self) -> None:
         for name in ("max_batch", "max_queue", "default_max_tokens"):
@@ -62,6 +73,10 @@ class ServeSettings:
             raise UncompError(f"--max-body must be at least 1 byte, got {self.max_body}")
         if self.prefill_chunk < 1:
             raise UncompError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
+        if self.context_dir_bytes < 1:
+            raise UncompError(f"--context-dir-limit must be at least 1 byte, got {self.context_dir_bytes}")
+        if self.context_dir is not None and self.reuse_min_tokens == 0:
+            raise UncompError("--context-dir keeps documents for reuse; it needs --reuse-min-tokens above 0")
         if self.shutdown_timeout < 0:
             raise UncompError(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout}")
 

@@ -108,14 +108,14 @@ class Scheduler:
 
     def __init__(self, loaded: LoadedModel, metrics: ServerMetrics, max_batch: int, max_queue: int,
                  kv_cache_limit: int, context_cache_bytes: int, profile: str | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, context_dir=None):
         self.loaded = loaded
         self.token_bytes = full_kv_cache_bytes(loaded.model.config, 1, 1, loaded.model.dtype)
         self.metrics = metrics
         self.max_batch, self.max_queue, self.kv_cache_limit = max_batch, max_queue, kv_cache_limit
         self.prefill_chunk = prefill_chunk
         self.profile = profile
-        self.store = PrefixStore(context_cache_bytes)
+        self.store = PrefixStore(context_cache_bytes, context_dir)  # context_dir: a ContextDirectory, or None
         self.eos = set(eos_token_ids(loaded))
         self._profile = None  # the model's UNComp profile, once a request needs it
         self._queue: collections.deque[Job] = collections.deque()
@@ -170,6 +170,7 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(5.0)
+        self.store.close()
 
     @property
     def stopping(self) -> bool:
