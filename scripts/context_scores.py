@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from uncomp_cli.contexts.compress import RECONSTRUCT_CHUNK, REPEAT_PROMPT
+from uncomp_cli.contexts.reread import RECONSTRUCT_CHUNK, REPEAT_PROMPT
 from uncomp_cli.engine.checkpoint import checkpoint, rollback
 from uncomp_cli.engine.selection import pool_scores
 from uncomp_cli.engine.steps import forward_last, prompt_positions

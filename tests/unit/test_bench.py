@@ -337,3 +337,22 @@ def test_method_options_reach_the_methods_that_take_them_and_no_others():
         BenchSettings(methods=["uncomp"], lengths=[1024], method_options={"prefill_keep": "0.5,0.9"}).validate()
     with pytest.raises(UncompError, match="^--sinks applies to streamingllm, not full, snapkv$"):
         BenchSettings(methods=["snapkv"], lengths=[1024], method_options={"sinks": 8}).validate()
+
+
+def test_reuse_mode_reports_what_making_a_context_costs_against_a_full_prefill(tiny):
+    settings = BenchSettings(methods=["snapkv"], lengths=[64], budgets=["40"], warmup=0, repeats=1, reuse=True)
+    report = run_bench(tiny, settings)
+    assert [row["method"] for row in report.to_dict()["reuse"]] == ["full", "snapkv"]
+    for row in report.to_dict()["reuse"]:
+        assert row["prefill_full_seconds"] > 0 and row["compress_seconds"] > 0
+        assert row["make_context_over_prefill"] == pytest.approx(row["compress_seconds"] / row["prefill_full_seconds"])
+        assert row["make_context_over_prefill"] > 0
+    from io import StringIO
+
+    from rich.console import Console
+
+    from uncomp_cli.bench.render import render_report
+
+    out = StringIO()
+    render_report(report, Console(file=out, width=200))
+    assert "make ×" in out.getvalue()

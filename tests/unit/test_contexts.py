@@ -251,3 +251,111 @@ def test_a_context_file_of_the_previous_version_loads_and_answers_as_one_made_no
     assert old.kv_cache_bytes() == new.kv_cache_bytes()
     for question in QUESTIONS[:2]:
         assert ask(loaded, old, question, SETTINGS).token_ids == ask(loaded, new, question, SETTINGS).token_ids
+
+
+# -- re-reading in chunks (contexts/reread.py) and recording in one pass (engine/recording.py) -----
+
+SMALL_CHUNK = 64  # the test context is ~500 tokens: several chunks
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    from uncomp_cli.contexts import reread
+
+    monkeypatch.setattr(reread, "REREAD_CHUNK", SMALL_CHUNK)
+    return reread
+
+
+def test_each_chunk_sees_the_context_and_itself_and_a_peak_one_chunk_records_is_kept(loaded, small_chunks,
+                                                                                     monkeypatch):
+    """A chunk is fed on the context alone (the chunks before it are gone), and the scores are the
+    most any chunk recorded: a peak only the second chunk sees, in one head of one layer, survives."""
+    from uncomp_cli.engine.cache import GroupedKVLayer
+
+    ids, tail = context_prompt(loaded.tokenizer, CONTEXT)
+    n, layers = len(ids), loaded.model.config.num_hidden_layers
+    chunks = small_chunks.reread_chunks(loaded.tokenizer, ids, tail, SMALL_CHUNK)
+    assert len(chunks) == -(-n // SMALL_CHUNK) >= 3
+    assert sum(len(c) for c in chunks) > n and chunks[-1][-SMALL_CHUNK // 2:] == ids[-SMALL_CHUNK // 2:]
+    fed, calls = [], []
+    real_feed, real_start = small_chunks.feed, GroupedKVLayer.start_recording
+    peak = list(range(100, 130))
+
+    def spy_feed(model, cache, input_ids, mask, positions, chunk=None):
+        fed.append((input_ids.shape[1], mask.shape[1], cache.layers[0].get_seq_length()))
+        return real_feed(model, cache, input_ids, mask, positions, chunk)
+
+    def start_with_peak(layer):
+        real_start(layer)
+        chunk, index = divmod(len(calls), layers)
+        calls.append(index)
+        if chunk == 1 and index == 1:
+            layer.recorded[0, 0, peak] = 0.9  # what the second chunk "paid" these tokens, nothing else did
+
+    monkeypatch.setattr(small_chunks, "feed", spy_feed)
+    monkeypatch.setattr(GroupedKVLayer, "start_recording", start_with_peak)
+    context = compress_context(loaded, CONTEXT, make_policy("snapkv", budget="24", **SMALL))
+    assert [(q, width, held) for q, width, held in fed] == [(len(c), n + len(c), n) for c in chunks]
+    assert len(calls) == len(chunks) * layers
+    assert all(layer.get_seq_length() == n for layer in context.cache.layers)
+    assert set(peak) <= set(layer_groups_positions(context.cache.layers[1], 0))
+    assert not set(peak) <= set(layer_groups_positions(context.cache.layers[1], 1))
+
+
+@pytest.mark.parametrize("method", ["snapkv", "adakv"])
+def test_a_budget_that_holds_the_context_answers_as_the_full_cache_when_read_in_chunks(loaded, small_chunks, method):
+    full = ask(loaded, compress_context(loaded, CONTEXT), QUESTIONS[1], SETTINGS)
+    kept = ask(loaded, compress_context(loaded, CONTEXT, make_policy(method, budget="10000", **SMALL)), QUESTIONS[1],
+               SETTINGS)
+    assert kept.token_ids == full.token_ids
+
+
+def test_recording_in_one_pass_is_the_attention_and_the_float32_recording():
+    """The fused path gives the layer's attention and the same maxima as SDPA + window_attention."""
+    from uncomp_cli.engine.groups import HeadGroup
+    from uncomp_cli.engine.recording import attend_and_record
+
+    torch.manual_seed(0)
+    held, new, heads, rep, dim = 50, 7, 2, 3, 16
+    group = HeadGroup([0, 1], None)
+    total = held + new
+    group.store(torch.randn(1, heads, total, dim), torch.randn(1, heads, total, dim),
+                torch.ones(1, heads, total, dtype=torch.bool), torch.arange(total).expand(1, heads, total).contiguous())
+    query, positions = torch.randn(1, heads * rep, new, dim), torch.arange(held, total)[None]
+    reference_out, reference = attend_and_record(query, group, positions, torch.ones(1, new, dtype=torch.bool),
+                                                 dim ** -0.5, held)  # the two-pass path, in float32
+    out, seen = attend_and_record(query, group, positions, None, dim ** -0.5, held, dtype=torch.float32)
+    assert seen.shape == (1, heads, held) and seen.dtype == torch.float32 and out.dtype == torch.float32
+    torch.testing.assert_close(out, reference_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seen, reference, atol=1e-6, rtol=1e-5)
+    out, seen = attend_and_record(query, group, positions, None, dim ** -0.5, held, dtype=torch.bfloat16)
+    assert out.dtype == seen.dtype == torch.float32
+    torch.testing.assert_close(out, reference_out, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(seen, reference, atol=0.02, rtol=0.1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_recording_in_bfloat16_keeps_what_float32_keeps(tiny_model_dir, monkeypatch, dtype):
+    """The fused recording in bfloat16 (on CPUs with bfloat16 instructions, or a bfloat16 model)
+    keeps nearly the tokens a float32 recording keeps, and the answers are the same."""
+    import uncomp_cli.engine.cache as cache_module
+    from uncomp_cli.engine.recording import attend_and_record
+
+    model = load_model(str(tiny_model_dir), device="cpu", dtype=dtype)
+    policy = make_policy("snapkv", budget="24", **SMALL)
+
+    def recording_in(record_dtype):
+        def record(*args, **kwargs):
+            return attend_and_record(*args, **kwargs, dtype=record_dtype)
+        return record
+
+    monkeypatch.setattr(cache_module, "attend_and_record", recording_in(torch.bfloat16))
+    fused = compress_context(model, CONTEXT, policy)
+    monkeypatch.setattr(cache_module, "attend_and_record", recording_in(torch.float32))
+    reference = compress_context(model, CONTEXT, policy)
+    pairs = [(set(layer_groups_positions(a, h)), set(layer_groups_positions(b, h)))
+             for a, b in zip(fused.cache.layers, reference.cache.layers) for h in range(len(a.budgets))]
+    overlap = sum(len(x & y) for x, y in pairs) / sum(len(y) for _, y in pairs)
+    assert overlap >= 0.9
+    for question in QUESTIONS[:2]:
+        assert ask(model, fused, question, SETTINGS).token_ids == ask(model, reference, question, SETTINGS).token_ids

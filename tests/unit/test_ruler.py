@@ -137,3 +137,25 @@ def test_bad_requests_are_user_errors(tok):
         ruler.make_examples(tok, ["niah_single"], [60], 1)
     with pytest.raises(UncompError, match="positive"):
         ruler.make_examples(tok, ["vt"], [0], 1)
+
+
+@pytest.mark.parametrize("task", ruler.TASKS)
+def test_the_context_ends_where_the_question_starts(tok, examples, task):
+    """What a query-agnostic run compresses first: every needle, chain and list, none of the question."""
+    example = examples[task]
+    assert 0 < example.context_tokens < len(example.prompt_ids)
+    context = tok.decode(example.prompt_ids[:example.context_tokens])
+    question = tok.decode(example.prompt_ids[example.context_tokens:])
+    if task.startswith("niah") or task == "vt":
+        assert all(answer in context for answer in example.answers)
+    marker = "What" if task.startswith("niah") else "Question:"
+    assert marker in question.split("<|assistant|>")[0] and "<|assistant|>" in question
+    assert context.count(marker) == (1 if task in ("vt", "cwe") else 0)  # the solved example's question, if any
+
+
+def test_raw_prompts_split_too(tok):
+    raw = tiny_tokenizer()
+    raw.chat_template = None
+    example = ruler.make_examples(raw, ["vt"], [1500], 1)[0]
+    assert "Question:" in raw.decode(example.prompt_ids[example.context_tokens:])
+    assert all(name in raw.decode(example.prompt_ids[:example.context_tokens]) for name in example.answers)

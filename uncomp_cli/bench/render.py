@@ -29,13 +29,13 @@ def render_report(report: BenchReport, console) -> None:
     if report.reuse:
         table = Table(title=f"{meta['model']} · {meta['device']} {meta['dtype']} · context reuse · medians of "
                             f"{meta['repeats']}", title_justify="left")
-        for name in ("method", "budget", "length", "compress s", "file MiB", "TTFT reuse s", "TTFT full s",
-                     "TTFT ×"):
+        for name in ("method", "budget", "length", "compress s", "make ×", "file MiB", "TTFT reuse s",
+                     "TTFT full s", "TTFT ×"):
             table.add_column(name, justify="left" if name in ("method", "budget") else "right")
         for row in report.reuse:
             table.add_row(row.method, row.budget or "-", str(row.length), f"{row.compress_seconds:.2f}",
-                          _mib(row.file_bytes), f"{row.ttft_reuse_seconds:.3f}", f"{row.ttft_full_seconds:.3f}",
-                          _x(row.ttft_vs_full))
+                          _x(row.make_context_over_prefill), _mib(row.file_bytes), f"{row.ttft_reuse_seconds:.3f}",
+                          f"{row.ttft_full_seconds:.3f}", _x(row.ttft_vs_full))
     elif meta.get("memory_cap_bytes") is None:
         table = Table(title=title, title_justify="left")
         for name in ("method", "budget", "length", "batch", "TTFT s", "prefill s", "decode tok/s", "KV MiB",

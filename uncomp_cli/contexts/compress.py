@@ -7,9 +7,10 @@ question can tell the method what to keep. Two ways to score the context's token
   the end of the context. Free, but it keeps what the context's last sentences look at.
 * ``reconstruct`` (KVzip, arXiv 2505.23416; the default): after a prefill that keeps every
   token, the model re-reads the context behind a repeat prompt ("Repeat the previous context
-  exactly.") on that full cache; each KV entry's score is the most attention any re-reading query
-  of its KV head pays it, and every layer's and head's entries are ranked together, weighted by
-  the method's own budget shares (:func:`allocate_globally`). Costs one more pass over the
+  exactly.") on that full cache, in chunks that each see the context and themselves only
+  (:mod:`uncomp_cli.contexts.reread`); each KV entry's score is the most attention any re-reading
+  query of its KV head pays it, and every layer's and head's entries are ranked together, weighted
+  by the method's own budget shares (:func:`allocate_globally`). Costs one more pass over the
   context, paid once per compressed context; the re-reading tokens are dropped afterwards.
   UNComp's hidden-state pruning is off for contexts unless the policy asks for it
   (:meth:`~uncomp_cli.policies.base.CachePolicy.for_context`): it would be decided by the end of
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache
 
+from uncomp_cli.contexts.reread import reread
 from uncomp_cli.contexts.store import BytesLRU
 from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 from uncomp_cli.engine.cache import cache_nbytes
@@ -54,10 +56,6 @@ from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.policies.full import FullCachePolicy
 
 CONTEXT_SCORERS = ("window", "reconstruct")
-#: What the model is asked before it re-reads the context (KVzip's wording).
-REPEAT_PROMPT = "Repeat the previous context exactly."
-#: Re-reading tokens fed per forward pass: bounds the attention rows recorded at once.
-RECONSTRUCT_CHUNK = 256
 #: First tokens every head keeps when a re-reading decides (KVzip's 4 attention sinks).
 SINKS = 4
 
@@ -147,7 +145,7 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
                 torch.inference_mode():
             feed(loaded.model, cache, input_ids, mask, prompt_positions(mask))
         if reconstruct:
-            recorded = _reread(loaded, cache, policy, ids, tail)
+            recorded = reread(loaded, cache, policy, ids, tail)
             if key is not None:
                 readings.put(key, Reading(checkpoint(cache), recorded, time.perf_counter() - started))
             allocate_globally(cache.layers, recorded)
@@ -182,35 +180,17 @@ def reading_store(limit_bytes: int) -> BytesLRU[Reading]:
     return BytesLRU(limit_bytes, Reading.nbytes, evict=False)
 
 
-def _reread(loaded: LoadedModel, cache: Cache, policy: CachePolicy, ids: list[int], tail: str) -> list[torch.Tensor]:
-    """Re-read the context (``ids``, template head included) behind a repeat prompt on its full
-    cache; return how much attention each layer's entries received, and leave the cache holding
-    the whole context again."""
-    tokenizer, model = loaded.tokenizer, loaded.model
-    prompt = [] if tokenizer is None else question_ids(tokenizer, REPEAT_PROMPT, tail)  # random models: none
-    reread = prompt + list(ids)
-    context_tokens = len(ids)
-    saved = checkpoint(cache)
-    total = context_tokens + len(reread)
-    device = loaded.device
-    with policy.resume(model, cache), torch.inference_mode():
-        for layer in cache.layers:
-            layer.start_recording()
-        feed(model, cache, torch.tensor([reread], device=device), torch.ones(1, total, dtype=torch.long, device=device),
-             torch.arange(context_tokens, total, device=device)[None], chunk=RECONSTRUCT_CHUNK)
-        recorded = [layer.recorded for layer in cache.layers]
-    rollback(cache, saved)  # the re-reading tokens go; every layer holds the whole context again
-    return recorded
-
-
-def allocate_globally(layers: list, recorded: list[torch.Tensor]) -> None:
+def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1, floor: float = 0.0) -> None:
     """KVzip's allocation: rank every layer's and KV head's entries together and keep the best.
 
     recorded: per layer [1, H_kv, N_l] scores. The method's own per-head budgets set the total and
     weight each head's scores by its share of the mean budget (1 for uniform methods; UNComp's
     high-entropy heads and PyramidKV's lower layers get more), so a head that re-reads the context
     keeps more than one that does not. The first :data:`SINKS` and last :data:`PRUNE_WINDOW` tokens
-    of every head are always kept.
+    of every head are always kept. ``pool`` (odd): a token scores the most of its ``pool``
+    neighbours, so a kept token keeps the tokens around it (a number's digits); ``floor``: every
+    head first keeps that share of its own budget by its own ranking, the global ranking spreads
+    the rest (1: each head keeps exactly its method's budget).
     """
     lengths = [scores.shape[-1] for scores in recorded]
     budgets = [torch.tensor([n if b is None else min(int(b), n) for b in layer.budgets], dtype=torch.float64)
@@ -218,8 +198,16 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor]) -> None:
     mean = float(torch.cat(budgets).mean())
     weighted = []
     for scores, share in zip(recorded, budgets):
-        scores = scores[0].double() * (share / mean)[:, None]  # [H_kv, N]
+        scores = scores[0].double()
+        if pool > 1:
+            scores = torch.nn.functional.max_pool1d(scores[None], pool, stride=1, padding=pool // 2)[0]
+        scores = scores * (share / mean)[:, None]  # [H_kv, N]
         scores[:, :SINKS] = scores[:, -PRUNE_WINDOW:] = float("inf")
+        if floor > 0:  # the sinks and window count towards a head's own share
+            own = (share * floor).long().clamp(max=scores.shape[-1])
+            for head, count in enumerate(own.tolist()):
+                if count:
+                    scores[head, scores[head].topk(count).indices] = float("inf")
         weighted.append(scores)
     total = int(sum(float(b.sum()) for b in budgets))
     heads = weighted[0].shape[0]

@@ -28,6 +28,7 @@ from uncomp_cli.engine.attention import ATTN_IMPLEMENTATION
 from uncomp_cli.engine.groups import group_heads, group_rows, merge_heads, slide_window, take_heads, visible_tail
 from uncomp_cli.engine.layer_state import LayerState
 from uncomp_cli.engine.plan import CachePlan, LayerPlan
+from uncomp_cli.engine.recording import attend_and_record
 from uncomp_cli.engine.selection import PRUNE_WINDOW, prune_scores, window_attention
 from uncomp_cli.errors import UncompError
 
@@ -345,16 +346,16 @@ class GroupedKVLayer(LayerState, CacheLayerMixin):
                          new_positions[:, None, :].expand(batch, heads, q_len), valid is None)
             group_query = take_heads(query, group.heads, rep)
             group_valid = None if group.all_valid else group.valid
-            if self.sliding_window is None and self.softcap is None:
+            if self.recorded is not None:  # one group of every head: also how much the queries paid each token
+                out, seen = attend_and_record(group_query, group, new_positions, valid, scaling,
+                                              self.recorded.shape[-1], self.sliding_window, self.softcap)
+                outputs.append(out)
+                self.recorded = torch.maximum(self.recorded, seen)
+            elif self.sliding_window is None and self.softcap is None:
                 outputs.append(attend_group(group_query, group.keys, group.values, group_valid, scaling))
             else:
                 outputs.append(rule_attention(group_query, group.keys, group.values, new_positions, group.positions,
                                               group_valid, scaling, self.sliding_window, self.softcap))
-        if self.recorded is not None:  # how much the new queries attend to each token held before them
-            probs = window_attention(query, self.groups[0].keys, None if self.groups[0].all_valid
-                                     else self.groups[0].valid, scaling, new_valid)
-            seen = probs[..., : self.recorded.shape[-1]].reshape(batch, self.num_kv_heads, -1, self.recorded.shape[-1])
-            self.recorded = torch.maximum(self.recorded, seen.amax(dim=2))
         out = outputs[0] if len(outputs) == 1 else merge_heads(outputs, self.groups, rep)
         if self.decode_evict:
             self._evict(query, new_valid, scaling, rep)

@@ -14,10 +14,12 @@ import random
 import re
 import string
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from uncomp_cli.errors import UncompError
 from uncomp_cli.eval import needle
 from uncomp_cli.eval.examples import Example
+from uncomp_cli.models.prompting import context_prompt
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 
@@ -98,17 +100,18 @@ def make_examples(tokenizer, tasks, lengths, samples: int, seed: int = 0, haysta
                 rng = random.Random(f"ruler-{seed}-{task}-{length}-{index}")
                 if task in _NIAH:
                     kind = "essay" if haystack else "noise"
-                    ids, answers, meta = _niah(tokenizer, task, length, rng, filler(kind))
+                    prompt, answers, meta = _niah(tokenizer, task, length, rng, filler(kind))
                     meta["haystack"] = kind
                 elif task == "vt":
-                    ids, answers, meta = _vt(tokenizer, length, rng, filler("noise"))
+                    prompt, answers, meta = _vt(tokenizer, length, rng, filler("noise"))
                 elif task == "cwe":
-                    ids, answers, meta = _cwe(tokenizer, length, rng)
+                    prompt, answers, meta = _cwe(tokenizer, length, rng)
                 else:
-                    ids, answers, meta = _fwe(tokenizer, length, rng)
-                examples.append(Example(id=f"{task}-{length}-{index}", task=task, prompt_ids=tuple(ids),
+                    prompt, answers, meta = _fwe(tokenizer, length, rng)
+                examples.append(Example(id=f"{task}-{length}-{index}", task=task, prompt_ids=tuple(prompt.ids),
                                         answers=tuple(answers), metric=METRIC[task],
-                                        max_new_tokens=MAX_NEW_TOKENS[task], length=length, meta=meta))
+                                        max_new_tokens=MAX_NEW_TOKENS[task], length=length, meta=meta,
+                                        context_tokens=prompt.context_tokens))
     return examples
 
 
@@ -135,12 +138,12 @@ def _niah(tokenizer, task: str, length: int, rng: random.Random, hay_ids: list[i
     user_text = template.replace("{type_needle_v}", kind).replace("{query}", query)
     prefix = prefix.format(type_needle_v=kind, query=query)
 
-    def build(n: int) -> list[int]:
+    def build(n: int) -> Prompt:
         context = _insert(tokenizer.decode(hay_ids[:n]), list(zip(depths, needles)))
         return _chat(tokenizer, user_text.replace("{context}", context), prefix)
 
-    ids = _fit(build, length, _MIN_FILL, task)
-    return ids, answers, {"keys": queries, "depths": [d / 100 for d in depths]}
+    prompt = _fit(build, length, _MIN_FILL, task)
+    return prompt, answers, {"keys": queries, "depths": [d / 100 for d in depths]}
 
 
 def _vt(tokenizer, length: int, rng: random.Random, noise_ids: list[int], hops: int = 4):
@@ -159,12 +162,12 @@ def _vt(tokenizer, length: int, rng: random.Random, noise_ids: list[int], hops: 
     statements = _chain(names, value)
     prefix = VT_PREFIX.format(num_v=hops + 1, query=value)
 
-    def build(n: int) -> list[int]:
+    def build(n: int) -> Prompt:
         context = _insert(tokenizer.decode(noise_ids[:n]), list(zip(depths, statements)))
         return _chat(tokenizer, f"{shot}\n{VT_TEMPLATE.format(context=context, query=value)}", prefix)
 
-    ids = _fit(build, length, _MIN_FILL, "vt")
-    return ids, names, {"value": value, "hops": hops, "depths": [d / 100 for d in depths]}
+    prompt = _fit(build, length, _MIN_FILL, "vt")
+    return prompt, names, {"value": value, "hops": hops, "depths": [d / 100 for d in depths]}
 
 
 def _chain(names: list[str], value: str) -> list[str]:
@@ -181,7 +184,7 @@ def _cwe(tokenizer, length: int, rng: random.Random, num_common: int = 10):
     shot_words, shot_repeats = (20, (3, 1)) if short else (40, (10, 3))
     state = rng.getstate()
 
-    def build(n: int) -> list[int]:
+    def build(n: int) -> Prompt:
         rng.setstate(state)  # the same words for every n: only the list's length changes
         words = _pseudo_words(rng)
         common = [next(words) for _ in range(num_common)]
@@ -192,11 +195,11 @@ def _cwe(tokenizer, length: int, rng: random.Random, num_common: int = 10):
         context, _ = _word_list(rng, common + rare, num_common, common_repeats, rare_repeats)
         return _chat(tokenizer, f"{shot}\n{CWE_TEMPLATE.format(context=context)}", CWE_PREFIX)
 
-    ids = _fit(build, length, num_common + 1, "cwe")
+    prompt = _fit(build, length, num_common + 1, "cwe")
     rng.setstate(state)
     words = _pseudo_words(rng)
     answers = [next(words) for _ in range(num_common)]
-    return ids, answers, {"common_repeats": common_repeats, "rare_repeats": rare_repeats}
+    return prompt, answers, {"common_repeats": common_repeats, "rare_repeats": rare_repeats}
 
 
 def _word_list(rng: random.Random, words: list[str], num_common: int, common_repeats: int, rare_repeats: int):
@@ -222,46 +225,60 @@ def _fwe(tokenizer, length: int, rng: random.Random, alpha: float = 2.0):
     zeta = math.pi**2 / 6 if alpha == 2.0 else sum(k**-alpha for k in range(1, 100_000))
     state = rng.getstate()
 
-    def build(n: int) -> list[int]:
+    def build(n: int) -> Prompt:
         rng.setstate(state)
         words = [w for k, w in enumerate(vocab, 1) for _ in range(int(n * k**-alpha / zeta))]
         rng.shuffle(words)
         return _chat(tokenizer, FWE_TEMPLATE.format(context=" ".join(words)), FWE_PREFIX)
 
-    ids = _fit(build, length, 100, "fwe")  # from 100 words on, ranks 2-5 have distinct counts
-    return ids, vocab[1:4], {"alpha": alpha, "vocab_size": vocab_size}
+    prompt = _fit(build, length, 100, "fwe")  # from 100 words on, ranks 2-5 have distinct counts
+    return prompt, vocab[1:4], {"alpha": alpha, "vocab_size": vocab_size}
 
 
 # ---------------------------------------------------------------- shared pieces
 
 
-def _chat(tokenizer, user: str, prefix: str) -> list[int]:
+@dataclass(frozen=True)
+class Prompt:
+    """A task's token ids, and how many of them come before its question (the context a
+    query-agnostic run compresses first; every template puts the question after its last newline)."""
+
+    ids: list[int]
+    context_tokens: int
+
+
+def _chat(tokenizer, user: str, prefix: str) -> Prompt:
     """User message through the chat template, generation prompt, then the answer prefix.
 
     Without a chat template the text goes raw (RULER's ``base`` template) with the prefix appended.
     """
     if not getattr(tokenizer, "chat_template", None):
-        return list(tokenizer(user + prefix, add_special_tokens=True)["input_ids"])
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True)
-    ids = list(ids if isinstance(ids, list) else ids["input_ids"])
-    return ids + tokenizer(prefix.lstrip(), add_special_tokens=False)["input_ids"]
+        ids = list(tokenizer(user + prefix, add_special_tokens=True)["input_ids"])
+    else:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+        ids += tokenizer(prefix.lstrip(), add_special_tokens=False)["input_ids"]
+    head = context_prompt(tokenizer, user[:user.rindex("\n")])[0]
+    shared = next((i for i, (a, b) in enumerate(zip(ids, head)) if a != b), min(len(ids), len(head)))
+    return Prompt(ids, shared)
 
 
-def _fit(build: Callable[[int], list[int]], target: int, least: int, task: str) -> list[int]:
+def _fit(build: Callable[[int], Prompt], target: int, least: int, task: str) -> Prompt:
     """The prompt of the largest size ``n >= least`` whose ids fit ``target`` tokens.
 
     Prompt length grows about linearly with ``n`` (haystack tokens, words), so a secant step
     lands near the target in a few tokenisations; bisection takes over when it stalls.
     """
     best = build(least)
-    if len(best) > target:
+    if len(best.ids) > target:
         raise UncompError(f"length {target} is too short for RULER task {task!r}: its smallest prompt has "
-                          f"{len(best)} tokens")
-    lo, lo_len, hi = least, len(best), None
+                          f"{len(best.ids)} tokens")
+    lo, lo_len, hi = least, len(best.ids), None
     probe = build(2 * least)
-    slope = max((len(probe) - lo_len) / least, 1e-3)
-    if len(probe) <= target:
-        lo, lo_len, best = 2 * least, len(probe), probe
+    slope = max((len(probe.ids) - lo_len) / least, 1e-3)
+    if len(probe.ids) <= target:
+        lo, lo_len, best = 2 * least, len(probe.ids), probe
     else:
         hi = 2 * least
     bisect = False
@@ -272,11 +289,11 @@ def _fit(build: Callable[[int], list[int]], target: int, least: int, task: str) 
         if hi is not None:
             n = (lo + hi) // 2 if bisect else min(max(n, lo + 1), hi - 1)
         width = None if hi is None else hi - lo
-        ids = build(n)
-        if len(ids) > lo_len:
-            slope = (len(ids) - lo_len) / (n - lo)
-        if len(ids) <= target:
-            lo, lo_len, best = n, len(ids), ids
+        prompt = build(n)
+        if len(prompt.ids) > lo_len:
+            slope = (len(prompt.ids) - lo_len) / (n - lo)
+        if len(prompt.ids) <= target:
+            lo, lo_len, best = n, len(prompt.ids), prompt
         else:
             hi = n
         bisect = width is not None and hi - lo > width // 2

@@ -272,9 +272,12 @@ def _context_rows(loaded, policy, examples: Sequence[Example], scorers, context_
     """Query-agnostic: compress each distinct context (the examples' leading ``context_tokens``)
     once, before any question, then answer each of its examples on it. Prefill time is the
     context's (shared by its questions) plus the question's; bytes are those held after answering.
-    ``readings``: re-readings shared with the grid's other runs (see :func:`run_eval`)."""
+    ``readings``: re-readings shared with the grid's other runs (see :func:`run_eval`). The
+    re-reading's repeat prompt ends the user turn as ``uncomp compress`` and the server do (the
+    template's tail), so a grid measures what they keep."""
     from uncomp_cli.contexts.compress import ask_ids, compress_ids
     from uncomp_cli.engine.generation import GenerationSettings
+    from uncomp_cli.models.prompting import template_tail
 
     by_context: dict[tuple[int, ...], list[Example]] = {}
     for example in examples:
@@ -283,7 +286,8 @@ def _context_rows(loaded, policy, examples: Sequence[Example], scorers, context_
         by_context.setdefault(example.prompt_ids[: example.context_tokens], []).append(example)
     rows = []
     for context_ids, asked in by_context.items():
-        context = compress_ids(loaded, list(context_ids), policy, context_scorer, readings=readings)
+        context = compress_ids(loaded, list(context_ids), policy, context_scorer, template_tail(loaded.tokenizer),
+                               readings=readings)
         for example in asked:
             result = ask_ids(loaded, context, list(example.prompt_ids[example.context_tokens:]),
                              GenerationSettings(max_new_tokens=example.max_new_tokens))

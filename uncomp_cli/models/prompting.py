@@ -61,6 +61,12 @@ def context_prompt(tokenizer, context: str, system: str | None = None, raw: bool
     return list(tokenizer(head, add_special_tokens=False)["input_ids"]), tail
 
 
+def template_tail(tokenizer) -> str:
+    """What :func:`context_prompt` puts after every question (end of the user turn, start of the
+    answer); empty without a chat template."""
+    return context_prompt(tokenizer, ".")[1] if getattr(tokenizer, "chat_template", None) else ""
+
+
 def question_ids(tokenizer, question: str, tail: str, answer_prefix: str | None = None) -> list[int]:
     """The tokens fed after a context: the question, the template's tail, then ``answer_prefix``."""
     if not question or not question.strip():

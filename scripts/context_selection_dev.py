@@ -1,0 +1,146 @@
+"""Choose how a compressed context's re-reading scores become what it keeps, on a development set.
+
+Query-agnostic contexts (compress once, ask many) keep what the re-reading pass scores highest
+(:func:`uncomp_cli.contexts.compress.allocate_globally`). This script compares ways of turning
+those scores into a selection — neighbour pooling, a per-head floor of the method's own budget —
+on needle prompts of several wordings and on RULER-style variable tracking, re-reading each
+context once for every variant, method and budget (the selection is the cheap part). Exact match
+for needles, RULER's all-answers score for the other tasks; one line per wording or task.
+
+It holds none of the wordings a report is made on: choose here, report with ``uncomp eval``.
+
+  python scripts/context_selection_dev.py --haystack ../shared/data/haystack --lengths 2k,4k --seed 12 \\
+      --variants global,pool3,floor50 --methods uncomp,snapkv --budgets 10%,5%
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections import defaultdict
+
+import torch
+
+from uncomp_cli.contexts import compress
+from uncomp_cli.contexts import reread as reread_module
+from uncomp_cli.contexts.compress import ask_ids, compress_ids, reading_store
+from uncomp_cli.engine import recording
+from uncomp_cli.engine.generation import GenerationSettings
+from uncomp_cli.eval import needle, ruler
+from uncomp_cli.eval.metrics import METRICS
+from uncomp_cli.haystack import load_haystack
+from uncomp_cli.models.loading import load_model
+from uncomp_cli.models.prompting import template_tail
+from uncomp_cli.policies.registry import make_policy, with_profile
+from uncomp_cli.units import parse_lengths
+
+#: Development wordings: a needle sentence, its question and the answer's start.
+WORDINGS = {
+    "secret-code": needle.Templates("Remember this: the secret code of {key} is {value}.",
+                                    "What is the secret code of {key}?", "The secret code of {key} is"),
+    "locker": needle.Templates("The locker combination used in {key} is {value}.",
+                               "Which locker combination is used in {key}?",
+                               "The locker combination used in {key} is"),
+    "builtin-seed12": needle.Templates(),
+}
+#: Variants: name -> allocate_globally's keyword arguments.
+VARIANTS = {
+    "global": {},
+    "pool3": {"pool": 3},
+    "pool5": {"pool": 5},
+    "pool7": {"pool": 7},
+    "floor25": {"floor": 0.25},
+    "floor50": {"floor": 0.5},
+    "floor100": {"floor": 1.0},
+    "pool3-floor25": {"pool": 3, "floor": 0.25},
+    "pool3-floor50": {"pool": 3, "floor": 0.5},
+    "pool5-floor50": {"pool": 5, "floor": 0.5},
+}
+
+
+def examples_of(tokenizer, args) -> dict[str, list]:
+    lengths = parse_lengths(args.lengths)
+    sets = {}
+    haystack = load_haystack(args.haystack)
+    for name in args.wordings.split(","):
+        sets[name] = needle.make_examples(tokenizer, haystack, lengths, [0.1, 0.3, 0.5, 0.7, 0.9], seed=args.seed,
+                                          templates=WORDINGS[name], samples=args.samples)
+    for task in filter(None, args.tasks.split(",")):
+        sets[task] = ruler.make_examples(tokenizer, [task], lengths, args.ruler_samples, seed=args.seed,
+                                         haystack=haystack)
+    return sets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--haystack", required=True)
+    parser.add_argument("--lengths", default="2k,4k")
+    parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--samples", type=int, default=1, help="needle prompts per length × depth")
+    parser.add_argument("--ruler-samples", type=int, default=3, help="prompts per RULER task and length")
+    parser.add_argument("--wordings", default="secret-code,locker")
+    parser.add_argument("--tasks", default="vt", help="RULER tasks, comma-separated (none: '')")
+    parser.add_argument("--methods", default="uncomp")
+    parser.add_argument("--budgets", default="10%,5%")
+    parser.add_argument("--variants", default="global,pool3,floor50")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="every answer on stderr")
+    parser.add_argument("--reread", default="whole", choices=("whole", "chunked-bfloat16"),
+                        help="chunked-bfloat16: KVzip's 2,000-token chunks with bfloat16 products (cheaper), "
+                             "to compare with the default: the whole context at once, in the model's dtype")
+    args = parser.parse_args()
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+    if args.reread == "chunked-bfloat16":
+        reread_module.REREAD_CHUNK = 2000
+        recording.BFLOAT16_PRODUCTS = True
+    torch.set_grad_enabled(False)
+    loaded = load_model(None, device="cpu")
+    tail = template_tail(loaded.tokenizer)
+    sets = examples_of(loaded.tokenizer, args)
+    readings = reading_store(8 << 30)
+    plain = compress.allocate_globally
+    scores: dict[tuple, list[float]] = defaultdict(list)
+    for set_name, examples in sets.items():
+        for index, example in enumerate(examples):
+            context_ids = list(example.prompt_ids[:example.context_tokens])
+            question = list(example.prompt_ids[example.context_tokens:])
+            for method in args.methods.split(","):
+                for budget in args.budgets.split(","):
+                    policy = with_profile(make_policy(method) if method == "full" else
+                                          make_policy(method, budget=budget), loaded)
+                    for variant in args.variants.split(","):
+                        compress.allocate_globally = functools.partial(plain, **VARIANTS[variant])
+                        try:
+                            context = compress_ids(loaded, context_ids, policy, "reconstruct", tail, readings)
+                        finally:
+                            compress.allocate_globally = plain
+                        answer = ask_ids(loaded, context, question,
+                                         GenerationSettings(max_new_tokens=example.max_new_tokens))
+                        score = METRICS[example.metric](answer.text, example)["score"]
+                        scores[(set_name, method, budget, variant)].append(score)
+                        if args.verbose:
+                            print(f"  {example.id} {method} {budget} {variant}: {answer.text!r} "
+                                  f"({', '.join(example.answers)}) {score:g}", file=sys.stderr)
+            print(f"{set_name} {index + 1}/{len(examples)}", file=sys.stderr, flush=True)
+    table = {" ".join(key): round(100 * sum(v) / len(v), 1) for key, v in scores.items()}
+    if args.json:
+        print(json.dumps({"args": vars(args), "scores": table, "counts": {" ".join(k): len(v) for k, v in
+                                                                          scores.items()}}, indent=1))
+        return
+    for method in args.methods.split(","):
+        for budget in args.budgets.split(","):
+            print(f"\n{method} {budget}: " + " | ".join(args.variants.split(",")))
+            for set_name in sets:
+                print(f"  {set_name:14s} " + "  ".join(f"{table[' '.join((set_name, method, budget, v))]:5.1f}"
+                                                      for v in args.variants.split(",")))
+            means = [sum(table[" ".join((s, method, budget, v))] for s in sets) / len(sets)
+                     for v in args.variants.split(",")]
+            print(f"  {'mean':14s} " + "  ".join(f"{m:5.1f}" for m in means))
+
+
+if __name__ == "__main__":
+    main()
