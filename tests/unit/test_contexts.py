@@ -171,6 +171,33 @@ def test_global_allocation_gives_the_budget_to_heads_whose_scores_stand_out(load
     assert len(kept[1, 0]) >= len(peak) + 4 + 8 > 24  # more than its own budget: the global ranking moved it there
 
 
+@pytest.mark.parametrize("pool,floor", [(1, 1.0), (3, 0.0)])
+def test_global_allocation_floors_and_pooling(loaded, pool, floor):
+    """floor=1: every head keeps exactly its own budget, by its own scores; pool=3: a kept peak keeps
+    its neighbours (a number's digits) instead of far tokens scored just below it."""
+    from uncomp_cli.contexts.compress import allocate_globally
+    from uncomp_cli.engine.steps import feed, prompt_positions
+
+    ids = context_prompt(loaded.tokenizer, CONTEXT)[0]
+    mask = torch.ones(1, len(ids), dtype=torch.long)
+    policy = make_policy("snapkv", budget="24", **SMALL)
+    with policy.attach(loaded.model, mask, policy.plan(loaded.model, mask).deferred()) as cache:
+        feed(loaded.model, cache, torch.tensor([ids]), mask, prompt_positions(mask))
+    layers, heads, n = len(cache.layers), loaded.model.config.num_key_value_heads, len(ids)
+    recorded = [torch.full((1, heads, n), 1e-4) for _ in range(layers)]
+    recorded[1][0, 0, 40:70] = 0.9  # one head stands out: the global ranking would move budget to it
+    recorded[0][0, 0, 20] = 0.5  # a lone peak, and far tokens scored just below it
+    recorded[0][0, 0, 90:92] = 0.4
+    allocate_globally(cache.layers, recorded, pool=pool, floor=floor)
+    kept = {(index, head): layer_groups_positions(layer, head) for index, layer in enumerate(cache.layers)
+            for head in range(heads)}
+    if floor == 1.0:
+        assert all(len(positions) == 24 for positions in kept.values())
+        assert 20 in kept[0, 0] and {90, 91} <= set(kept[0, 0])
+    else:
+        assert {19, 20, 21} <= set(kept[0, 0])  # the peak's neighbours share its score
+
+
 def layer_groups_positions(layer, head: int) -> list[int]:
     group = next(g for g in layer.groups if head in g.heads)
     return group.positions[0, group.heads.index(head)].tolist()
