@@ -146,6 +146,15 @@ def test_every_question_about_a_document_goes_to_the_replica_that_holds_it(app):
     assert short <= set(tags) or len(tags) < 2
 
 
+def test_errors_come_back_as_the_engine_sends_them(app):
+    url, _, _ = app
+    wrong = httpx.post(url + "/v1/chat/completions", json={"model": "other", "messages": []}, timeout=60)
+    assert wrong.status_code in (400, 404) and "error" in wrong.json()
+    huge = httpx.post(url + "/v1/completions", content=b"x" * (65 << 20), timeout=60,
+                      headers={"content-type": "application/json"})
+    assert huge.status_code == 413
+
+
 def _engine_actors() -> dict[str, str]:
     """Live engine replicas: replica id -> actor name."""
     return {a["name"].rsplit("#", 1)[-1]: a["name"] for a in ray.util.list_named_actors(all_namespaces=True)

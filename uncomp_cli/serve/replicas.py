@@ -48,6 +48,9 @@ ENGINE_NAME = "UncompEngine"
 #: Requests one engine replica takes before the router counts it full (then a request about a
 #: document it holds goes to the least loaded other replica): its batch, and as many waiting.
 ONGOING_PER_BATCH_ROW = 2
+#: The largest body the front reads when ``--max-body`` is auto (the engine's limit depends on the
+#: model's context, which the front does not load; each engine still applies its own).
+FRONT_MAX_BODY = 64 << 20
 #: Ray Serve's proxy timeouts for a cluster this process starts (seconds; the environment wins).
 LOCAL_PROXY_TIMEOUTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 #: Response headers that come from the engine but are the front's to set.
@@ -177,6 +180,7 @@ def build_app(spec: ReplicaSpec, replicas: int, device_type: str = "cpu"):
     from ray.serve.config import RequestRouterConfig
 
     from uncomp_cli import __version__
+    from uncomp_cli.serve.app import read_body
     from uncomp_cli.serve.protocol import ApiError
 
     settings = spec.settings
@@ -199,7 +203,10 @@ def build_app(spec: ReplicaSpec, replicas: int, device_type: str = "cpu"):
 
         @front_api.api_route("/{path:path}", methods=["GET", "POST"])
         async def forward(self, request: Request, path: str):
-            body = await request.body()
+            try:  # the engine checks its own, exact limit; the front holds nothing larger than this
+                body = await read_body(request, settings.max_body or FRONT_MAX_BODY)
+            except ApiError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
             key = document_key(body, min_chars) if request.method == "POST" and settings.reuse_min_tokens else None
             headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"host"]
             args = (request.method, "/" + path, request.url.query.encode(), headers, body)
