@@ -147,9 +147,9 @@ def test_bad_files_are_one_clear_error(loaded, tmp_path, tiny_model_dir):
         load_context(loaded, tmp_path / "missing.uncomp")
 
 
-def test_global_allocation_gives_the_budget_to_heads_whose_scores_stand_out(loaded):
-    """KVzip's allocation: all layers' and heads' entries ranked together; sinks and the last 8 kept."""
-    from uncomp_cli.contexts.compress import allocate_globally
+def _whole_context(loaded):
+    """SnapKV at 24 tokens a head, prefilled with its selection deferred (every token held), and
+    the context's length: what a re-reading's scores are allocated over."""
     from uncomp_cli.engine.steps import feed, prompt_positions
 
     ids = context_prompt(loaded.tokenizer, CONTEXT)[0]
@@ -157,7 +157,15 @@ def test_global_allocation_gives_the_budget_to_heads_whose_scores_stand_out(load
     policy = make_policy("snapkv", budget="24", **SMALL)
     with policy.attach(loaded.model, mask, policy.plan(loaded.model, mask).deferred()) as cache:
         feed(loaded.model, cache, torch.tensor([ids]), mask, prompt_positions(mask))
-    layers, heads, n = len(cache.layers), loaded.model.config.num_key_value_heads, len(ids)
+    return cache, len(ids)
+
+
+def test_global_allocation_gives_the_budget_to_heads_whose_scores_stand_out(loaded):
+    """KVzip's allocation: all layers' and heads' entries ranked together; sinks and the last 8 kept."""
+    from uncomp_cli.contexts.compress import allocate_globally
+
+    cache, n = _whole_context(loaded)
+    layers, heads = len(cache.layers), loaded.model.config.num_key_value_heads
     recorded = [torch.full((1, heads, n), 1e-4) for _ in range(layers)]
     peak = list(range(40, 70))  # one head of one layer attends sharply to these tokens
     recorded[1][0, 0, peak] = 0.9
@@ -176,14 +184,9 @@ def test_global_allocation_floors_and_pooling(loaded, pool, floor):
     """floor=1: every head keeps exactly its own budget, by its own scores; pool=3: a kept peak keeps
     its neighbours (a number's digits) instead of far tokens scored just below it."""
     from uncomp_cli.contexts.compress import allocate_globally
-    from uncomp_cli.engine.steps import feed, prompt_positions
 
-    ids = context_prompt(loaded.tokenizer, CONTEXT)[0]
-    mask = torch.ones(1, len(ids), dtype=torch.long)
-    policy = make_policy("snapkv", budget="24", **SMALL)
-    with policy.attach(loaded.model, mask, policy.plan(loaded.model, mask).deferred()) as cache:
-        feed(loaded.model, cache, torch.tensor([ids]), mask, prompt_positions(mask))
-    layers, heads, n = len(cache.layers), loaded.model.config.num_key_value_heads, len(ids)
+    cache, n = _whole_context(loaded)
+    layers, heads = len(cache.layers), loaded.model.config.num_key_value_heads
     recorded = [torch.full((1, heads, n), 1e-4) for _ in range(layers)]
     recorded[1][0, 0, 40:70] = 0.9  # one head stands out: the global ranking would move budget to it
     recorded[0][0, 0, 20] = 0.5  # a lone peak, and far tokens scored just below it

@@ -7,11 +7,11 @@ question can tell the method what to keep. Two ways to score the context's token
   the end of the context. Free, but it keeps what the context's last sentences look at.
 * ``reconstruct`` (KVzip, arXiv 2505.23416; the default): after a prefill that keeps every
   token, the model re-reads the context behind a repeat prompt ("Repeat the previous context
-  exactly.") on that full cache, in chunks that each see the context and themselves only
-  (:mod:`uncomp_cli.contexts.reread`); each KV entry's score is the most attention any re-reading
-  query of its KV head pays it, and every layer's and head's entries are ranked together, weighted
-  by the method's own budget shares (:func:`allocate_globally`). Costs one more pass over the
-  context, paid once per compressed context; the re-reading tokens are dropped afterwards.
+  exactly.") on that full cache (:mod:`uncomp_cli.contexts.reread`); each KV entry's score is the
+  most attention any re-reading query of its KV head pays it, and every layer's and head's entries
+  are ranked together, weighted by the method's own budget shares (:func:`allocate_globally`).
+  Costs one more pass over the context, paid once per compressed context; the re-reading tokens
+  are dropped afterwards.
   UNComp's hidden-state pruning is off for contexts unless the policy asks for it
   (:meth:`~uncomp_cli.policies.base.CachePolicy.for_context`): it would be decided by the end of
   the context, and the pruned layers would never hold what a question asks.

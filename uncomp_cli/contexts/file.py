@@ -51,17 +51,13 @@ def profile_fingerprint(policy) -> str | None:
 
 def save_context(context: CompressedContext, loaded, path: str | os.PathLike[str]) -> Path:
     """Write ``context`` (compressed on ``loaded``) to ``path`` atomically."""
-    tensors: dict[str, torch.Tensor] = {}
-    layers = []
     grouped = isinstance(context.cache, GroupedKVCache)
-    for index, layer in enumerate(context.cache.layers):
-        if not grouped:
+    if grouped:
+        layers, tensors = export_layers(context.cache.layers)
+    else:
+        layers, tensors = [{} for _ in context.cache.layers], {}
+        for index, layer in enumerate(context.cache.layers):
             tensors[f"layers.{index}.keys"], tensors[f"layers.{index}.values"] = layer.keys, layer.values
-            layers.append({})
-            continue
-        spec, held = layer.export()
-        tensors |= {f"layers.{index}.{name}": tensor for name, tensor in held.items()}
-        layers.append(spec)
     settings = context.policy.describe()
     metadata = {
         "format": CONTEXT_FORMAT,
@@ -81,6 +77,22 @@ def save_context(context: CompressedContext, loaded, path: str | os.PathLike[str
     }
     data = save_bytes({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
     return atomic_write(path, data)
+
+
+def export_layers(layers: list) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Grouped layers as a file holds them: each one's spec, and its tensors named ``layers.<i>.<name>``."""
+    specs, tensors = [], {}
+    for index, layer in enumerate(layers):
+        spec, held = layer.export()
+        tensors |= {f"layers.{index}.{name}": tensor for name, tensor in held.items()}
+        specs.append(spec)
+    return specs, tensors
+
+
+def layer_tensors(tensors: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """Layer ``index``'s tensors of a file, by their names within the layer."""
+    prefix = f"layers.{index}."
+    return {name.removeprefix(prefix): tensor for name, tensor in tensors.items() if name.startswith(prefix)}
 
 
 def load_context(loaded, path: str | os.PathLike[str]) -> CompressedContext:
@@ -156,8 +168,6 @@ def _grouped_cache(policy, layers: list[dict], tensors: dict[str, torch.Tensor],
     scorer and eviction (what decoding needs; the prefill's choices are already made)."""
     restored = []
     for index, spec in enumerate(layers):
-        prefix = f"layers.{index}."
-        own = {name.removeprefix(prefix): tensor for name, tensor in tensors.items() if name.startswith(prefix)}
         plan = LayerPlan(tuple(spec["budgets"]), policy.scorer, policy.decode_evict)
-        restored.append(GroupedKVLayer.restore(plan, spec, own))
+        restored.append(GroupedKVLayer.restore(plan, spec, layer_tensors(tensors, index)))
     return GroupedKVCache(CachePlan(tuple(layer.plan for layer in restored), stats=stats), restored)

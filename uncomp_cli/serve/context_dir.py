@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from uncomp_cli.contexts.file import file_metadata, weights_fingerprint
+from uncomp_cli.contexts.file import export_layers, file_metadata, layer_tensors, weights_fingerprint
 from uncomp_cli.engine.cache import GroupedKVLayer
 from uncomp_cli.engine.plan import LayerPlan
 from uncomp_cli.files import atomic_write
@@ -53,7 +53,7 @@ class ContextDirectory:
                          "model_fingerprint": model_fingerprint(model.config),
                          "weights_fingerprint": weights_fingerprint(model),
                          "dtype": str(dtype).removeprefix("torch.")}
-        self.hits = self.misses = self.rejected = 0
+        self.misses = 0  # lookups that found no file
 
     def file_for(self, document: str) -> Path:
         """Where the prefix of the document whose token hash is ``document`` lives."""
@@ -84,25 +84,18 @@ class ContextDirectory:
             if any(layer.groups[0].length() != tokens for layer in layers):
                 raise ValueError("its layers do not hold the document's tokens")
         except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            self.rejected += 1
             log.warning("context directory: skipping %s (%s: %s)", path.name, type(exc).__name__, exc)
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used
-        self.hits += 1
         return Prefix(layers, tokens)
 
     def save(self, document: str, prefix) -> Path:
         """Write ``prefix`` for ``document`` atomically, then drop the least recently used files
         beyond the limit (never the one just written)."""
-        tensors: dict[str, torch.Tensor] = {}
-        specs = []
-        for index, layer in enumerate(prefix.layers):
-            spec, held = layer.export()
-            tensors |= {f"layers.{index}.{name}": tensor for name, tensor in held.items()}
-            specs.append(spec)
+        specs, tensors = export_layers(prefix.layers)
         metadata = self.identity | {"document": document, "tokens": str(prefix.tokens), "layers": json.dumps(specs)}
         data = save_bytes({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
         path = atomic_write(self.file_for(document), data)
@@ -132,7 +125,5 @@ class ContextDirectory:
 def _restore(index: int, spec: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> GroupedKVLayer:
     if not spec.get("deferred"):
         raise ValueError(f"layer {index} is not a whole document")
-    prefix = f"layers.{index}."
-    own = {name.removeprefix(prefix): t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
-    plan = LayerPlan(tuple(spec["budgets"]), defer_selection=True)
-    return GroupedKVLayer.restore(plan, spec, own)
+    own = {name: tensor.to(device) for name, tensor in layer_tensors(tensors, index).items()}
+    return GroupedKVLayer.restore(LayerPlan(tuple(spec["budgets"]), defer_selection=True), spec, own)

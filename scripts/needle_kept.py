@@ -1,0 +1,61 @@
+"""How many layer × KV-head pairs keep each token of a needle after query-agnostic compression.
+
+Compresses a needle prompt's context (``reconstruct``) and prints, for each token of the needle
+sentence and the token after it, the share of layer × KV-head pairs whose cache still holds it,
+with the mean share over the whole context (the base rate a budget gives). A needle the
+re-reading singles out is kept well above the base rate (docs/results.md, issue 22).
+
+  python scripts/needle_kept.py --haystack ../shared/data/haystack --wordings secret-code,builtin-seed12
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from context_selection_dev import WORDINGS
+
+from uncomp_cli.contexts.compress import compress_ids
+from uncomp_cli.eval import needle
+from uncomp_cli.haystack import load_haystack
+from uncomp_cli.models.loading import load_model
+from uncomp_cli.models.prompting import template_tail
+from uncomp_cli.policies.registry import make_policy, with_profile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--haystack", required=True)
+    parser.add_argument("--wordings", default="secret-code,builtin-seed12")
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--depth", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--method", default="uncomp")
+    parser.add_argument("--budget", default="10%")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    loaded = load_model(None, device="cpu")
+    tokenizer = loaded.tokenizer
+    haystack = load_haystack(args.haystack)
+    policy = with_profile(make_policy(args.method, budget=args.budget), loaded)
+    for name in args.wordings.split(","):
+        example = needle.make_examples(tokenizer, haystack, [args.length], [args.depth], seed=args.seed,
+                                       templates=WORDINGS[name])[0]
+        ids = list(example.prompt_ids[:example.context_tokens])
+        context = compress_ids(loaded, ids, policy, "reconstruct", template_tail(tokenizer))
+        sentence = tokenizer(" " + example.meta["needle"], add_special_tokens=False)["input_ids"]
+        inner = sentence[1:-1]  # the ends may merge with the text around the needle
+        start = next(i for i in range(len(ids)) if ids[i:i + len(inner)] == inner) - 1
+        counts, pairs = torch.zeros(len(ids)), 0
+        for layer in context.cache.layers:
+            for group in layer.groups:
+                for positions in group.positions[0]:
+                    counts[positions[positions < len(ids)]] += 1
+                    pairs += 1
+        span = range(start, min(start + len(sentence) + 1, len(ids)))
+        print(f"{name}: {pairs} layer × KV-head pairs; context mean kept share {float(counts.mean()) / pairs:.3f}")
+        print("  " + " ".join(f"{tokenizer.decode([ids[i]])!r}:{counts[i] / pairs:.2f}" for i in span))
+
+
+if __name__ == "__main__":
+    main()
