@@ -51,6 +51,24 @@ def test_a_saved_context_answers_like_compressing_it_again(tiny_model_dir, tmp_p
     assert reused["context_prefill_seconds"] == 0  # nothing was prefilled again
 
 
+def test_a_gate_scored_context_is_made_once_and_saved(tiny_model_dir, tmp_path):
+    """--context-scorer gate trains the model's gate on first use, caches it and answers alike."""
+    from uncomp_cli.models.loading import cache_root
+
+    doc, out = tmp_path / "doc.txt", tmp_path / "doc.uncomp"
+    doc.write_text(CONTEXT)
+    options = ["--method", "snapkv", "--budget", 24, "--window", 4, "--kernel", 3, "--context-scorer", "gate"]
+    summary = compress("-m", tiny_model_dir, "--context-file", doc, "--out", out, *options, "--json")
+    assert summary.exit_code == 0, summary.stderr
+    assert json.loads(summary.stdout)["context_scorer"] == "gate"
+    assert len(list((cache_root() / "gates").glob("*.safetensors"))) == 1
+    direct = as_json(run("-m", tiny_model_dir, "--context-file", doc, "Where is item 12?", *options,
+                         "--max-new-tokens", 5, "--json"))
+    reused = as_json(run("-m", tiny_model_dir, "--context", out, "Where is item 12?", "--max-new-tokens", 5,
+                         "--json"))
+    assert reused["text"] == direct["text"] and reused["kv_cache_bytes"] == direct["kv_cache_bytes"]
+
+
 def test_context_errors_are_one_line(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.uncomp"
     bad.write_text("not a context")
@@ -62,7 +80,7 @@ def test_context_errors_are_one_line(tiny_model_dir, tmp_path):
         (["-q", "q?", "hello"], "--question, --questions-file, --answer-prefix and --context-scorer are for a context"),
         (["--context-file", doc], "no question for the context"),
         (["--context-file", doc, "q?", "--context-scorer", "magic"], "--context-scorer must be one of window, "
-                                                                     "reconstruct, got 'magic'"),
+                                                                     "reconstruct, gate, got 'magic'"),
         (["--context-file", doc, "--context", bad, "q?"], "either with --context or with --context-file"),
     ]:
         result = run("-m", tiny_model_dir, *args)

@@ -237,7 +237,7 @@ def test_a_shared_reading_compresses_exactly_as_reading_again(loaded, method, bu
     assert readings.hits == 1
     kind = policy(method, budget, **options).for_context().reading_key(loaded.model,
                                                                         torch.ones(1, len(ids), dtype=torch.long))
-    assert shared.prefill_seconds >= readings.get((tuple(ids), tail, kind)).seconds
+    assert shared.prefill_seconds >= readings.get((tuple(ids), tail, kind, "reconstruct")).seconds
     fresh = compress_ids(loaded, ids, policy(method, budget, **options), "reconstruct", tail)
     for (heads, *tensors), (fresh_heads, *fresh_tensors) in zip(_held(shared), _held(fresh), strict=True):
         assert heads == fresh_heads and all(torch.equal(a, b) for a, b in zip(tensors, fresh_tensors))

@@ -34,7 +34,9 @@ def compress(
     method: Annotated[str, typer.Option(help=f"KV cache: {', '.join(METHOD_NAMES)}.")] = DEFAULT_COMPRESS_METHOD,
     context_scorer: Annotated[
         str, typer.Option(help="How context tokens are scored: reconstruct (how the model re-reads the context; "
-                          "one more pass over it) or window (the method's own, at the end of the context).")
+                          "one more pass over it), gate (those scores predicted during the prefill by a gate "
+                          "trained once per model: about one prefill) or window (the method's own, at the end "
+                          "of the context).")
     ] = DEFAULT_CONTEXT_SCORER,
     profile: Annotated[
         Path | None,

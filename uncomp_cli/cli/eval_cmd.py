@@ -61,7 +61,8 @@ GRID_OPTIONS = [
         "instead of the whole prompt with the question in it.")], False),
     option("context_scorer", Annotated[str | None, typer.Option(
         help="With --query-agnostic: how context tokens are scored: reconstruct (how the model re-reads the "
-             "context; the default) or window (the method's own, at the end of the context).")]),
+             "context; the default), gate (those scores predicted during the prefill) or window (the method's "
+             "own, at the end of the context).")]),
 ]
 Seed = Annotated[int, typer.Option(help="Seed for the generated prompts (needles, numbers, keys).")]
 

@@ -166,8 +166,9 @@ class ContextOptions:
     ] = None
     context_scorer: Annotated[
         str | None, typer.Option(help="With --context-file/--context -: how context tokens are scored, reconstruct "
-                                 "(how the model re-reads the context; the default) or window (the method's own, "
-                                 "at the end of the context).")
+                                 "(how the model re-reads the context; the default), gate (those scores predicted "
+                                 "during the prefill, about one prefill) or window (the method's own, at the end "
+                                 "of the context).")
     ] = None
 
     @property

@@ -10,8 +10,11 @@ question can tell the method what to keep. Two ways to score the context's token
   exactly.") on that full cache (:mod:`uncomp_cli.contexts.reread`); each KV entry's score is the
   most attention any re-reading query of its KV head pays it, and every layer's and head's entries
   are ranked together, weighted by the method's own budget shares (:func:`allocate_globally`).
-  Costs one more pass over the context, paid once per compressed context; the re-reading tokens
-  are dropped afterwards.
+  Costs one more pass over the context (3–4 prefills), paid once per compressed context; the
+  re-reading tokens are dropped afterwards.
+* ``gate``: the re-reading's scores predicted during the prefill by a small learned gate
+  (:mod:`uncomp_cli.contexts.gate`, KVzap's idea), then ranked as ``reconstruct`` ranks them. About
+  one prefill; trained once per model on calibration text and cached.
   UNComp's hidden-state pruning is off for contexts unless the policy asks for it
   (:meth:`~uncomp_cli.policies.base.CachePolicy.for_context`): it would be decided by the end of
   the context, and the pruned layers would never hold what a question asks.
@@ -24,6 +27,7 @@ compressed), is answered, and the cache returns to the compressed context
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache
 
+from uncomp_cli.contexts.gate import gate_for, predicting
 from uncomp_cli.contexts.reread import reread
 from uncomp_cli.contexts.store import BytesLRU
 from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
@@ -55,7 +60,7 @@ from uncomp_cli.models.prompting import context_length, context_prompt, question
 from uncomp_cli.policies.base import CachePolicy
 from uncomp_cli.policies.full import FullCachePolicy
 
-CONTEXT_SCORERS = ("window", "reconstruct")
+CONTEXT_SCORERS = ("window", "reconstruct", "gate")
 #: First tokens every head keeps when a re-reading decides (KVzip's 4 attention sinks).
 SINKS = 4
 
@@ -98,7 +103,7 @@ def compress_context(loaded: LoadedModel, context: str, policy: CachePolicy | No
                      scorer: str = DEFAULT_CONTEXT_SCORER) -> CompressedContext:
     """Prefill ``context`` (chat-templated as the start of a user message, unless ``raw``) under
     ``policy`` (default: the full cache) and keep what it keeps, scoring tokens by ``scorer``
-    (``window`` or ``reconstruct``, see the module docstring; methods that do not choose by
+    (``window``, ``reconstruct`` or ``gate``, see the module docstring; methods that do not choose by
     attention ignore it)."""
     ids, tail = context_prompt(loaded.tokenizer, context, system=system, raw=raw)
     return compress_ids(loaded, ids, policy, scorer, tail)
@@ -115,10 +120,11 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
                  readings: BytesLRU[Reading] | None = None) -> CompressedContext:
     """:func:`compress_context` for a context already tokenised (template included): ``ids``.
 
-    ``readings``: re-readings kept for other policies and budgets on the same model (an evaluation
-    grid). A policy whose :meth:`~uncomp_cli.policies.base.CachePolicy.reading_key` matches one kept
-    for these ids selects from it instead of prefilling and re-reading again; its
-    ``prefill_seconds`` still count the shared reading's cost, as if it had paid it.
+    ``readings``: re-readings (or the gate's predictions) kept for other policies and budgets on the
+    same model (an evaluation grid). A policy whose
+    :meth:`~uncomp_cli.policies.base.CachePolicy.reading_key` matches one kept for these ids and
+    this scorer selects from it instead of prefilling and scoring again; its ``prefill_seconds``
+    still count the shared reading's cost, as if it had paid it.
     """
     check_context_scorer(scorer)
     policy = (policy or FullCachePolicy()).for_context()
@@ -126,13 +132,13 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
     if len(ids) >= limit:
         raise PromptError(f"the context is {len(ids)} tokens but the model's context is {limit} tokens; "
                           "shorten it to leave room for questions and answers")
-    reconstruct = scorer == "reconstruct" and policy.selects_by_attention
+    deferred = scorer in ("reconstruct", "gate") and policy.selects_by_attention  # scored after the prefill
     input_ids = torch.tensor([ids], device=loaded.device)
     mask = torch.ones_like(input_ids)
     started = time.perf_counter()
     key = shared = None
-    if reconstruct and readings is not None and (kind := policy.reading_key(loaded.model, mask)) is not None:
-        key = (tuple(ids), tail, kind)
+    if deferred and readings is not None and (kind := policy.reading_key(loaded.model, mask)) is not None:
+        key = (tuple(ids), tail, kind, scorer)
         shared = readings.get(key)
     if shared is not None:
         cache = policy.make_cache(loaded.model, mask)
@@ -141,11 +147,13 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
         allocate_globally(cache.layers, shared.recorded)
     else:
         plan = policy.plan(loaded.model, mask)
-        with policy.attach(loaded.model, mask, plan.deferred() if reconstruct else plan) as cache, \
+        gate = gate_for(loaded) if deferred and scorer == "gate" else None
+        with (predicting(gate, loaded.model) if gate is not None else contextlib.nullcontext()) as predicted, \
+                policy.attach(loaded.model, mask, plan.deferred() if deferred else plan) as cache, \
                 torch.inference_mode():
             feed(loaded.model, cache, input_ids, mask, prompt_positions(mask))
-        if reconstruct:
-            recorded = reread(loaded, cache, policy, ids, tail)
+        if deferred:
+            recorded = predicted if gate is not None else reread(loaded, cache, policy, ids, tail)
             if key is not None:
                 readings.put(key, Reading(checkpoint(cache), recorded, time.perf_counter() - started))
             allocate_globally(cache.layers, recorded)
@@ -153,7 +161,7 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
         torch.cuda.synchronize(loaded.device)
     seconds = time.perf_counter() - started + (0.0 if shared is None else shared.seconds)
     stats = policy.stats(cache) | {"context_scorer": scorer if policy.selects_by_attention else None}
-    if reconstruct:  # the global ranking spread the method's budgets anew: report what each head keeps
+    if deferred:  # the global ranking spread the method's budgets anew: report what each head keeps
         kept = [b for layer in cache.layers for b in layer.budgets]
         stats |= {"kv_budget_tokens_mean": round(sum(kept) / len(kept), 2), "kv_budget_tokens_min": min(kept),
                   "kv_budget_tokens_max": max(kept)}
