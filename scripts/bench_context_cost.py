@@ -1,7 +1,8 @@
 """What making a compressed context costs, against a full prefill of the same text (issue 22).
 
 For each length and method: a full-cache prefill of the context, then making the compressed
-context (`compress_ids`: prefill, re-reading with `--context-scorer reconstruct`, selection),
+context (`compress_ids`: prefill, re-reading with `--context-scorer reconstruct` or the score
+gate's predictions with `--context-scorer gate` (trained before any timing), selection),
 alternately, ``--repeats`` times after one warm-up prefill; prints one JSON line per method and
 length with the medians, their ratio (``make_context_over_prefill``, as ``uncomp bench
 --context-reuse`` reports it), how the making splits into the re-reading and the rest, and the
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--reread-chunk", type=int, default=None, help="context tokens per re-reading chunk")
     parser.add_argument("--forward-chunk", type=int, default=None, help="re-reading tokens per forward pass")
     parser.add_argument("--bfloat16", action="store_true", help="bfloat16 products in the recording (CPU)")
+    parser.add_argument("--context-scorer", default="reconstruct", choices=("reconstruct", "gate", "window"))
     parser.add_argument("--ops", action="store_true", help="print the top operators of one making")
     args = parser.parse_args()
 
@@ -82,6 +84,10 @@ def main() -> None:
     profile, _ = resolve_profile(loaded, settings, policies)
     policies = with_profiles(policies, profile)
     prompts = PromptSource(loaded, settings.seed, settings.haystack)
+    if args.context_scorer == "gate":
+        from uncomp_cli.contexts.gate import gate_for
+
+        gate_for(loaded)  # trained once and cached: not part of any context's cost
     spent = timed_rereading()
     for length in settings.lengths:
         context = prompts.ids(1, length)[0].tolist()
@@ -94,12 +100,13 @@ def main() -> None:
                 prefills.append(time.perf_counter() - started)
                 spent.clear()
                 started = time.perf_counter()
-                compress.compress_ids(loaded, context, policy)
+                compress.compress_ids(loaded, context, policy, args.context_scorer)
                 makings.append(time.perf_counter() - started)
                 rereads.append(sum(spent))
             prefill, making, rereading = (statistics.median(x) for x in (prefills, makings, rereads))
             print(json.dumps({
-                "method": case.method, "budget": case.budget, "length": length, "threads": torch.get_num_threads(),
+                "method": case.method, "budget": case.budget, "context_scorer": args.context_scorer, "length": length,
+                "threads": torch.get_num_threads(),
                 "prefill_full_seconds": round(prefill, 3), "compress_seconds": round(making, 3),
                 "reread_seconds": round(rereading, 3), "make_context_over_prefill": round(making / prefill, 3),
                 "reread_over_prefill": round(rereading / prefill, 3), "load_average": round(os.getloadavg()[0], 2),
@@ -108,7 +115,7 @@ def main() -> None:
                 from torch.profiler import profile as torch_profile
 
                 with torch_profile() as prof:
-                    compress.compress_ids(loaded, context, policy)
+                    compress.compress_ids(loaded, context, policy, args.context_scorer)
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
 
 

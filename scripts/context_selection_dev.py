@@ -1,7 +1,8 @@
 """Choose how a compressed context's re-reading scores become what it keeps, on a development set.
 
 Query-agnostic contexts (compress once, ask many) keep what the re-reading pass scores highest
-(:func:`uncomp_cli.contexts.compress.allocate_globally`). This script compares ways of turning
+(:func:`uncomp_cli.contexts.compress.allocate_globally`), or what the score gate predicts it would
+(``--scorer gate``). This script compares ways of turning
 those scores into a selection — neighbour pooling, a per-head floor of the method's own budget —
 on needle prompts of several wordings and on RULER-style variable tracking, re-reading each
 context once for every variant, method and budget (the selection is the cheap part). Exact match
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--variants", default="global,pool3,floor50")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="every answer on stderr")
+    parser.add_argument("--scorer", default="reconstruct", choices=("reconstruct", "gate", "window"),
+                        help="how context tokens are scored (uncomp's --context-scorer)")
     parser.add_argument("--reread", default="whole", choices=("whole", "chunked-bfloat16"),
                         help="chunked-bfloat16: KVzip's 2,000-token chunks with bfloat16 products (cheaper), "
                              "to compare with the default: the whole context at once, in the model's dtype")
@@ -115,7 +118,7 @@ def main() -> None:
                     for variant in args.variants.split(","):
                         compress.allocate_globally = functools.partial(plain, **VARIANTS[variant])
                         try:
-                            context = compress_ids(loaded, context_ids, policy, "reconstruct", tail, readings)
+                            context = compress_ids(loaded, context_ids, policy, args.scorer, tail, readings)
                         finally:
                             compress.allocate_globally = plain
                         answer = ask_ids(loaded, context, question,

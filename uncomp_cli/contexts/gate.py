@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 GATE_FORMAT = "uncomp-gate"
 FORMAT_VERSION = 1
-#: Built-in training: windows × tokens of calibration text, each re-read once (~5 min for the
+#: Built-in training: windows × tokens of calibration text, each re-read once (~4 min for the
 #: embedded model on two CPU cores).
 GATE_SAMPLES = 12
 GATE_SEQ_LEN = 2048
