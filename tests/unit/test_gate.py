@@ -141,3 +141,15 @@ def test_a_shared_gate_reading_compresses_as_a_fresh_prefill(loaded):
     assert shared.kv_cache_bytes() == fresh.kv_cache_bytes() and shared.stats == fresh.stats
     assert ask(loaded, shared, "Where is item 3?", SETTINGS).token_ids == \
         ask(loaded, fresh, "Where is item 3?", SETTINGS).token_ids
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_answer(loaded, monkeypatch, caplog):
+    def refuse(gate, path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(gate_module, "save_gate", refuse)
+    with caplog.at_level(logging.WARNING):
+        made = gate_for(loaded)
+    assert made.weights.shape[0] == loaded.model.config.num_hidden_layers
+    assert "cannot cache the score gate" in caplog.text and "Permission denied" in caplog.text
+    assert not cached_gate_path(loaded.model.config).exists()

@@ -1,7 +1,7 @@
 """Compress a context once, then ask it many questions.
 
 The context is prefilled under a cache policy on its own (query-agnostic, kvpress's setting), so no
-question can tell the method what to keep. Two ways to score the context's tokens:
+question can tell the method what to keep. Three ways to score the context's tokens:
 
 * ``window``: the method's own selection at the end of prefill, whose observation window is then
   the end of the context. Free, but it keeps what the context's last sentences look at.
@@ -15,9 +15,10 @@ question can tell the method what to keep. Two ways to score the context's token
 * ``gate``: the re-reading's scores predicted during the prefill by a small learned gate
   (:mod:`uncomp_cli.contexts.gate`, KVzap's idea), then ranked as ``reconstruct`` ranks them. About
   one prefill; trained once per model on calibration text and cached.
-  UNComp's hidden-state pruning is off for contexts unless the policy asks for it
-  (:meth:`~uncomp_cli.policies.base.CachePolicy.for_context`): it would be decided by the end of
-  the context, and the pruned layers would never hold what a question asks.
+
+UNComp's hidden-state pruning is off for contexts unless the policy asks for it
+(:meth:`~uncomp_cli.policies.base.CachePolicy.for_context`): it would be decided by the end of the
+context, and the pruned layers would never hold what a question asks.
 
 Each question then
 runs on the compressed cache at the context's absolute positions (the question itself is never
@@ -135,6 +136,7 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
     deferred = scorer in ("reconstruct", "gate") and policy.selects_by_attention  # scored after the prefill
     input_ids = torch.tensor([ids], device=loaded.device)
     mask = torch.ones_like(input_ids)
+    gate = gate_for(loaded) if deferred and scorer == "gate" else None  # its one-off training is no context's cost
     started = time.perf_counter()
     key = shared = None
     if deferred and readings is not None and (kind := policy.reading_key(loaded.model, mask)) is not None:
@@ -147,7 +149,6 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
         allocate_globally(cache.layers, shared.recorded)
     else:
         plan = policy.plan(loaded.model, mask)
-        gate = gate_for(loaded) if deferred and scorer == "gate" else None
         with (predicting(gate, loaded.model) if gate is not None else contextlib.nullcontext()) as predicted, \
                 policy.attach(loaded.model, mask, plan.deferred() if deferred else plan) as cache, \
                 torch.inference_mode():

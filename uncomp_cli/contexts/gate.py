@@ -226,7 +226,10 @@ def gate_for(loaded) -> ScoreGate:
     started = time.perf_counter()
     gate = train_gate(loaded, samples=GATE_SAMPLES, seq_len=GATE_SEQ_LEN,
                       progress=lambda done, total: log.info("score gate: window %d of %d", done, total))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_gate(gate, path)
     log.info("score gate trained in %.0f s", time.perf_counter() - started)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_gate(gate, path)
+    except OSError as exc:  # a read-only cache costs a training next time, not this answer
+        log.warning("cannot cache the score gate in %s: %s", path, exc.strerror or exc)
     return gate
