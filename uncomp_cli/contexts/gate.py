@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 #: embedded model on two CPU cores).
 GATE_SAMPLES = 12
 GATE_SEQ_LEN = 2048
-#: Ridge strength, as a share of the features' mean square (per training row).
+#: Ridge strength, as a share of the mean diagonal of the features' Gram matrix (XᵀX).
 RIDGE = 1e-2
 #: Scores below this are recorded as this before the log (a re-reading's probabilities reach 1e-30).
 FLOOR = 1e-8
