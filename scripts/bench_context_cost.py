@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--reread-chunk", type=int, default=None, help="context tokens per re-reading chunk")
     parser.add_argument("--forward-chunk", type=int, default=None, help="re-reading tokens per forward pass")
     parser.add_argument("--bfloat16", action="store_true", help="bfloat16 products in the recording (CPU)")
-    parser.add_argument("--context-scorer", default="reconstruct", choices=("reconstruct", "gate", "window"))
+    parser.add_argument("--context-scorer", default="reconstruct", choices=compress.CONTEXT_SCORERS)
     parser.add_argument("--ops", action="store_true", help="print the top operators of one making")
     args = parser.parse_args()
 

@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--variants", default="global,pool3,floor50")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="every answer on stderr")
-    parser.add_argument("--scorer", default="reconstruct", choices=("reconstruct", "gate", "window"),
+    parser.add_argument("--scorer", default="reconstruct", choices=compress.CONTEXT_SCORERS,
                         help="how context tokens are scored (uncomp's --context-scorer)")
     parser.add_argument("--reread", default="whole", choices=("whole", "chunked-bfloat16"),
                         help="chunked-bfloat16: KVzip's 2,000-token chunks with bfloat16 products (cheaper), "

@@ -18,6 +18,7 @@ describes its file. Nothing in training sees a needle, a question or an evaluati
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -106,6 +107,8 @@ def predicting(gate: ScoreGate, model: torch.nn.Module) -> Iterator[list[torch.T
     [1, H_kv, N_l] float32, as a re-reading returns them."""
     if gate.num_layers != len(decoder_layers(model)):
         raise GateError(f"the score gate has {gate.num_layers} layers, the model {len(decoder_layers(model))}")
+    device = next(model.parameters()).device
+    gate = dataclasses.replace(gate, weights=gate.weights.to(device))  # once, not per layer and forward pass
     chunks: list[list[torch.Tensor]] = [[] for _ in range(gate.num_layers)]
     scores: list[torch.Tensor] = []
     with attention_inputs(model, lambda layer, hidden: chunks[layer].append(gate.predict(layer, hidden))):
