@@ -46,12 +46,13 @@ def test_a_bfloat16_cache_stores_bfloat16_at_half_the_bytes_of_float32():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", ["snapkv", "uncomp-uniform"])
+@pytest.mark.parametrize("method", ["snapkv", "uncomp"])
 def test_on_cuda_the_grouped_cache_keeping_everything_matches_the_dynamic_cache(method, dtype):
     model = _half("llama-gqa", dtype, "cuda")
     ids, mask = (t.cuda() for t in left_padded([30, 21], seed=6))
     ref_logits, ref_tokens = greedy(model, ids, mask, DynamicCache(config=model.config), steps=4)
-    options = {"budget": "10000", "prefill_compression": False} if method != "snapkv" else {"budget": "10000"}
+    shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    options = {"budget": "10000"} if method == "snapkv" else {"kv_head_budgets": torch.full(shape, 10000)}
     with make_policy(method, **options).attach(model, mask) as cache:
         logits, tokens = greedy(model, ids, mask, cache, steps=4)
     torch.testing.assert_close(logits.float(), ref_logits.float(), atol=0.05, rtol=0)
@@ -70,3 +71,28 @@ def test_generate_with_uncomp_on_cuda(tiny_model_dir):
     result = generate(loaded, "The capital of France is", GenerationSettings(max_new_tokens=6), policy)
     assert result.device.startswith("cuda") and result.dtype == "bfloat16"
     assert 1 <= result.new_tokens <= 6 and result.kv_cache_bytes < result.full_kv_cache_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scorer", ["reconstruct", "gate"])
+def test_a_context_compressed_on_cuda_keeps_its_budget_and_a_whole_one_answers_as_the_full_cache(
+        tiny_model_dir, scorer, monkeypatch):
+    from uncomp_cli.contexts import gate as gate_module
+    from uncomp_cli.contexts.compress import ask, compress_context
+    from uncomp_cli.engine.generation import GenerationSettings
+    from uncomp_cli.models.loading import load_model
+
+    monkeypatch.setattr(gate_module, "GATE_SAMPLES", 2)  # the gate trains on the GPU, on a little text
+    monkeypatch.setattr(gate_module, "GATE_SEQ_LEN", 64)
+    text = " ".join(f"Item {i} is stored in box {i * 7 % 13}." for i in range(40))
+    settings = GenerationSettings(max_new_tokens=6)
+    loaded = load_model(str(tiny_model_dir), device="cuda", dtype="float32")
+    small = compress_context(loaded, text, make_policy("snapkv", budget="24", window=4, kernel=3), scorer=scorer)
+    config = loaded.model.config
+    assert small.kv_cache_bytes() == 24 * config.num_hidden_layers * config.num_key_value_heads * \
+        config.head_dim * 2 * 4
+    assert all(group.keys.is_cuda for layer in small.cache.layers for group in layer.groups)
+    full = ask(loaded, compress_context(loaded, text), "Where is item 12?", settings)
+    whole = compress_context(loaded, text, make_policy("snapkv", budget="10000", window=4, kernel=3), scorer=scorer)
+    assert ask(loaded, whole, "Where is item 12?", settings).token_ids == full.token_ids

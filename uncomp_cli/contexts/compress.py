@@ -189,7 +189,8 @@ def reading_store(limit_bytes: int) -> BytesLRU[Reading]:
     return BytesLRU(limit_bytes, Reading.nbytes, evict=False)
 
 
-def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1, floor: float = 0.0) -> None:
+def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1, floor: float = 0.0,
+                      share_power: float = 1.0) -> None:
     """KVzip's allocation: rank every layer's and KV head's entries together and keep the best.
 
     recorded: per layer [1, H_kv, N_l] scores. The method's own per-head budgets set the total and
@@ -199,7 +200,8 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     of every head are always kept. ``pool`` (odd): a token scores the most of its ``pool``
     neighbours, so a kept token keeps the tokens around it (a number's digits); ``floor``: every
     head first keeps that share of its own budget by its own ranking, the global ranking spreads
-    the rest (1: each head keeps exactly its method's budget).
+    the rest (1: each head keeps exactly its method's budget); ``share_power``: the weight is the
+    share raised to this power (0: every head's scores count alike, only the total is the method's).
     """
     lengths = [scores.shape[-1] for scores in recorded]
     budgets = [torch.tensor([n if b is None else min(int(b), n) for b in layer.budgets], dtype=torch.float64)
@@ -210,7 +212,7 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
         scores = scores[0].double()
         if pool > 1:
             scores = torch.nn.functional.max_pool1d(scores[None], pool, stride=1, padding=pool // 2)[0]
-        scores = scores * (share / mean)[:, None]  # [H_kv, N]
+        scores = scores * (share / mean).pow(share_power).to(scores.device)[:, None]  # [H_kv, N]
         scores[:, :SINKS] = scores[:, -PRUNE_WINDOW:] = float("inf")
         if floor > 0:  # the sinks and window count towards a head's own share
             own = (share * floor).long().clamp(max=scores.shape[-1])
@@ -221,7 +223,7 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     total = int(sum(float(b.sum()) for b in budgets))
     heads = weighted[0].shape[0]
     owner = torch.cat([torch.arange(heads).repeat_interleave(n) + index * heads for index, n in enumerate(lengths)])
-    best = torch.cat([s.reshape(-1) for s in weighted]).topk(total).indices  # exactly `total`, ties broken
+    best = torch.cat([s.reshape(-1) for s in weighted]).topk(total).indices.cpu()  # exactly `total`, ties broken
     counts = torch.bincount(owner[best], minlength=len(layers) * heads).view(len(layers), heads)
     for layer, scores, n, kept in zip(layers, weighted, lengths, counts):
         layer.select(scores[None].float(), PRUNE_WINDOW, kept.clamp(min=min(n, SINKS + PRUNE_WINDOW), max=n).tolist())
