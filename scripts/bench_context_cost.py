@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--forward-chunk", type=int, default=None, help="re-reading tokens per forward pass")
     parser.add_argument("--bfloat16", action="store_true", help="bfloat16 products in the recording (CPU)")
     parser.add_argument("--context-scorer", default="reconstruct", choices=compress.CONTEXT_SCORERS)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--ops", action="store_true", help="print the top operators of one making")
     args = parser.parse_args()
 
@@ -75,7 +77,7 @@ def main() -> None:
         from uncomp_cli.engine import recording
 
         recording.BFLOAT16_PRODUCTS = True
-    loaded = load_model(args.model) if args.model else load_model()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     settings = BenchSettings(methods=args.methods.split(","), lengths=lengths, budgets=[args.budget],
                              haystack=args.haystack, reuse=True)
@@ -106,7 +108,7 @@ def main() -> None:
             prefill, making, rereading = (statistics.median(x) for x in (prefills, makings, rereads))
             print(json.dumps({
                 "method": case.method, "budget": case.budget, "context_scorer": args.context_scorer, "length": length,
-                "threads": torch.get_num_threads(),
+                "threads": torch.get_num_threads(), "device": str(loaded.device), "dtype": str(loaded.dtype),
                 "prefill_full_seconds": round(prefill, 3), "compress_seconds": round(making, 3),
                 "reread_seconds": round(rereading, 3), "make_context_over_prefill": round(making / prefill, 3),
                 "reread_over_prefill": round(rereading / prefill, 3), "load_average": round(os.getloadavg()[0], 2),

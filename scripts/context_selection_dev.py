@@ -45,6 +45,12 @@ WORDINGS = {
                                "Which locker combination is used in {key}?",
                                "The locker combination used in {key} is"),
     "builtin-seed12": needle.Templates(),
+    "password": needle.Templates("The password for the {key} account is {value}.",
+                                 "What is the password for the {key} account?",
+                                 "The password for the {key} account is"),
+    "serial": needle.Templates("Note that the serial number printed on the {key} crate is {value}.",
+                               "What serial number is printed on the {key} crate?",
+                               "The serial number printed on the {key} crate is"),
 }
 #: Variants: name -> allocate_globally's keyword arguments.
 VARIANTS = {
@@ -58,6 +64,8 @@ VARIANTS = {
     "pool3-floor25": {"pool": 3, "floor": 0.25},
     "pool3-floor50": {"pool": 3, "floor": 0.5},
     "pool5-floor50": {"pool": 5, "floor": 0.5},
+    "share50": {"share_power": 0.5},
+    "share0": {"share_power": 0.0},
 }
 
 
@@ -65,7 +73,7 @@ def examples_of(tokenizer, args) -> dict[str, list]:
     lengths = parse_lengths(args.lengths)
     sets = {}
     haystack = load_haystack(args.haystack)
-    for name in args.wordings.split(","):
+    for name in filter(None, args.wordings.split(",")):
         sets[name] = needle.make_examples(tokenizer, haystack, lengths, [0.1, 0.3, 0.5, 0.7, 0.9], seed=args.seed,
                                           templates=WORDINGS[name], samples=args.samples)
     for task in filter(None, args.tasks.split(",")):
@@ -87,6 +95,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="10%,5%")
     parser.add_argument("--variants", default="global,pool3,floor50")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--model", default=None, help="default: the embedded model (or UNCOMP_MODEL)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--verbose", action="store_true", help="every answer on stderr")
     parser.add_argument("--scorer", default="reconstruct", choices=compress.CONTEXT_SCORERS,
                         help="how context tokens are scored (uncomp's --context-scorer)")
@@ -94,6 +105,9 @@ def main() -> None:
                         help="chunked-bfloat16: KVzip's 2,000-token chunks with bfloat16 products (cheaper), "
                              "to compare with the default: the whole context at once, in the model's dtype")
     args = parser.parse_args()
+    unknown = [w for w in filter(None, args.wordings.split(",")) if w not in WORDINGS]
+    if unknown:
+        parser.error(f"unknown wording {unknown[0]!r}; known: {', '.join(WORDINGS)}")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
@@ -101,7 +115,7 @@ def main() -> None:
         reread_module.REREAD_CHUNK = 2000
         recording.BFLOAT16_PRODUCTS = True
     torch.set_grad_enabled(False)
-    loaded = load_model(None, device="cpu")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     tail = template_tail(loaded.tokenizer)
     sets = examples_of(loaded.tokenizer, args)
     readings = reading_store(8 << 30)

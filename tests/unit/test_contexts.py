@@ -201,6 +201,25 @@ def test_global_allocation_floors_and_pooling(loaded, pool, floor):
         assert {19, 20, 21} <= set(kept[0, 0])  # the peak's neighbours share its score
 
 
+@pytest.mark.parametrize("share_power", [1.0, 0.0])
+def test_global_allocation_weights_scores_by_budget_shares_to_the_given_power(loaded, share_power):
+    """Two heads read alike: with the shares' full weight the one with four times the budget keeps
+    more; with power 0 the shares set only the total, so both keep the same tokens."""
+    from uncomp_cli.contexts.compress import allocate_globally
+
+    cache, n = _whole_context(loaded)
+    layers, heads = len(cache.layers), loaded.model.config.num_key_value_heads
+    cache.layers[0].budgets[:2] = [48, 12]  # head 0: four times head 1's budget
+    recorded = [torch.full((1, heads, n), 1e-4) for _ in range(layers)]
+    recorded[0][0, :2, 20:110] = torch.linspace(0.9, 0.01, 90)  # the same descending scores in both heads
+    allocate_globally(cache.layers, recorded, share_power=share_power)
+    first, second = (layer_groups_positions(cache.layers[0], head) for head in (0, 1))
+    if share_power == 0.0:
+        assert first == second
+    else:
+        assert len(first) > len(second) and set(second) <= set(first)
+
+
 def layer_groups_positions(layer, head: int) -> list[int]:
     group = next(g for g in layer.groups if head in g.heads)
     return group.positions[0, group.heads.index(head)].tolist()
