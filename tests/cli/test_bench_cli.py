@@ -67,6 +67,8 @@ def test_memory_cap_mode_reports_the_largest_batch():
     (["--haystack", "."], "--haystack"),
     (["--methods", "full", "--profile", "p.safetensors"], "--profile"),
     (["--methods", "full,snapkv", "--sinks", "4"], "--sinks applies to streamingllm, not full, snapkv"),
+    (["--context-scorer", "gate"], "--context-scorer is for --context-reuse"),
+    (["--context-reuse", "--context-scorer", "oracle"], "window, reconstruct, gate"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(args, message):
     base = ["--model-config", "tiny", "--lengths", "64", "--budgets", "40"]

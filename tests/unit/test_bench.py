@@ -339,6 +339,21 @@ def test_method_options_reach_the_methods_that_take_them_and_no_others():
         BenchSettings(methods=["snapkv"], lengths=[1024], method_options={"sinks": 8}).validate()
 
 
+@pytest.mark.parametrize("scorer", [None, "window"])
+def test_reuse_mode_scores_contexts_with_the_scorer_asked_for(tiny, scorer):
+    settings = BenchSettings(methods=["snapkv"], lengths=[64], budgets=["40"], warmup=0, repeats=1, reuse=True,
+                             context_scorer=scorer)
+    rows = run_bench(tiny, settings).to_dict()["reuse"]
+    assert [row["context_scorer"] for row in rows] == [None, scorer or "reconstruct"]  # full scores nothing
+
+
+def test_a_context_scorer_needs_reuse_mode_and_a_known_name():
+    with pytest.raises(UncompError, match="^--context-scorer is for --context-reuse"):
+        BenchSettings(methods=["snapkv"], lengths=[64], context_scorer="gate").validate()
+    with pytest.raises(UncompError, match="window, reconstruct, gate"):
+        BenchSettings(methods=["snapkv"], lengths=[64], reuse=True, context_scorer="oracle").validate()
+
+
 def test_reuse_mode_reports_what_making_a_context_costs_against_a_full_prefill(tiny):
     settings = BenchSettings(methods=["snapkv"], lengths=[64], budgets=["40"], warmup=0, repeats=1, reuse=True)
     report = run_bench(tiny, settings)

@@ -27,8 +27,10 @@ def render_report(report: BenchReport, console) -> None:
     title = (f"{meta['model']} · {meta['device']} {meta['dtype']} · {meta['new_tokens']} new tokens · "
              f"medians of {meta['repeats']}")
     if report.reuse:
-        table = Table(title=f"{meta['model']} · {meta['device']} {meta['dtype']} · context reuse · medians of "
-                            f"{meta['repeats']}", title_justify="left")
+        scorer = next((row.context_scorer for row in report.reuse if row.context_scorer), None)
+        table = Table(title=f"{meta['model']} · {meta['device']} {meta['dtype']} · context reuse"
+                            f"{f' · scored by {scorer}' if scorer else ''} · medians of {meta['repeats']}",
+                      title_justify="left")
         for name in ("method", "budget", "length", "compress s", "make ×", "file MiB", "TTFT reuse s",
                      "TTFT full s", "TTFT ×"):
             table.add_column(name, justify="left" if name in ("method", "budget") else "right")

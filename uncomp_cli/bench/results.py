@@ -32,6 +32,7 @@ class BenchSettings:
     memory_cap: int | None = None
     max_batch: int = 1024
     reuse: bool = False  # context-reuse mode (bench.reuse) instead of the speed grid
+    context_scorer: str | None = None  # reuse mode: how contexts are scored (None: the default scorer)
     method_options: dict = field(default_factory=dict)
 
     def cases(self) -> list[Cell]:
@@ -58,6 +59,13 @@ class BenchSettings:
             raise UncompError(f"batch sizes must be at least 1, got {list(self.batch_sizes)}")
         if self.reuse and (self.memory_cap is not None or list(self.batch_sizes) != [1]):
             raise UncompError("--context-reuse measures one prompt at a time: drop --memory-cap and --batch-sizes")
+        if self.context_scorer is not None:
+            if not self.reuse:
+                raise UncompError("--context-scorer is for --context-reuse (the speed grid compresses prompts "
+                                  "with their question)")
+            from uncomp_cli.contexts.compress import check_context_scorer
+
+            check_context_scorer(self.context_scorer)
         if self.memory_cap is not None and self.memory_cap < 1:
             raise UncompError(f"--memory-cap must be positive, got {self.memory_cap}")
         if self.max_batch < 1:

@@ -23,6 +23,7 @@ from uncomp_cli.bench.measure import PromptSource, ratio
 from uncomp_cli.bench.results import BenchSettings
 from uncomp_cli.contexts.compress import ask_ids, compress_ids
 from uncomp_cli.contexts.file import load_context, save_context
+from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 from uncomp_cli.engine.generation import GenerationSettings, generate_ids
 from uncomp_cli.models.prompting import question_ids
 from uncomp_cli.policies.full import FullCachePolicy
@@ -49,6 +50,7 @@ class ReuseRow:
     ttft_full_seconds: float  # prefill context + question with the full cache, pick the first token
     ttft_vs_full: float | None = None
     make_context_over_prefill: float | None = None  # compress_seconds / prefill_full_seconds
+    context_scorer: str | None = None  # how the context's tokens were scored (None: the method does not score)
 
 
 def _question(loaded, prompts: PromptSource) -> list[int]:
@@ -73,6 +75,11 @@ def run_reuse(loaded, settings: BenchSettings, cases: Sequence[Cell], policies: 
     """Measure every length × case of ``settings`` (medians over ``settings.repeats`` after ``warmup``)."""
     question = _question(loaded, prompts)
     device = loaded.device
+    scorer = settings.context_scorer or DEFAULT_CONTEXT_SCORER
+    if scorer == "gate" and any(policy.selects_by_attention for policy in policies):
+        from uncomp_cli.contexts.gate import gate_for
+
+        gate_for(loaded)  # trained once per model and cached: not part of any context's cost
     rows: list[ReuseRow] = []
     total, done = len(settings.lengths) * len(cases), 0
     with tempfile.TemporaryDirectory(prefix="uncomp-reuse-") as folder:
@@ -88,7 +95,7 @@ def run_reuse(loaded, settings: BenchSettings, cases: Sequence[Cell], policies: 
             for case, policy in zip(cases, policies):
                 prefill_seconds = _seconds(prefill, device)
                 started = time.perf_counter()
-                compressed = compress_ids(loaded, context, policy)  # synchronises the device before it returns
+                compressed = compress_ids(loaded, context, policy, scorer)  # synchronises the device first
                 compress_seconds = time.perf_counter() - started
                 path = save_context(compressed, loaded, Path(folder) / f"{case.method}-{length}.uncomp")
 
@@ -108,6 +115,7 @@ def run_reuse(loaded, settings: BenchSettings, cases: Sequence[Cell], policies: 
                                statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings))
                 row.ttft_vs_full = ratio(row.ttft_reuse_seconds, row.ttft_full_seconds)
                 row.make_context_over_prefill = ratio(compress_seconds, prefill_seconds)
+                row.context_scorer = compressed.stats.get("context_scorer")
                 rows.append(row)
                 done += 1
                 if on_progress is not None:

@@ -61,6 +61,12 @@ class BenchModes:
         typer.Option("--context-reuse", help="Reuse mode: per length, save each method's compressed context and "
                      "time a question on it (file load included) against a full prefill of the same prompt."),
     ] = False
+    context_scorer: Annotated[
+        str | None,
+        typer.Option(help="With --context-reuse: how the context's tokens are scored — reconstruct (the default: "
+                     "re-read), gate (predicted during the prefill; trained once per model first, untimed) or "
+                     "window."),
+    ] = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ def bench(
         memory_cap=None if modes.memory_cap is None else parse_memory(modes.memory_cap),
         max_batch=modes.max_batch,
         reuse=modes.context_reuse,
+        context_scorer=modes.context_scorer,
         method_options=method_options,
     )
     settings.validate()  # before the model loads: bad input fails fast
