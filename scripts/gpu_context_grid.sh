@@ -10,6 +10,11 @@
 # job's results land under $OUT/res (eval folders, JSON lines, logs); jobs stop at $DEADLINE
 # seconds so a slow machine still returns what finished. On an H200 (2026-12-04) a re-read 40-prompt
 # grid job needs more than 330 s (docs/results.md, "On a GPU"); the development jobs took ~300 s.
+#
+# How it ran on this workplace's device tool (64 MiB a call, a bare machine): the embedded GGUF
+# (98 MB) split in two ignored parts carried by two back-to-back calls and joined in /tmp; the
+# transformers and gguf wheels installed with --target; the haystack, the cached profile and the
+# cached gate copied into an ignored folder and carried; UNCOMP_MODEL and UNCOMP_CACHE pointed at them.
 set -u
 : "${HAYSTACK:?set HAYSTACK to the haystack folder}" "${OUT:?set OUT to a folder for results}"
 # Sized for one 10-minute call: ~1 min to load, the jobs, then the two cost runs.
