@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from uncomp_cli.cli.common import handle_errors
-from uncomp_cli.cli.options import ModelOptions, with_method_options, with_settings
+from uncomp_cli.cli.options import CONTEXT_SCORER_HELP, ModelOptions, with_method_options, with_settings
 
 DEFAULT_METHODS = "full,snapkv,uncomp"
 DEFAULT_LENGTHS = "1k,4k"
@@ -63,9 +63,8 @@ class BenchModes:
     ] = False
     context_scorer: Annotated[
         str | None,
-        typer.Option(help="With --context-reuse: how the context's tokens are scored — reconstruct (the default: "
-                     "re-read), gate (predicted during the prefill; trained once per model first, untimed) or "
-                     "window."),
+        typer.Option(help=f"With --context-reuse: how context tokens are scored: {CONTEXT_SCORER_HELP}; a gate's "
+                     "one-off training is not timed."),
     ] = None
 
 

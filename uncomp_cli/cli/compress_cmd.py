@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from uncomp_cli.cli.common import handle_errors
-from uncomp_cli.cli.options import METHOD_NAMES, ModelOptions, with_method_options, with_settings
+from uncomp_cli.cli.options import CONTEXT_SCORER_HELP, METHOD_NAMES, ModelOptions, with_method_options, with_settings
 from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 
 DEFAULT_COMPRESS_METHOD = "uncomp"
@@ -33,10 +33,7 @@ def compress(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the compressed context (.uncomp).")],
     method: Annotated[str, typer.Option(help=f"KV cache: {', '.join(METHOD_NAMES)}.")] = DEFAULT_COMPRESS_METHOD,
     context_scorer: Annotated[
-        str, typer.Option(help="How context tokens are scored: reconstruct (how the model re-reads the context; "
-                          "one more pass over it), gate (those scores predicted during the prefill by a gate "
-                          "trained once per model: about one prefill) or window (the method's own, at the end "
-                          "of the context).")
+        str, typer.Option(help=f"How context tokens are scored: {CONTEXT_SCORER_HELP}.")
     ] = DEFAULT_CONTEXT_SCORER,
     profile: Annotated[
         Path | None,

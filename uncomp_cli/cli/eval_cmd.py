@@ -17,7 +17,16 @@ from typing import Annotated
 import typer
 
 from uncomp_cli.cli.common import handle_errors, stderr_console
-from uncomp_cli.cli.options import Device, Dtype, Model, option, with_method_options, with_options, with_settings
+from uncomp_cli.cli.options import (
+    CONTEXT_SCORER_HELP,
+    Device,
+    Dtype,
+    Model,
+    option,
+    with_method_options,
+    with_options,
+    with_settings,
+)
 from uncomp_cli.errors import UncompError
 from uncomp_cli.haystack import load_haystack
 from uncomp_cli.units import parse_lengths, split_list
@@ -60,9 +69,7 @@ GRID_OPTIONS = [
         "--query-agnostic", help="Compress each context before its question (once for all its questions), "
         "instead of the whole prompt with the question in it.")], False),
     option("context_scorer", Annotated[str | None, typer.Option(
-        help="With --query-agnostic: how context tokens are scored: reconstruct (how the model re-reads the "
-             "context; the default), gate (those scores predicted during the prefill) or window (the method's "
-             "own, at the end of the context).")]),
+        help=f"With --query-agnostic: how context tokens are scored: {CONTEXT_SCORER_HELP}.")]),
 ]
 Seed = Annotated[int, typer.Option(help="Seed for the generated prompts (needles, numbers, keys).")]
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from uncomp_cli.cli.common import handle_errors, read_stdin, read_text
-from uncomp_cli.cli.options import METHOD_NAMES, ModelOptions, with_method_options, with_settings
+from uncomp_cli.cli.options import CONTEXT_SCORER_HELP, METHOD_NAMES, ModelOptions, with_method_options, with_settings
 from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER, DEFAULT_METHOD
 from uncomp_cli.errors import PromptError, UncompError
 
@@ -165,10 +165,8 @@ class ContextOptions:
         str | None, typer.Option(help="With a context: the start of each answer, fed after the question.")
     ] = None
     context_scorer: Annotated[
-        str | None, typer.Option(help="With --context-file/--context -: how context tokens are scored, reconstruct "
-                                 "(how the model re-reads the context; the default), gate (those scores predicted "
-                                 "during the prefill, about one prefill) or window (the method's own, at the end "
-                                 "of the context).")
+        str | None, typer.Option(help=f"With --context-file/--context -: how context tokens are scored: "
+                                 f"{CONTEXT_SCORER_HELP}.")
     ] = None
 
     @property

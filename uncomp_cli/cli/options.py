@@ -35,6 +35,11 @@ import typer
 
 from uncomp_cli.policies.options import CATALOGUE, MethodOption
 
+#: What --context-scorer's choices mean (compress, generate --context-file, eval --query-agnostic, bench).
+CONTEXT_SCORER_HELP = ("reconstruct (how the model re-reads the context: one more pass over it; the default), gate "
+                       "(those scores predicted during the prefill by a gate trained once per model and cached: "
+                       "about one prefill) or window (the method's own, at the end of the context)")
+
 F = TypeVar("F", bound=Callable)
 
 #: The ``--method`` names, for help texts that must not import torch (a test keeps it equal to the registry).

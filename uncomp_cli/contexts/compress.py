@@ -10,7 +10,7 @@ question can tell the method what to keep. Three ways to score the context's tok
   exactly.") on that full cache (:mod:`uncomp_cli.contexts.reread`); each KV entry's score is the
   most attention any re-reading query of its KV head pays it, and every layer's and head's entries
   are ranked together, weighted by the method's own budget shares (:func:`allocate_globally`).
-  Costs one more pass over the context (3–4 prefills), paid once per compressed context; the
+  Costs one more pass over the context (~4.5 prefills on a CPU), paid once per compressed context; the
   re-reading tokens are dropped afterwards.
 * ``gate``: the re-reading's scores predicted during the prefill by a small learned gate
   (:mod:`uncomp_cli.contexts.gate`, KVzap's idea), then ranked as ``reconstruct`` ranks them. About

@@ -1,12 +1,12 @@
 """A learned gate that predicts a context's re-reading scores from its prefill (KVzap's idea).
 
 The re-reading (:mod:`uncomp_cli.contexts.reread`) scores every KV entry by how much attention the
-model pays it while repeating the context, and costs 3–4 prefills. The gate predicts those scores
-from what the prefill computes anyway: for each layer, a linear map from the normalised hidden
-state entering its attention (what its keys and values are made from) to the log of the
-re-reading's score for each KV head — ``log s[h, t] ≈ x_t · W[l, :, h] + b[l, h]``. Applying it is
-one ``[N, D] × [D, H_kv]`` product per layer during the prefill, so a context costs about one
-prefill.
+model pays it while repeating the context, and costs ~4.5 prefills on a CPU (far more on a GPU).
+The gate predicts those scores from what the prefill computes anyway: for each layer, a linear
+map from the normalised hidden state entering its attention (what its keys and values are made
+from) to the log of the re-reading's score for each KV head —
+``log s[h, t] ≈ x_t · W[l, :, h] + b[l, h]``. Applying it is one ``[N, D] × [D, H_kv]`` product
+per layer during the prefill, so a context costs about one prefill.
 
 Training needs no labels and no task: it re-reads windows of calibration text (the same built-in
 Python docstrings calibration uses, or any text) and fits the map by ridge regression, one layer at
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -187,12 +186,13 @@ def load_gate(path: str | Path) -> ScoreGate:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    from uncomp_cli.contexts.file import file_metadata  # here: that module imports compress, which imports this
+
     path = Path(path)
     try:
         raw = path.read_bytes()
         tensors = load(raw)
-        header_size = int.from_bytes(raw[:8], "little")
-        metadata = json.loads(raw[8:8 + header_size]).get("__metadata__") or {}
+        metadata = file_metadata(raw)
     except (OSError, SafetensorError, ValueError, UnicodeDecodeError) as exc:
         raise GateError(f"{path} is not a score gate file ({exc})") from None
     if metadata.get("format") != GATE_FORMAT or metadata.get("format_version") != str(FORMAT_VERSION):
