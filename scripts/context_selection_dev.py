@@ -52,20 +52,26 @@ WORDINGS = {
                                "What serial number is printed on the {key} crate?",
                                "The serial number printed on the {key} crate is"),
 }
-#: Variants: name -> allocate_globally's keyword arguments.
+#: Variants: name -> allocate_globally's keyword arguments ("default": the shipped ranking; "global":
+#: KVzip's, without tokens shared by every head — the default before issue 22's last session).
 VARIANTS = {
-    "global": {},
-    "pool3": {"pool": 3},
-    "pool5": {"pool": 5},
-    "pool7": {"pool": 7},
-    "floor25": {"floor": 0.25},
-    "floor50": {"floor": 0.5},
-    "floor100": {"floor": 1.0},
-    "pool3-floor25": {"pool": 3, "floor": 0.25},
-    "pool3-floor50": {"pool": 3, "floor": 0.5},
-    "pool5-floor50": {"pool": 5, "floor": 0.5},
-    "share50": {"share_power": 0.5},
-    "share0": {"share_power": 0.0},
+    "default": {},
+    "global": {"shared": 0.0},
+    "pool3": {"pool": 3, "shared": 0.0},
+    "pool5": {"pool": 5, "shared": 0.0},
+    "pool7": {"pool": 7, "shared": 0.0},
+    "floor25": {"floor": 0.25, "shared": 0.0},
+    "floor50": {"floor": 0.5, "shared": 0.0},
+    "floor100": {"floor": 1.0, "shared": 0.0},
+    "pool3-floor25": {"pool": 3, "floor": 0.25, "shared": 0.0},
+    "pool3-floor50": {"pool": 3, "floor": 0.5, "shared": 0.0},
+    "pool5-floor50": {"pool": 5, "floor": 0.5, "shared": 0.0},
+    "share50": {"share_power": 0.5, "shared": 0.0},
+    "share0": {"share_power": 0.0, "shared": 0.0},
+    "shared25": {"shared": 0.25, "consensus": "votes"},
+    "shared50": {"shared": 0.5, "consensus": "votes"},
+    "rank25": {"shared": 0.25, "consensus": "rank"},
+    "rank50": {"shared": 0.5, "consensus": "rank"},
 }
 
 
@@ -93,7 +99,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="vt", help="RULER tasks, comma-separated (none: '')")
     parser.add_argument("--methods", default="uncomp")
     parser.add_argument("--budgets", default="10%,5%")
-    parser.add_argument("--variants", default="global,pool3,floor50")
+    parser.add_argument("--variants", default="default,global")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--model", default=None, help="default: the embedded model (or UNCOMP_MODEL)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")

@@ -191,7 +191,7 @@ def test_global_allocation_floors_and_pooling(loaded, pool, floor):
     recorded[1][0, 0, 40:70] = 0.9  # one head stands out: the global ranking would move budget to it
     recorded[0][0, 0, 20] = 0.5  # a lone peak, and far tokens scored just below it
     recorded[0][0, 0, 90:92] = 0.4
-    allocate_globally(cache.layers, recorded, pool=pool, floor=floor)
+    allocate_globally(cache.layers, recorded, pool=pool, floor=floor, shared=0.0)
     kept = {(index, head): layer_groups_positions(layer, head) for index, layer in enumerate(cache.layers)
             for head in range(heads)}
     if floor == 1.0:
@@ -212,12 +212,38 @@ def test_global_allocation_weights_scores_by_budget_shares_to_the_given_power(lo
     cache.layers[0].budgets[:2] = [48, 12]  # head 0: four times head 1's budget
     recorded = [torch.full((1, heads, n), 1e-4) for _ in range(layers)]
     recorded[0][0, :2, 20:110] = torch.linspace(0.9, 0.01, 90)  # the same descending scores in both heads
-    allocate_globally(cache.layers, recorded, share_power=share_power)
+    allocate_globally(cache.layers, recorded, share_power=share_power, shared=0.0)
     first, second = (layer_groups_positions(cache.layers[0], head) for head in (0, 1))
     if share_power == 0.0:
         assert first == second
     else:
         assert len(first) > len(second) and set(second) <= set(first)
+
+
+@pytest.mark.parametrize("consensus", ["votes", "rank"])
+def test_global_allocation_shares_the_tokens_heads_agree_on_with_every_head(loaded, consensus):
+    """shared=0.5: the tokens that many heads score highest are kept by every head, even by heads
+    that score them low, and the method's total stays."""
+    from uncomp_cli.contexts.compress import allocate_globally
+
+    cache, n = _whole_context(loaded)
+    layers, heads = len(cache.layers), loaded.model.config.num_key_value_heads
+    generator = torch.Generator().manual_seed(0)
+    recorded = [torch.rand((1, heads, n), generator=generator) * 1e-3 for _ in range(layers)]
+    agreed = list(range(40, 50))
+    for scores in recorded:  # every head scores them highest...
+        scores[0, :, agreed] = 0.5
+    recorded[-1][0, 0, agreed] = 0.0  # ...but one, which looks elsewhere
+    recorded[-1][0, 0, 60:65] = 0.9
+    allocate_globally(cache.layers, recorded, shared=0.0)
+    assert not set(agreed) & set(layer_groups_positions(cache.layers[-1], 0))
+    cache, n = _whole_context(loaded)
+    allocate_globally(cache.layers, recorded, shared=0.5, consensus=consensus)
+    kept = {(index, head): layer_groups_positions(layer, head) for index, layer in enumerate(cache.layers)
+            for head in range(heads)}
+    assert all(set(agreed) <= set(positions) for positions in kept.values())
+    total = sum(len(positions) for positions in kept.values())
+    assert abs(total - layers * heads * 24) <= layers * heads
 
 
 def layer_groups_positions(layer, head: int) -> list[int]:
@@ -291,10 +317,14 @@ def test_a_context_is_compressed_without_pruning_unless_asked(loaded, scorer):
     ("adakv-evict-v1", "adakv", {"decode_evict": True}, "window"),
 ])
 def test_a_context_file_of_the_previous_version_loads_and_answers_as_one_made_now(loaded, name, method, options,
-                                                                                  scorer):
-    """tests/data holds files written by uncomp before the engine was built from plans (format 1)."""
+                                                                                  scorer, monkeypatch):
+    """tests/data holds files written by uncomp before the engine was built from plans (format 1),
+    and before every head shared tokens (so the new one is made without them)."""
     from tiny import REPO_ROOT
 
+    from uncomp_cli.contexts import compress
+
+    monkeypatch.setattr(compress, "SHARED_TOKENS", 0.0)
     old = load_context(loaded, REPO_ROOT / "tests" / "data" / f"{name}.uncomp")
     new = compress_context(loaded, CONTEXT, make_policy(method, budget="24", **SMALL, **options), scorer=scorer)
     assert old.kv_cache_bytes() == new.kv_cache_bytes()

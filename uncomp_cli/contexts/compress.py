@@ -64,6 +64,15 @@ from uncomp_cli.policies.full import FullCachePolicy
 CONTEXT_SCORERS = ("window", "reconstruct", "gate")
 #: First tokens every head keeps when a re-reading decides (KVzip's 4 attention sinks).
 SINKS = 4
+#: Share of the mean head budget that every head spends on the same tokens: those the heads agree
+#: on most (:data:`CONSENSUS`). An answer needs the needle in nearly every head, and a ranking by
+#: each head's own scores leaves it in few; a quarter, by votes, answered the most development
+#: needles (three wordings) at 5 % and 10 % (docs/results.md, "Tokens every head keeps").
+SHARED_TOKENS = 0.25
+#: How the heads' agreement on a token is measured: ``votes`` (how many heads the global ranking
+#: keeps it in) or ``rank`` (its mean percentile in every head's scores: as good on the development
+#: needles, but it orders near-tied low scores too, so a bfloat16 recording changed what it kept).
+CONSENSUS = "votes"
 
 
 @dataclass
@@ -190,7 +199,7 @@ def reading_store(limit_bytes: int) -> BytesLRU[Reading]:
 
 
 def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1, floor: float = 0.0,
-                      share_power: float = 1.0) -> None:
+                      share_power: float = 1.0, shared: float | None = None, consensus: str | None = None) -> None:
     """KVzip's allocation: rank every layer's and KV head's entries together and keep the best.
 
     recorded: per layer [1, H_kv, N_l] scores. The method's own per-head budgets set the total and
@@ -201,8 +210,16 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     neighbours, so a kept token keeps the tokens around it (a number's digits); ``floor``: every
     head first keeps that share of its own budget by its own ranking, the global ranking spreads
     the rest (1: each head keeps exactly its method's budget); ``share_power``: the weight is the
-    share raised to this power (0: every head's scores count alike, only the total is the method's).
+    share raised to this power (0: every head's scores count alike, only the total is the method's);
+    ``shared`` (default :data:`SHARED_TOKENS`): that share of the mean budget goes to tokens every
+    head keeps — the tokens the heads agree on most (``consensus``, default :data:`CONSENSUS`:
+    ``votes``, how many heads the ranking above keeps a token in; ``rank``, its mean percentile in
+    every head's scores) — because an answer needs the needle in nearly every head, not in
+    the few that score it highest (docs/results.md). Only when every layer holds the same tokens
+    (no pruned context); the sinks and window come on top.
     """
+    shared = SHARED_TOKENS if shared is None else shared
+    consensus = consensus or CONSENSUS
     lengths = [scores.shape[-1] for scores in recorded]
     budgets = [torch.tensor([n if b is None else min(int(b), n) for b in layer.budgets], dtype=torch.float64)
                for layer, n in zip(layers, lengths)]
@@ -222,11 +239,28 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
         weighted.append(scores)
     total = int(sum(float(b.sum()) for b in budgets))
     heads = weighted[0].shape[0]
+    if shared > 0 and len(set(lengths)) == 1:
+        agreement = _agreed_tokens(weighted, total, consensus)
+        agreement[:SINKS] = agreement[-PRUNE_WINDOW:] = -1.0  # kept by every head already
+        agreed = agreement.topk(min(int(shared * mean), lengths[0])).indices
+        for scores in weighted:
+            scores[:, agreed] = float("inf")
     owner = torch.cat([torch.arange(heads).repeat_interleave(n) + index * heads for index, n in enumerate(lengths)])
     best = torch.cat([s.reshape(-1) for s in weighted]).topk(total).indices.cpu()  # exactly `total`, ties broken
     counts = torch.bincount(owner[best], minlength=len(layers) * heads).view(len(layers), heads)
     for layer, scores, n, kept in zip(layers, weighted, lengths, counts):
         layer.select(scores[None].float(), PRUNE_WINDOW, kept.clamp(min=min(n, SINKS + PRUNE_WINDOW), max=n).tolist())
+
+
+def _agreed_tokens(weighted: list[torch.Tensor], total: int, consensus: str) -> torch.Tensor:
+    """How much the heads agree on each token [N] (every layer holding the same N tokens)."""
+    stacked = torch.cat(weighted)  # [layers × H_kv, N]
+    if consensus == "votes":
+        best = stacked.reshape(-1).topk(total).indices
+        return torch.bincount(best % stacked.shape[-1], minlength=stacked.shape[-1]).double()
+    if consensus == "rank":
+        return stacked.argsort(dim=-1).argsort(dim=-1).double().mean(dim=0)
+    raise ValueError(f"unknown consensus {consensus!r}")
 
 
 def ask(loaded: LoadedModel, context: CompressedContext, question: str, settings: GenerationSettings | None = None,
