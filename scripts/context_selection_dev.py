@@ -53,7 +53,7 @@ WORDINGS = {
                                "The serial number printed on the {key} crate is"),
 }
 #: Variants: name -> allocate_globally's keyword arguments ("default": the shipped ranking; "global":
-#: KVzip's, without tokens shared by every head — the default before issue 22's last session).
+#: KVzip's, without tokens shared by every head — the default before SHARED_TOKENS).
 VARIANTS = {
     "default": {},
     "global": {"shared": 0.0},
