@@ -5,7 +5,13 @@ sentence and the token after it, the share of layer × KV-head pairs whose cache
 with the mean share over the whole context (the base rate a budget gives). A needle the
 re-reading singles out is kept well above the base rate (docs/results.md, issue 22).
 
+``--signals`` adds each needle token's rank (0: first) among the context's tokens by its surprisal
+under the prefix (self-information, what Selective Context prunes by), and lists the model's copy
+heads: KV heads whose queries, on a text read twice, attend to the token after their own first
+occurrence (induction, how a model copies a number out).
+
   python scripts/needle_kept.py --haystack ../shared/data/haystack --wordings secret-code,builtin-seed12
+  python scripts/needle_kept.py --haystack ../shared/data/haystack --wordings password --length 2048 --signals
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--method", default="uncomp")
     parser.add_argument("--budget", default="10%")
+    parser.add_argument("--signals", action="store_true", help="surprisal ranks and the copy heads too")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     loaded = load_model(None, device="cpu")
@@ -55,6 +62,45 @@ def main() -> None:
         span = range(start, min(start + len(sentence) + 1, len(ids)))
         print(f"{name}: {pairs} layer × KV-head pairs; context mean kept share {float(counts.mean()) / pairs:.3f}")
         print("  " + " ".join(f"{tokenizer.decode([ids[i]])!r}:{counts[i] / pairs:.2f}" for i in span))
+        if args.signals:
+            ranks = surprisal_ranks(loaded.model, ids)
+            print(f"  surprisal rank of {len(ids)}: " +
+                  " ".join(f"{tokenizer.decode([ids[i]])!r}:{int(ranks[i])}" for i in span))
+    if args.signals:
+        scores = copy_scores(loaded.model, tokenizer(haystack[:20000], add_special_tokens=False)["input_ids"][:400])
+        order = scores.flatten().argsort(descending=True)[:10].tolist()
+        heads = scores.shape[1]
+        print("copy heads (layer, KV head, attention to the next token's first occurrence): " +
+              ", ".join(f"({i // heads}, {i % heads}, {float(scores.flatten()[i]):.2f})" for i in order) +
+              f"; median {float(scores.median()):.3f}")
+
+
+def surprisal_ranks(model, ids: list[int]) -> torch.Tensor:
+    """Each token's rank by -log p(token | prefix), most surprising first (the first token: last)."""
+    logits = model(torch.tensor([ids])).logits[0].float()
+    surprisal = torch.cat([torch.full((1,), -1.0),
+                           torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")])
+    order = surprisal.argsort(descending=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(len(ids))
+    return ranks
+
+
+def copy_scores(model, ids: list[int]) -> torch.Tensor:
+    """[layers, KV heads]: on ``ids`` read twice, the mean attention a second-reading query pays the
+    token after its own first occurrence (the most of the KV head's query heads). Eager attention,
+    so the probabilities come out; the model is left with its own attention implementation."""
+    own = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        attentions = model(torch.tensor([ids + ids]), output_attentions=True).attentions
+    finally:
+        model.config._attn_implementation = own
+    n = len(ids)
+    queries, keys = torch.arange(n, 2 * n - 1), torch.arange(1, n)
+    per_head = torch.stack([a[0][:, queries, keys].mean(-1) for a in attentions])  # [layers, heads]
+    kv_heads = model.config.num_key_value_heads
+    return per_head.view(per_head.shape[0], kv_heads, -1).amax(-1)
 
 
 if __name__ == "__main__":
