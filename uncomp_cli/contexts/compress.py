@@ -199,8 +199,7 @@ def reading_store(limit_bytes: int) -> BytesLRU[Reading]:
 
 
 def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1, floor: float = 0.0,
-                      share_power: float = 1.0, shared: float | None = None, consensus: str | None = None,
-                      spread: int = 1, chunk: int = 1) -> None:
+                      share_power: float = 1.0, shared: float | None = None, consensus: str | None = None) -> None:
     """KVzip's allocation: rank every layer's and KV head's entries together and keep the best.
 
     recorded: per layer [1, H_kv, N_l] scores. The method's own per-head budgets set the total and
@@ -216,9 +215,8 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     head keeps — the tokens the heads agree on most (``consensus``, default :data:`CONSENSUS`:
     ``votes``, how many heads the ranking above keeps a token in; ``rank``, its mean percentile in
     every head's scores) — because an answer needs the needle in nearly every head, not in
-    the few that score it highest (docs/results.md); ``spread`` (odd): a token's agreement is the
-    most of its ``spread`` neighbours' (its own breaking ties), so the shared tokens come in runs.
-    Only when every layer holds the same tokens (no pruned context); the sinks and window come on top.
+    the few that score it highest (docs/results.md). Only when every layer holds the same tokens
+    (no pruned context); the sinks and window come on top.
     """
     shared = SHARED_TOKENS if shared is None else shared
     consensus = consensus or CONSENSUS
@@ -244,18 +242,7 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     if shared > 0 and len(set(lengths)) == 1:
         agreement = _agreed_tokens(weighted, total, consensus)
         agreement[:SINKS] = agreement[-PRUNE_WINDOW:] = -1.0  # kept by every head already
-        if spread > 1:
-            pooled = torch.nn.functional.max_pool1d(agreement[None, None], spread, stride=1, padding=spread // 2)[0, 0]
-            agreement = pooled + agreement / (2 * float(agreement.abs().max()) + 1.0)
-            agreement[:SINKS] = agreement[-PRUNE_WINDOW:] = -1.0
-        count = min(int(shared * mean), lengths[0])
-        if chunk > 1:  # whole runs of `chunk` tokens, by their summed agreement (ChunkKV)
-            runs = torch.nn.functional.pad(agreement.clamp(min=0), (0, -lengths[0] % chunk)).view(-1, chunk).sum(-1)
-            starts = runs.topk(min(-(-count // chunk), runs.numel())).indices * chunk
-            agreed = (starts[:, None] + torch.arange(chunk, device=starts.device)).reshape(-1)
-            agreed = agreed[agreed < lengths[0]]
-        else:
-            agreed = agreement.topk(count).indices
+        agreed = agreement.topk(min(int(shared * mean), lengths[0])).indices
         for scores in weighted:
             scores[:, agreed] = float("inf")
     owner = torch.cat([torch.arange(heads).repeat_interleave(n) + index * heads for index, n in enumerate(lengths)])
