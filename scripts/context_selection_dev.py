@@ -74,7 +74,28 @@ VARIANTS = {
     "rank50": {"shared": 0.5, "consensus": "rank"},
     # shared25-spread3, shared40-spread3 (agreement max-pooled over 3 neighbours) and shared25-chunk8,
     # shared25-chunk16, shared40-chunk16 (shared tokens in aligned runs, ChunkKV) are at commit c0484d5.
+    # Copy heads (scripts/needle_kept.py --signals) first keep `factor` × the mean head budget by their
+    # own scores, the default ranking spreading the rest: the heads whose copy score is ≥ `threshold`.
+    "copy10x2": {"copy_floor": (0.1, 2.0)},
+    "copy30x4": {"copy_floor": (0.3, 4.0)},
 }
+
+
+def with_copy_floor(allocate, copy: torch.Tensor, threshold: float, factor: float):
+    """``allocate`` after each copy head ([layers, H_kv] ``copy`` ≥ ``threshold``) has marked its own
+    best ``factor`` × mean budget tokens as kept."""
+    def allocate_with_floor(layers, recorded, **kwargs):
+        n = recorded[0].shape[-1]
+        budgets = [n if b is None else min(int(b), n) for layer in layers for b in layer.budgets]
+        count = min(int(factor * sum(budgets) / len(budgets)), n)
+        floored = []
+        for scores, heads in zip(recorded, copy):
+            scores = scores.clone()
+            for head in (heads >= threshold).nonzero().flatten().tolist():
+                scores[0, head, scores[0, head].topk(count).indices] = float("inf")
+            floored.append(scores)
+        return allocate(layers, floored, **kwargs)
+    return allocate_with_floor
 
 
 def examples_of(tokenizer, args) -> dict[str, list]:
@@ -128,6 +149,11 @@ def main() -> None:
     sets = examples_of(loaded.tokenizer, args)
     readings = reading_store(8 << 30)
     plain = compress.allocate_globally
+    copy = None
+    if any("copy_floor" in VARIANTS[v] for v in args.variants.split(",")):
+        from needle_kept import copy_scores  # late: needle_kept imports this module
+        copy = copy_scores(loaded.model, loaded.tokenizer(load_haystack(args.haystack)[:20000],
+                                                          add_special_tokens=False)["input_ids"][:400])
     scores: dict[tuple, list[float]] = defaultdict(list)
     for set_name, examples in sets.items():
         for index, example in enumerate(examples):
@@ -138,7 +164,10 @@ def main() -> None:
                     policy = with_profile(make_policy(method) if method == "full" else
                                           make_policy(method, budget=budget), loaded)
                     for variant in args.variants.split(","):
-                        compress.allocate_globally = functools.partial(plain, **VARIANTS[variant])
+                        kwargs = dict(VARIANTS[variant])
+                        floor = kwargs.pop("copy_floor", None)
+                        allocate = plain if floor is None else with_copy_floor(plain, copy, *floor)
+                        compress.allocate_globally = functools.partial(allocate, **kwargs)
                         try:
                             context = compress_ids(loaded, context_ids, policy, args.scorer, tail, readings)
                         finally:
