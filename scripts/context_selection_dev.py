@@ -72,6 +72,8 @@ VARIANTS = {
     "shared50": {"shared": 0.5, "consensus": "votes"},
     "rank25": {"shared": 0.25, "consensus": "rank"},
     "rank50": {"shared": 0.5, "consensus": "rank"},
+    "shared25-share50": {"share_power": 0.5},
+    "shared25-share0": {"share_power": 0.0},
     # shared25-spread3, shared40-spread3 (agreement max-pooled over 3 neighbours) and shared25-chunk8,
     # shared25-chunk16, shared40-chunk16 (shared tokens in aligned runs, ChunkKV) are at commit c0484d5.
     # Copy heads (scripts/needle_kept.py --signals) first keep `factor` × the mean head budget by their
