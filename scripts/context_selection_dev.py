@@ -153,9 +153,8 @@ def main() -> None:
     plain = compress.allocate_globally
     copy = None
     if any("copy_floor" in VARIANTS[v] for v in args.variants.split(",")):
-        from needle_kept import copy_scores  # late: needle_kept imports this module
-        copy = copy_scores(loaded.model, loaded.tokenizer(load_haystack(args.haystack)[:20000],
-                                                          add_special_tokens=False)["input_ids"][:400])
+        from needle_kept import copy_scores_of  # late: needle_kept imports this module
+        copy = copy_scores_of(loaded, load_haystack(args.haystack))
     scores: dict[tuple, list[float]] = defaultdict(list)
     for set_name, examples in sets.items():
         for index, example in enumerate(examples):

@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--haystack", required=True)
     parser.add_argument("--wordings", default="secret-code,builtin-seed12")
     parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--depth", type=float, default=0.5)
+    parser.add_argument("--depth", default="0.5", help="needle depth(s), comma-separated")
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--method", default="uncomp")
     parser.add_argument("--budget", default="10%")
@@ -45,9 +45,11 @@ def main() -> None:
     tokenizer = loaded.tokenizer
     haystack = load_haystack(args.haystack)
     policy = with_profile(make_policy(args.method, budget=args.budget), loaded)
-    for name in args.wordings.split(","):
-        example = needle.make_examples(tokenizer, haystack, [args.length], [args.depth], seed=args.seed,
-                                       templates=WORDINGS[name])[0]
+    depths = [float(depth) for depth in args.depth.split(",")]
+    examples = [(wording, example) for wording in args.wordings.split(",") for example in
+                needle.make_examples(tokenizer, haystack, [args.length], depths, seed=args.seed,
+                                     templates=WORDINGS[wording])]
+    for name, example in examples:
         ids = list(example.prompt_ids[:example.context_tokens])
         context = compress_ids(loaded, ids, policy, "reconstruct", template_tail(tokenizer))
         sentence = tokenizer(" " + example.meta["needle"], add_special_tokens=False)["input_ids"]
@@ -60,14 +62,15 @@ def main() -> None:
                     counts[positions[positions < len(ids)]] += 1
                     pairs += 1
         span = range(start, min(start + len(sentence) + 1, len(ids)))
-        print(f"{name}: {pairs} layer × KV-head pairs; context mean kept share {float(counts.mean()) / pairs:.3f}")
+        print(f"{name} {example.id}: {pairs} layer × KV-head pairs; "
+              f"context mean kept share {float(counts.mean()) / pairs:.3f}")
         print("  " + " ".join(f"{tokenizer.decode([ids[i]])!r}:{counts[i] / pairs:.2f}" for i in span))
         if args.signals:
             ranks = surprisal_ranks(loaded.model, ids)
             print(f"  surprisal rank of {len(ids)}: " +
                   " ".join(f"{tokenizer.decode([ids[i]])!r}:{int(ranks[i])}" for i in span))
     if args.signals:
-        scores = copy_scores(loaded.model, tokenizer(haystack[:20000], add_special_tokens=False)["input_ids"][:400])
+        scores = copy_scores_of(loaded, haystack)
         order = scores.flatten().argsort(descending=True)[:10].tolist()
         heads = scores.shape[1]
         print("copy heads (layer, KV head, attention to the next token's first occurrence): " +
@@ -84,6 +87,11 @@ def surprisal_ranks(model, ids: list[int]) -> torch.Tensor:
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(len(ids))
     return ranks
+
+
+def copy_scores_of(loaded, haystack: str) -> torch.Tensor:
+    """:func:`copy_scores` on the haystack's first 400 tokens."""
+    return copy_scores(loaded.model, loaded.tokenizer(haystack[:20000], add_special_tokens=False)["input_ids"][:400])
 
 
 def copy_scores(model, ids: list[int]) -> torch.Tensor:
