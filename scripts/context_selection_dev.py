@@ -33,7 +33,7 @@ from uncomp_cli.eval import needle, ruler
 from uncomp_cli.eval.metrics import METRICS
 from uncomp_cli.haystack import load_haystack
 from uncomp_cli.models.loading import load_model
-from uncomp_cli.models.prompting import template_tail
+from uncomp_cli.models.prompting import question_ids, template_tail
 from uncomp_cli.policies.registry import make_policy, with_profile
 from uncomp_cli.units import parse_lengths
 
@@ -52,8 +52,10 @@ WORDINGS = {
                                "What serial number is printed on the {key} crate?",
                                "The serial number printed on the {key} crate is"),
 }
-#: Variants: name -> allocate_globally's keyword arguments ("default": the shipped ranking; "global":
-#: KVzip's, without tokens shared by every head — the default before SHARED_TOKENS).
+#: Variants: name -> allocate_globally's keyword arguments, and ``words``: whether heads keep whole
+#: words (``compress.WHOLE_WORDS``). "default": as shipped; "global": KVzip's ranking weighted by the
+#: method's head budgets, without tokens shared by every head or whole words (the default before
+#: SHARED_TOKENS); "shared25": the default before WHOLE_WORDS and SHARE_POWER 0.
 VARIANTS = {
     "default": {},
     "global": {"shared": 0.0},
@@ -81,6 +83,15 @@ VARIANTS = {
     "copy10x2": {"copy_floor": (0.1, 2.0)},
     "copy30x4": {"copy_floor": (0.3, 4.0)},
 }
+# Every variant above ran before heads kept whole words (compress.WHOLE_WORDS) and while the method's
+# head budgets weighted the ranking (SHARE_POWER 1), and runs so still.
+for _kwargs in VARIANTS.values():
+    _kwargs.setdefault("words", False)
+    _kwargs.setdefault("share_power", 1.0)
+VARIANTS["default"] = {}  # as shipped: whole words, unweighted (SHARE_POWER 0)
+# Whole words (contexts/words.py): a token scores the most of its word's tokens (a number's digits).
+VARIANTS["words"] = {"words": True, "share_power": 1.0}
+VARIANTS["words-share0"] = {"words": True, "share_power": 0.0}
 
 
 def with_copy_floor(allocate, copy: torch.Tensor, threshold: float, factor: float):
@@ -98,6 +109,13 @@ def with_copy_floor(allocate, copy: torch.Tensor, threshold: float, factor: floa
             floored.append(scores)
         return allocate(layers, floored, **kwargs)
     return allocate_with_floor
+
+
+def with_probes(reread_chunks, probes: list[str]):
+    """``reread_chunks`` and, after them, each probe question as one more re-reading."""
+    def chunks_with_probes(tokenizer, ids, tail, size):
+        return reread_chunks(tokenizer, ids, tail, size) + [question_ids(tokenizer, probe, tail) for probe in probes]
+    return chunks_with_probes
 
 
 def examples_of(tokenizer, args) -> dict[str, list]:
@@ -135,6 +153,9 @@ def main() -> None:
     parser.add_argument("--reread", default="whole", choices=("whole", "chunked-bfloat16"),
                         help="chunked-bfloat16: KVzip's 2,000-token chunks with bfloat16 products (cheaper), "
                              "to compare with the default: the whole context at once, in the model's dtype")
+    parser.add_argument("--probe", action="append", default=[],
+                        help="a question re-read after the repeat prompt(s), its attention max-merged into the "
+                             "scores (a query-agnostic pseudo-question); repeatable")
     args = parser.parse_args()
     unknown = [w for w in filter(None, args.wordings.split(",")) if w not in WORDINGS]
     if unknown:
@@ -145,12 +166,14 @@ def main() -> None:
     if args.reread == "chunked-bfloat16":
         reread_module.REREAD_CHUNK = 2000
         recording.BFLOAT16_PRODUCTS = True
+    if args.probe:
+        reread_module.reread_chunks = with_probes(reread_module.reread_chunks, args.probe)
     torch.set_grad_enabled(False)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     tail = template_tail(loaded.tokenizer)
     sets = examples_of(loaded.tokenizer, args)
     readings = reading_store(8 << 30)
-    plain = compress.allocate_globally
+    plain, whole_words = compress.allocate_globally, compress.WHOLE_WORDS
     copy = None
     if any("copy_floor" in VARIANTS[v] for v in args.variants.split(",")):
         from needle_kept import copy_scores_of  # late: needle_kept imports this module
@@ -168,11 +191,12 @@ def main() -> None:
                         kwargs = dict(VARIANTS[variant])
                         floor = kwargs.pop("copy_floor", None)
                         allocate = plain if floor is None else with_copy_floor(plain, copy, *floor)
+                        compress.WHOLE_WORDS = kwargs.pop("words", whole_words)
                         compress.allocate_globally = functools.partial(allocate, **kwargs)
                         try:
                             context = compress_ids(loaded, context_ids, policy, args.scorer, tail, readings)
                         finally:
-                            compress.allocate_globally = plain
+                            compress.allocate_globally, compress.WHOLE_WORDS = plain, whole_words
                         answer = ask_ids(loaded, context, question,
                                          GenerationSettings(max_new_tokens=example.max_new_tokens))
                         score = METRICS[example.metric](answer.text, example)["score"]

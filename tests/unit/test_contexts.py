@@ -246,6 +246,61 @@ def test_global_allocation_shares_the_tokens_heads_agree_on_with_every_head(load
     assert abs(total - layers * heads * 24) <= layers * heads
 
 
+def test_word_ids_hold_a_numbers_digits_and_a_words_pieces_together():
+    """Every token of " 7007071" (and of a word the tiny tokenizer cuts into pieces) has one word
+    number; a leading space or punctuation starts the next word."""
+    from uncomp_cli.contexts.words import word_ids
+
+    tokenizer = tiny_tokenizer()
+    text = "The zebra code is 7007071. Paris"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert "".join(pieces) == text
+    words = word_ids(tokenizer, ids).tolist()
+    starts = [sum(map(len, pieces[:index])) for index in range(len(pieces))]
+
+    def word_of(start: int, end: int) -> set[int]:  # the word numbers of the tokens inside text[start:end]
+        return {w for w, s, piece in zip(words, starts, pieces) if s < end and s + len(piece) > start}
+
+    number = text.index("7007071")
+    assert len(word_of(number, number + 7)) == 1
+    zebra = text.index("zebra")
+    assert len([p for p, s in zip(pieces, starts) if zebra <= s < zebra + 5]) > 1  # cut into pieces...
+    assert len(word_of(zebra, zebra + 5)) == 1  # ...one word
+    period, paris = text.index("."), text.index("Paris")
+    assert len(word_of(number, number + 7) | word_of(period, period + 1) | word_of(paris, paris + 5)) == 3
+    assert words == sorted(words)
+
+
+def test_pooling_over_words_gives_each_token_its_words_best_score():
+    from uncomp_cli.contexts.words import pool_over_words
+
+    scores = torch.tensor([[0.1, 0.9, 0.2, 0.3, 0.05], [0.4, 0.0, 0.0, 0.7, 0.6]])
+    pooled = pool_over_words(scores, torch.tensor([1, 1, 1, 2, 3]))
+    assert torch.equal(pooled, torch.tensor([[0.9, 0.9, 0.9, 0.3, 0.05], [0.4, 0.4, 0.4, 0.7, 0.6]]))
+
+
+@pytest.mark.parametrize("whole_words", [False, True])
+def test_global_allocation_keeps_a_word_whole_when_it_keeps_any_of_it(loaded, whole_words):
+    """One token of a five-token word scores high in one head: with words, the head keeps the whole
+    word; without, that token alone. The method's total stays."""
+    from uncomp_cli.contexts.compress import allocate_globally
+
+    cache, n = _whole_context(loaded)
+    layers, heads = len(cache.layers), loaded.model.config.num_key_value_heads
+    generator = torch.Generator().manual_seed(1)
+    recorded = [torch.rand((1, heads, n), generator=generator) * 1e-3 for _ in range(layers)]
+    recorded[2][0, 1, 42] = 0.9
+    words = torch.arange(n)
+    words[40:45] = 40  # tokens 40..44: one word
+    allocate_globally(cache.layers, recorded, shared=0.0, words=words if whole_words else None)
+    kept = set(layer_groups_positions(cache.layers[2], 1))
+    assert 42 in kept
+    assert ({40, 41, 43, 44} <= kept) == whole_words
+    total = sum(len(layer_groups_positions(layer, head)) for layer in cache.layers for head in range(heads))
+    assert abs(total - layers * heads * 24) <= layers * heads
+
+
 def layer_groups_positions(layer, head: int) -> list[int]:
     group = next(g for g in layer.groups if head in g.heads)
     return group.positions[0, group.heads.index(head)].tolist()
@@ -319,12 +374,13 @@ def test_a_context_is_compressed_without_pruning_unless_asked(loaded, scorer):
 def test_a_context_file_of_the_previous_version_loads_and_answers_as_one_made_now(loaded, name, method, options,
                                                                                   scorer, monkeypatch):
     """tests/data holds files written by uncomp before the engine was built from plans (format 1),
-    and before every head shared tokens (so the new one is made without them)."""
+    and before every head shared tokens and kept whole words (so the new one is made without them)."""
     from tiny import REPO_ROOT
 
     from uncomp_cli.contexts import compress
 
     monkeypatch.setattr(compress, "SHARED_TOKENS", 0.0)
+    monkeypatch.setattr(compress, "WHOLE_WORDS", False)
     old = load_context(loaded, REPO_ROOT / "tests" / "data" / f"{name}.uncomp")
     new = compress_context(loaded, CONTEXT, make_policy(method, budget="24", **SMALL, **options), scorer=scorer)
     assert old.kv_cache_bytes() == new.kv_cache_bytes()

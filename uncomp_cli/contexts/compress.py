@@ -9,7 +9,7 @@ question can tell the method what to keep. Three ways to score the context's tok
   token, the model re-reads the context behind a repeat prompt ("Repeat the previous context
   exactly.") on that full cache (:mod:`uncomp_cli.contexts.reread`); each KV entry's score is the
   most attention any re-reading query of its KV head pays it, and every layer's and head's entries
-  are ranked together, weighted by the method's own budget shares (:func:`allocate_globally`).
+  are ranked together (:func:`allocate_globally`; the method sets how many entries are kept in all).
   Costs one more pass over the context (~4.5 prefills on a CPU), paid once per compressed context; the
   re-reading tokens are dropped afterwards.
 * ``gate``: the re-reading's scores predicted during the prefill by a small learned gate
@@ -39,6 +39,7 @@ from transformers import Cache
 from uncomp_cli.contexts.gate import gate_for, predicting
 from uncomp_cli.contexts.reread import reread
 from uncomp_cli.contexts.store import BytesLRU
+from uncomp_cli.contexts.words import pool_over_words, word_ids
 from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 from uncomp_cli.engine.cache import cache_nbytes
 from uncomp_cli.engine.checkpoint import checkpoint, rollback
@@ -73,6 +74,15 @@ SHARED_TOKENS = 0.25
 #: keeps it in) or ``rank`` (its mean percentile in every head's scores: as good on the development
 #: needles, but it orders near-tied low scores too, so a bfloat16 recording changed what it kept).
 CONSENSUS = "votes"
+#: How much the method's own head budgets weight each head's re-reading scores in the global
+#: ranking: its share of the mean budget to this power. 0 (KVzip's plain ranking): the method sets
+#: only the total, so every attention-based method keeps the same tokens at the same budget. With
+#: whole words, UNComp's entropy shares (power 1) answered 110 of 120 development needles against
+#: 116 unweighted (docs/results.md, "Whole words").
+SHARE_POWER = 0.0
+#: Whether a head keeps whole words (:mod:`uncomp_cli.contexts.words`): each token scores the most
+#: of its word's tokens, so a number is kept with all of its digits or not at all.
+WHOLE_WORDS = True
 
 
 @dataclass
@@ -147,6 +157,7 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
     mask = torch.ones_like(input_ids)
     gate = gate_for(loaded) if deferred and scorer == "gate" else None  # its one-off training is no context's cost
     started = time.perf_counter()
+    words = word_ids(loaded.tokenizer, ids) if deferred and WHOLE_WORDS and loaded.tokenizer is not None else None
     key = shared = None
     if deferred and readings is not None and (kind := policy.reading_key(loaded.model, mask)) is not None:
         key = (tuple(ids), tail, kind, scorer)
@@ -155,7 +166,7 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
         cache = policy.make_cache(loaded.model, mask)
         for layer, whole in zip(cache.layers, shared.layers):
             layer.adopt(whole)
-        allocate_globally(cache.layers, shared.recorded)
+        allocate_globally(cache.layers, shared.recorded, words=words)
     else:
         plan = policy.plan(loaded.model, mask)
         with (predicting(gate, loaded.model) if gate is not None else contextlib.nullcontext()) as predicted, \
@@ -166,7 +177,7 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
             recorded = predicted if gate is not None else reread(loaded, cache, policy, ids, tail)
             if key is not None:
                 readings.put(key, Reading(checkpoint(cache), recorded, time.perf_counter() - started))
-            allocate_globally(cache.layers, recorded)
+            allocate_globally(cache.layers, recorded, words=words)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize(loaded.device)
     seconds = time.perf_counter() - started + (0.0 if shared is None else shared.seconds)
@@ -199,26 +210,29 @@ def reading_store(limit_bytes: int) -> BytesLRU[Reading]:
 
 
 def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1, floor: float = 0.0,
-                      share_power: float = 1.0, shared: float | None = None, consensus: str | None = None) -> None:
+                      share_power: float | None = None, shared: float | None = None, consensus: str | None = None,
+                      words: torch.Tensor | None = None) -> None:
     """KVzip's allocation: rank every layer's and KV head's entries together and keep the best.
 
     recorded: per layer [1, H_kv, N_l] scores. The method's own per-head budgets set the total and
-    weight each head's scores by its share of the mean budget (1 for uniform methods; UNComp's
-    high-entropy heads and PyramidKV's lower layers get more), so a head that re-reads the context
-    keeps more than one that does not. The first :data:`SINKS` and last :data:`PRUNE_WINDOW` tokens
+    weight each head's scores by its share of the mean budget raised to ``share_power`` (default
+    :data:`SHARE_POWER`, 0: every head's scores count alike, as in KVzip; 1: UNComp's high-entropy
+    heads and PyramidKV's lower layers keep more). The first :data:`SINKS` and last :data:`PRUNE_WINDOW` tokens
     of every head are always kept. ``pool`` (odd): a token scores the most of its ``pool``
     neighbours, so a kept token keeps the tokens around it (a number's digits); ``floor``: every
     head first keeps that share of its own budget by its own ranking, the global ranking spreads
-    the rest (1: each head keeps exactly its method's budget); ``share_power``: the weight is the
-    share raised to this power (0: every head's scores count alike, only the total is the method's);
+    the rest (1: each head keeps exactly its method's budget);
     ``shared`` (default :data:`SHARED_TOKENS`): that share of the mean budget goes to tokens every
     head keeps — the tokens the heads agree on most (``consensus``, default :data:`CONSENSUS`:
     ``votes``, how many heads the ranking above keeps a token in; ``rank``, its mean percentile in
     every head's scores) — because an answer needs the needle in nearly every head, not in
     the few that score it highest (docs/results.md). Only when every layer holds the same tokens
-    (no pruned context); the sinks and window come on top.
+    (no pruned context); the sinks and window come on top. ``words`` ([N] word numbers,
+    :func:`~uncomp_cli.contexts.words.word_ids`): each token first scores the most of its word's
+    tokens, in layers that hold all N.
     """
     shared = SHARED_TOKENS if shared is None else shared
+    share_power = SHARE_POWER if share_power is None else share_power
     consensus = consensus or CONSENSUS
     lengths = [scores.shape[-1] for scores in recorded]
     budgets = [torch.tensor([n if b is None else min(int(b), n) for b in layer.budgets], dtype=torch.float64)
@@ -227,6 +241,8 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     weighted = []
     for scores, share in zip(recorded, budgets):
         scores = scores[0].double()
+        if words is not None and scores.shape[-1] == words.shape[0]:
+            scores = pool_over_words(scores, words)
         if pool > 1:
             scores = torch.nn.functional.max_pool1d(scores[None], pool, stride=1, padding=pool // 2)[0]
         scores = scores * (share / mean).pow(share_power).to(scores.device)[:, None]  # [H_kv, N]
