@@ -21,6 +21,7 @@ import argparse
 import torch
 from context_selection_dev import WORDINGS
 
+from uncomp_cli.contexts import compress
 from uncomp_cli.contexts.compress import compress_ids
 from uncomp_cli.eval import needle
 from uncomp_cli.haystack import load_haystack
@@ -39,7 +40,11 @@ def main() -> None:
     parser.add_argument("--method", default="uncomp")
     parser.add_argument("--budget", default="10%")
     parser.add_argument("--signals", action="store_true", help="surprisal ranks and the copy heads too")
+    parser.add_argument("--before-words", action="store_true",
+                        help="select as before whole words: WHOLE_WORDS off, heads weighted by their budgets")
     args = parser.parse_args()
+    if args.before_words:
+        compress.WHOLE_WORDS, compress.SHARE_POWER = False, 1.0
     torch.set_grad_enabled(False)
     loaded = load_model(None, device="cpu")
     tokenizer = loaded.tokenizer
