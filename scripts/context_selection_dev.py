@@ -33,7 +33,7 @@ from uncomp_cli.eval import needle, ruler
 from uncomp_cli.eval.metrics import METRICS
 from uncomp_cli.haystack import load_haystack
 from uncomp_cli.models.loading import load_model
-from uncomp_cli.models.prompting import question_ids, template_tail
+from uncomp_cli.models.prompting import template_tail
 from uncomp_cli.policies.registry import make_policy, with_profile
 from uncomp_cli.units import parse_lengths
 
@@ -111,13 +111,6 @@ def with_copy_floor(allocate, copy: torch.Tensor, threshold: float, factor: floa
     return allocate_with_floor
 
 
-def with_probes(reread_chunks, probes: list[str]):
-    """``reread_chunks`` and, after them, each probe question as one more re-reading."""
-    def chunks_with_probes(tokenizer, ids, tail, size):
-        return reread_chunks(tokenizer, ids, tail, size) + [question_ids(tokenizer, probe, tail) for probe in probes]
-    return chunks_with_probes
-
-
 def examples_of(tokenizer, args) -> dict[str, list]:
     lengths = parse_lengths(args.lengths)
     sets = {}
@@ -153,9 +146,6 @@ def main() -> None:
     parser.add_argument("--reread", default="whole", choices=("whole", "chunked-bfloat16"),
                         help="chunked-bfloat16: KVzip's 2,000-token chunks with bfloat16 products (cheaper), "
                              "to compare with the default: the whole context at once, in the model's dtype")
-    parser.add_argument("--probe", action="append", default=[],
-                        help="a question re-read after the repeat prompt(s), its attention max-merged into the "
-                             "scores (a query-agnostic pseudo-question); repeatable")
     args = parser.parse_args()
     unknown = [w for w in filter(None, args.wordings.split(",")) if w not in WORDINGS]
     if unknown:
@@ -166,8 +156,6 @@ def main() -> None:
     if args.reread == "chunked-bfloat16":
         reread_module.REREAD_CHUNK = 2000
         recording.BFLOAT16_PRODUCTS = True
-    if args.probe:
-        reread_module.reread_chunks = with_probes(reread_module.reread_chunks, args.probe)
     torch.set_grad_enabled(False)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     tail = template_tail(loaded.tokenizer)

@@ -272,6 +272,19 @@ def test_word_ids_hold_a_numbers_digits_and_a_words_pieces_together():
     assert words == sorted(words)
 
 
+def test_a_word_never_holds_more_than_max_word_tokens():
+    """Text without spaces (here one long run of letters and digits, cut into many tokens) is cut
+    into words of at most MAX_WORD_TOKENS, not made one word."""
+    from uncomp_cli.contexts.words import MAX_WORD_TOKENS, word_ids
+
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("xq" * 40 + "7" * 30, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 2 * MAX_WORD_TOKENS
+    sizes = torch.bincount(word_ids(tokenizer, ids))
+    assert int(sizes.max()) == MAX_WORD_TOKENS
+    assert int((sizes > 0).sum()) == -(-len(ids) // MAX_WORD_TOKENS)
+
+
 def test_pooling_over_words_gives_each_token_its_words_best_score():
     from uncomp_cli.contexts.words import pool_over_words
 

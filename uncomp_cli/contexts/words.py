@@ -13,19 +13,26 @@ from __future__ import annotations
 
 import torch
 
+#: Tokens one word holds at most; a longer run starts a new word. Text written without spaces
+#: (Chinese, Japanese, a long hexadecimal string) would otherwise be one word a sentence long.
+#: 12 holds a space and an 11-digit number.
+MAX_WORD_TOKENS = 12
+
 
 def word_ids(tokenizer, ids: list[int]) -> torch.Tensor:
     """Each token's word number [N], rising. A token continues the word before it when its text
     starts with a letter or digit and the token before ends in one, or is a lone space (SmolLM2
-    writes " 7007071" as " ", "7", "0", ...). Anything else — a leading space, punctuation, a
-    newline — starts a new word."""
+    writes " 7007071" as " ", "7", "0", ...), and the word holds fewer than
+    :data:`MAX_WORD_TOKENS`. Anything else — a leading space, punctuation, a newline — starts a
+    new word."""
     texts = {token: tokenizer.decode([token]) for token in set(ids)}
-    words, word, before = [], 0, ""
+    words, word, length, before = [], 0, 0, ""
     for token in ids:
         text = texts[token]
-        if not (text[:1].isalnum() and (before[-1:].isalnum() or before == " ")):
-            word += 1
+        if not (text[:1].isalnum() and (before[-1:].isalnum() or before == " ") and length < MAX_WORD_TOKENS):
+            word, length = word + 1, 0
         words.append(word)
+        length += 1
         before = text
     return torch.tensor(words, dtype=torch.long)
 
