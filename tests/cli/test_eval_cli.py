@@ -89,6 +89,24 @@ def test_the_same_invocation_again_skips_every_run_and_rewrites_nothing(first_ru
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()} == files
 
 
+def test_query_agnostic_results_are_resumed_only_under_the_same_context_selection(tiny_model_dir, haystack_dir,
+                                                                                    tmp_path, monkeypatch):
+    """The constants that decide what a compressed context keeps (whole words, shared tokens, the
+    ranking's weights) name the results folder, so results made under others are not reused."""
+    from uncomp_cli.contexts import compress
+
+    args = ["needle", "-m", tiny_model_dir, "--haystack", haystack_dir, *NEEDLE, "--methods", "snapkv",
+            "--budgets", "64", "--query-agnostic", "--out", tmp_path, "--json"]
+    first = json.loads(invoke(*args).stdout)
+    config = json.loads((Path(first["folder"]) / "config.json").read_text())
+    assert config["context_selection"] == compress.selection_settings()
+    again = json.loads(invoke(*args).stdout)
+    assert again["folder"] == first["folder"] and all(run["skipped"] for run in again["runs"])
+    monkeypatch.setattr(compress, "WHOLE_WORDS", not compress.WHOLE_WORDS)
+    other = json.loads(invoke(*args).stdout)
+    assert other["folder"] != first["folder"] and not any(run["skipped"] for run in other["runs"])
+
+
 def test_a_changed_setting_gets_its_own_folder_and_a_new_budget_joins_the_old_one(first_run):
     args, out, result = first_run
     folder = json.loads(result.stdout)["folder"]

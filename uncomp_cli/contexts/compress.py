@@ -85,6 +85,14 @@ SHARE_POWER = 0.0
 WHOLE_WORDS = True
 
 
+def selection_settings() -> dict:
+    """The settings above that decide what a scored context keeps, beside its method and budget.
+    Part of an evaluation's identity (``uncomp eval --query-agnostic``), so results made under other
+    settings (an older version, an experiment) are run anew instead of resumed."""
+    return {"shared_tokens": SHARED_TOKENS, "consensus": CONSENSUS, "share_power": SHARE_POWER,
+            "whole_words": WHOLE_WORDS}
+
+
 @dataclass
 class CompressedContext:
     """A context prefilled and compressed once. ``cache`` holds what the policy kept; the next

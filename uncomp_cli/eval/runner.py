@@ -345,10 +345,12 @@ def run_eval(
                 "profile": None if profile is None else str(Path(profile).resolve()), "batch_size": batch_size,
                 "examples": examples_digest(examples)}
     if query_agnostic:  # only then: earlier folders keep their names
+        from uncomp_cli.contexts.compress import selection_settings
         from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 
         context_scorer = context_scorer or DEFAULT_CONTEXT_SCORER
-        identity |= {"query_agnostic": True, "context_scorer": context_scorer}
+        identity |= {"query_agnostic": True, "context_scorer": context_scorer,
+                     "context_selection": selection_settings()}
     folder = results_folder(settings.out, suite, loaded.name, identity)
     finished_runs: list[RunResult] = []
     pending: list[tuple[Cell, object]] = []
@@ -372,7 +374,8 @@ def run_eval(
                   "examples_digest": identity["examples"], "tasks": sorted({e.task for e in examples}),
                   "machine": _machine(loaded), "versions": _versions(),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        config |= {key: identity[key] for key in ("query_agnostic", "context_scorer") if key in identity}
+        config |= {key: identity[key] for key in ("query_agnostic", "context_scorer", "context_selection")
+                   if key in identity}
         atomic_write(config_path, json.dumps(config, indent=2) + "\n")
     result = EvalResult(folder, config, finished_runs)
 
