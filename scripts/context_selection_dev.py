@@ -92,6 +92,8 @@ VARIANTS["default"] = {}  # as shipped: whole words, unweighted (SHARE_POWER 0)
 # Whole words (contexts/words.py): a token scores the most of its word's tokens (a number's digits).
 VARIANTS["words"] = {"words": True, "share_power": 1.0}
 VARIANTS["words-share0"] = {"words": True, "share_power": 0.0}
+# ... and the tokens every head keeps extended to whole words (their cut-off can fall inside a number).
+VARIANTS["shared-words"] = {"shared_words": True}
 
 
 def with_copy_floor(allocate, copy: torch.Tensor, threshold: float, factor: float):

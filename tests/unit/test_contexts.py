@@ -314,6 +314,29 @@ def test_global_allocation_keeps_a_word_whole_when_it_keeps_any_of_it(loaded, wh
     assert abs(total - layers * heads * 24) <= layers * heads
 
 
+@pytest.mark.parametrize("shared_words", [False, True])
+def test_shared_tokens_can_be_extended_to_whole_words(loaded, shared_words):
+    """Every head but one scores a five-token word highest, and the shared budget (three tokens)
+    cuts inside it: the head that looks elsewhere keeps three of its tokens, or with shared_words
+    all five."""
+    from uncomp_cli.contexts.compress import allocate_globally
+
+    cache, n = _whole_context(loaded)
+    layers, heads = len(cache.layers), loaded.model.config.num_key_value_heads
+    generator = torch.Generator().manual_seed(2)
+    recorded = [torch.rand((1, heads, n), generator=generator) * 1e-3 for _ in range(layers)]
+    word = list(range(36, 41))
+    for scores in recorded:
+        scores[0, :, 38] = 0.5
+    recorded[-1][0, 0, word] = 0.0  # the one head that looks elsewhere
+    recorded[-1][0, 0, 60:80] = 0.9
+    words = torch.arange(n)
+    words[word] = 36
+    allocate_globally(cache.layers, recorded, shared=3 / 24, words=words, shared_words=shared_words)
+    kept = set(layer_groups_positions(cache.layers[-1], 0)) & set(word)
+    assert len(kept) == (5 if shared_words else 3)
+
+
 def layer_groups_positions(layer, head: int) -> list[int]:
     group = next(g for g in layer.groups if head in g.heads)
     return group.positions[0, group.heads.index(head)].tolist()

@@ -219,7 +219,7 @@ def reading_store(limit_bytes: int) -> BytesLRU[Reading]:
 
 def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1, floor: float = 0.0,
                       share_power: float | None = None, shared: float | None = None, consensus: str | None = None,
-                      words: torch.Tensor | None = None) -> None:
+                      words: torch.Tensor | None = None, shared_words: bool = False) -> None:
     """KVzip's allocation: rank every layer's and KV head's entries together and keep the best.
 
     recorded: per layer [1, H_kv, N_l] scores. The method's own per-head budgets set the total and
@@ -237,7 +237,9 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     the few that score it highest (docs/results.md). Only when every layer holds the same tokens
     (no pruned context); the sinks and window come on top. ``words`` ([N] word numbers,
     :func:`~uncomp_cli.contexts.words.word_ids`): each token first scores the most of its word's
-    tokens, in layers that hold all N.
+    tokens, in layers that hold all N; ``shared_words``: the shared tokens are then extended to
+    the whole words they touch (a word's tokens tie in votes, so the cut-off can fall inside one;
+    off, on trial: docs/results.md, "Whole words").
     """
     shared = SHARED_TOKENS if shared is None else shared
     share_power = SHARE_POWER if share_power is None else share_power
@@ -267,6 +269,10 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
         agreement = _agreed_tokens(weighted, total, consensus)
         agreement[:SINKS] = agreement[-PRUNE_WINDOW:] = -1.0  # kept by every head already
         agreed = agreement.topk(min(int(shared * mean), lengths[0])).indices
+        if shared_words and words is not None and words.shape[0] == lengths[0]:
+            touched = torch.zeros(int(words.max()) + 1, dtype=torch.bool)
+            touched[words[agreed.cpu()]] = True
+            agreed = touched[words].nonzero().flatten().to(agreed.device)
         for scores in weighted:
             scores[:, agreed] = float("inf")
     owner = torch.cat([torch.arange(heads).repeat_interleave(n) + index * heads for index, n in enumerate(lengths)])
