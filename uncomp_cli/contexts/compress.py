@@ -243,6 +243,8 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     """
     shared = SHARED_TOKENS if shared is None else shared
     share_power = SHARE_POWER if share_power is None else share_power
+    if words is not None:
+        words = words.to(recorded[0].device)  # once, not once a layer
     consensus = consensus or CONSENSUS
     lengths = [scores.shape[-1] for scores in recorded]
     budgets = [torch.tensor([n if b is None else min(int(b), n) for b in layer.budgets], dtype=torch.float64)
@@ -270,9 +272,9 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
         agreement[:SINKS] = agreement[-PRUNE_WINDOW:] = -1.0  # kept by every head already
         agreed = agreement.topk(min(int(shared * mean), lengths[0])).indices
         if shared_words and words is not None and words.shape[0] == lengths[0]:
-            touched = torch.zeros(int(words.max()) + 1, dtype=torch.bool)
-            touched[words[agreed.cpu()]] = True
-            agreed = touched[words].nonzero().flatten().to(agreed.device)
+            touched = torch.zeros(int(words.max()) + 1, dtype=torch.bool, device=words.device)
+            touched[words[agreed]] = True
+            agreed = touched[words].nonzero().flatten()
         for scores in weighted:
             scores[:, agreed] = float("inf")
     owner = torch.cat([torch.arange(heads).repeat_interleave(n) + index * heads for index, n in enumerate(lengths)])
