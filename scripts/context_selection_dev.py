@@ -94,6 +94,19 @@ VARIANTS["words"] = {"words": True, "share_power": 1.0}
 VARIANTS["words-share0"] = {"words": True, "share_power": 0.0}
 # ... and the tokens every head keeps extended to whole words (their cut-off can fall inside a number).
 VARIANTS["shared-words"] = {"shared_words": True}
+# Multi-query (--questions 4): four needles compete for the shared tokens (issue 22, "Multi-query").
+VARIANTS["w-shared0"] = {"shared": 0.0}
+VARIANTS["w-shared50"] = {"shared": 0.5}
+VARIANTS["w-rank25"] = {"consensus": "rank"}
+VARIANTS["w-pool3"] = {"pool": 3}
+VARIANTS["w-reach1"] = {"word_reach": 1}
+VARIANTS["w-shared10"] = {"shared": 0.1}
+VARIANTS["w-rank10"] = {"shared": 0.1, "consensus": "rank"}
+VARIANTS["w-shared0-reach1"] = {"shared": 0.0, "word_reach": 1}
+VARIANTS["w-shared0-floor25"] = {"shared": 0.0, "floor": 0.25}
+VARIANTS["w-shared0-floor50"] = {"shared": 0.0, "floor": 0.5}
+VARIANTS["w-rank25-floor25"] = {"consensus": "rank", "floor": 0.25}
+VARIANTS["w-shared0-share1"] = {"shared": 0.0, "share_power": 1.0}
 
 
 def with_copy_floor(allocate, copy: torch.Tensor, threshold: float, factor: float):
@@ -119,7 +132,8 @@ def examples_of(tokenizer, args) -> dict[str, list]:
     haystack = load_haystack(args.haystack)
     for name in filter(None, args.wordings.split(",")):
         sets[name] = needle.make_examples(tokenizer, haystack, lengths, [0.1, 0.3, 0.5, 0.7, 0.9], seed=args.seed,
-                                          templates=WORDINGS[name], samples=args.samples)
+                                          templates=WORDINGS[name], samples=args.samples,
+                                          questions=args.questions)
     for task in filter(None, args.tasks.split(",")):
         sets[task] = ruler.make_examples(tokenizer, [task], lengths, args.ruler_samples, seed=args.seed,
                                          haystack=haystack)
@@ -143,6 +157,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--verbose", action="store_true", help="every answer on stderr")
+    parser.add_argument("--questions", type=int, default=1,
+                        help="needles hidden in each context, each asked on its one compression (multi-query)")
     parser.add_argument("--scorer", default="reconstruct", choices=compress.CONTEXT_SCORERS,
                         help="how context tokens are scored (uncomp's --context-scorer)")
     parser.add_argument("--reread", default="whole", choices=("whole", "chunked-bfloat16"),
@@ -170,9 +186,10 @@ def main() -> None:
         copy = copy_scores_of(loaded, load_haystack(args.haystack))
     scores: dict[tuple, list[float]] = defaultdict(list)
     for set_name, examples in sets.items():
-        for index, example in enumerate(examples):
-            context_ids = list(example.prompt_ids[:example.context_tokens])
-            question = list(example.prompt_ids[example.context_tokens:])
+        contexts: dict[tuple, list] = {}  # a context's ids -> its examples (several with --questions)
+        for example in examples:
+            contexts.setdefault(tuple(example.prompt_ids[:example.context_tokens]), []).append(example)
+        for index, (context_ids, asked) in enumerate(contexts.items()):
             for method in args.methods.split(","):
                 for budget in args.budgets.split(","):
                     policy = with_profile(make_policy(method) if method == "full" else
@@ -184,17 +201,26 @@ def main() -> None:
                         compress.WHOLE_WORDS = kwargs.pop("words", whole_words)
                         compress.allocate_globally = functools.partial(allocate, **kwargs)
                         try:
-                            context = compress_ids(loaded, context_ids, policy, args.scorer, tail, readings)
+                            context = compress_ids(loaded, list(context_ids), policy, args.scorer, tail, readings)
                         finally:
                             compress.allocate_globally, compress.WHOLE_WORDS = plain, whole_words
-                        answer = ask_ids(loaded, context, question,
-                                         GenerationSettings(max_new_tokens=example.max_new_tokens))
-                        score = METRICS[example.metric](answer.text, example)["score"]
-                        scores[(set_name, method, budget, variant)].append(score)
-                        if args.verbose:
-                            print(f"  {example.id} {method} {budget} {variant}: {answer.text!r} "
-                                  f"({', '.join(example.answers)}) {score:g}", file=sys.stderr)
-            print(f"{set_name} {index + 1}/{len(examples)}", file=sys.stderr, flush=True)
+                        for example in asked:
+                            question = list(example.prompt_ids[example.context_tokens:])
+                            answer = ask_ids(loaded, context, question,
+                                             GenerationSettings(max_new_tokens=example.max_new_tokens))
+                            score = METRICS[example.metric](answer.text, example)["score"]
+                            scores[(set_name, method, budget, variant)].append(score)
+                            if args.verbose:
+                                print(f"  {example.id} {method} {budget} {variant}: {answer.text!r} "
+                                      f"({', '.join(example.answers)}) {score:g}", file=sys.stderr)
+                        if method == "full":  # no budget or variant changes it: answered once, copied
+                            for other in args.budgets.split(","):
+                                for name in args.variants.split(","):
+                                    scores[(set_name, method, other, name)] = scores[(set_name, method, budget, variant)]
+                            break
+                    if method == "full":
+                        break
+            print(f"{set_name} {index + 1}/{len(contexts)}", file=sys.stderr, flush=True)
     table = {" ".join(key): round(100 * sum(v) / len(v), 1) for key, v in scores.items()}
     if args.json:
         print(json.dumps({"args": vars(args), "scores": table, "counts": {" ".join(k): len(v) for k, v in
@@ -209,6 +235,11 @@ def main() -> None:
             means = [sum(table[" ".join((s, method, budget, v))] for s in sets) / len(sets)
                      for v in args.variants.split(",")]
             print(f"  {'mean':14s} " + "  ".join(f"{m:5.1f}" for m in means))
+            if "full" in args.methods.split(",") and method != "full":  # of the full cache's answers, how many kept
+                kept = {v: sum(sum(a * b for a, b in zip(scores[(s, "full", budget, v)], scores[(s, method, budget, v)]))
+                               for s in sets) for v in args.variants.split(",")}
+                full = sum(sum(scores[(s, "full", budget, args.variants.split(",")[0])]) for s in sets)
+                print(f"  {'of full ' + format(full, 'g'):14s} " + "  ".join(f"{kept[v]:5g}" for v in kept))
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ def reading_store(limit_bytes: int) -> BytesLRU[Reading]:
 
 def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1, floor: float = 0.0,
                       share_power: float | None = None, shared: float | None = None, consensus: str | None = None,
-                      words: torch.Tensor | None = None, shared_words: bool = False) -> None:
+                      words: torch.Tensor | None = None, shared_words: bool = False, word_reach: int = 0) -> None:
     """KVzip's allocation: rank every layer's and KV head's entries together and keep the best.
 
     recorded: per layer [1, H_kv, N_l] scores. The method's own per-head budgets set the total and
@@ -239,7 +239,8 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     :func:`~uncomp_cli.contexts.words.word_ids`): each token first scores the most of its word's
     tokens, in layers that hold all N; ``shared_words``: the shared tokens are then extended to
     the whole words they touch (a word's tokens tie in votes, so the cut-off can fall inside one;
-    off, on trial: docs/results.md, "Whole words").
+    off, on trial: docs/results.md, "Whole words"); ``word_reach``: a token scores the most of its
+    word and that many words either side (on trial).
     """
     shared = SHARED_TOKENS if shared is None else shared
     share_power = SHARE_POWER if share_power is None else share_power
@@ -254,7 +255,7 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     for scores, share in zip(recorded, budgets):
         scores = scores[0].double()
         if words is not None and scores.shape[-1] == words.shape[0]:
-            scores = pool_over_words(scores, words)
+            scores = pool_over_words(scores, words, word_reach)
         if pool > 1:
             scores = torch.nn.functional.max_pool1d(scores[None], pool, stride=1, padding=pool // 2)[0]
         scores = scores * (share / mean).pow(share_power).to(scores.device)[:, None]  # [H_kv, N]
