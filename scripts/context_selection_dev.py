@@ -214,9 +214,10 @@ def main() -> None:
                                 print(f"  {example.id} {method} {budget} {variant}: {answer.text!r} "
                                       f"({', '.join(example.answers)}) {score:g}", file=sys.stderr)
                         if method == "full":  # no budget or variant changes it: answered once, copied
+                            answered = scores[(set_name, method, budget, variant)]
                             for other in args.budgets.split(","):
                                 for name in args.variants.split(","):
-                                    scores[(set_name, method, other, name)] = scores[(set_name, method, budget, variant)]
+                                    scores[(set_name, method, other, name)] = answered
                             break
                     if method == "full":
                         break
@@ -236,8 +237,9 @@ def main() -> None:
                      for v in args.variants.split(",")]
             print(f"  {'mean':14s} " + "  ".join(f"{m:5.1f}" for m in means))
             if "full" in args.methods.split(",") and method != "full":  # of the full cache's answers, how many kept
-                kept = {v: sum(sum(a * b for a, b in zip(scores[(s, "full", budget, v)], scores[(s, method, budget, v)]))
-                               for s in sets) for v in args.variants.split(",")}
+                kept = {v: sum(sum(a * b for a, b in zip(scores[(s, "full", budget, v)],
+                                                         scores[(s, method, budget, v)])) for s in sets)
+                        for v in args.variants.split(",")}
                 full = sum(sum(scores[(s, "full", budget, args.variants.split(",")[0])]) for s in sets)
                 print(f"  {'of full ' + format(full, 'g'):14s} " + "  ".join(f"{kept[v]:5g}" for v in kept))
 
