@@ -88,25 +88,25 @@ VARIANTS = {
 for _kwargs in VARIANTS.values():
     _kwargs.setdefault("words", False)
     _kwargs.setdefault("share_power", 1.0)
-VARIANTS["default"] = {}  # as shipped: whole words, unweighted (SHARE_POWER 0)
+VARIANTS["default"] = {}  # as shipped: whole words, unweighted (SHARE_POWER 0), shared tokens by rank
 # Whole words (contexts/words.py): a token scores the most of its word's tokens (a number's digits).
 VARIANTS["words"] = {"words": True, "share_power": 1.0}
 VARIANTS["words-share0"] = {"words": True, "share_power": 0.0}
 # ... and the tokens every head keeps extended to whole words (their cut-off can fall inside a number).
-VARIANTS["shared-words"] = {"shared_words": True}
+VARIANTS["shared-words"] = {"shared_words": True, "consensus": "votes"}
 # Multi-query (--questions 4): four needles compete for the shared tokens (issue 22, "Multi-query").
+# Before CONSENSUS "rank" the default was "votes": "votes" is that one. w-reach1 and
+# w-shared0-reach1 (a token scoring the most of its word and the words either side) are at e544999.
+VARIANTS["votes"] = {"consensus": "votes"}
 VARIANTS["w-shared0"] = {"shared": 0.0}
-VARIANTS["w-shared50"] = {"shared": 0.5}
-VARIANTS["w-rank25"] = {"consensus": "rank"}
-VARIANTS["w-pool3"] = {"pool": 3}
-VARIANTS["w-reach1"] = {"word_reach": 1}
-VARIANTS["w-shared10"] = {"shared": 0.1}
+VARIANTS["w-shared50"] = {"shared": 0.5, "consensus": "votes"}
+VARIANTS["w-rank25"] = {"consensus": "rank"}  # = default now
+VARIANTS["w-pool3"] = {"pool": 3, "consensus": "votes"}
+VARIANTS["w-shared10"] = {"shared": 0.1, "consensus": "votes"}
 VARIANTS["w-rank10"] = {"shared": 0.1, "consensus": "rank"}
-VARIANTS["w-shared0-reach1"] = {"shared": 0.0, "word_reach": 1}
 VARIANTS["w-shared0-floor25"] = {"shared": 0.0, "floor": 0.25}
 VARIANTS["w-shared0-floor50"] = {"shared": 0.0, "floor": 0.5}
 VARIANTS["w-rank25-floor25"] = {"consensus": "rank", "floor": 0.25}
-VARIANTS["w-shared0-share1"] = {"shared": 0.0, "share_power": 1.0}
 
 
 def with_copy_floor(allocate, copy: torch.Tensor, threshold: float, factor: float):

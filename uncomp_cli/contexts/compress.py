@@ -70,10 +70,13 @@ SINKS = 4
 #: each head's own scores leaves it in few; a quarter, by votes, answered the most development
 #: needles (three wordings) at 5 % and 10 % (docs/results.md, "Tokens every head keeps").
 SHARED_TOKENS = 0.25
-#: How the heads' agreement on a token is measured: ``votes`` (how many heads the global ranking
-#: keeps it in) or ``rank`` (its mean percentile in every head's scores: as good on the development
-#: needles, but it orders near-tied low scores too, so a bfloat16 recording changed what it kept).
-CONSENSUS = "votes"
+#: How the heads' agreement on a token is measured: ``rank`` (its mean percentile in every head's
+#: scores, ranked at bfloat16 precision so that a recording's precision reorders no near-ties) or
+#: ``votes`` (how many heads the global ranking keeps it in). With four needles in a context, votes
+#: shared parts of one or two of them and the answers lost their keys; ranks kept 44 of the full
+#: cache's 59 development multi-query answers against 39, and as many single needles
+#: (docs/results.md, "Multi-query").
+CONSENSUS = "rank"
 #: How much the method's own head budgets weight each head's re-reading scores in the global
 #: ranking: its share of the mean budget to this power. 0 (KVzip's plain ranking): the method sets
 #: only the total, so every attention-based method keeps the same tokens at the same budget. With
@@ -219,7 +222,7 @@ def reading_store(limit_bytes: int) -> BytesLRU[Reading]:
 
 def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1, floor: float = 0.0,
                       share_power: float | None = None, shared: float | None = None, consensus: str | None = None,
-                      words: torch.Tensor | None = None, shared_words: bool = False, word_reach: int = 0) -> None:
+                      words: torch.Tensor | None = None, shared_words: bool = False) -> None:
     """KVzip's allocation: rank every layer's and KV head's entries together and keep the best.
 
     recorded: per layer [1, H_kv, N_l] scores. The method's own per-head budgets set the total and
@@ -232,15 +235,14 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     the rest (1: each head keeps exactly its method's budget);
     ``shared`` (default :data:`SHARED_TOKENS`): that share of the mean budget goes to tokens every
     head keeps — the tokens the heads agree on most (``consensus``, default :data:`CONSENSUS`:
-    ``votes``, how many heads the ranking above keeps a token in; ``rank``, its mean percentile in
-    every head's scores) — because an answer needs the needle in nearly every head, not in
+    ``rank``, its mean percentile in every head's scores; ``votes``, how many heads the ranking
+    above keeps a token in) — because an answer needs the needle in nearly every head, not in
     the few that score it highest (docs/results.md). Only when every layer holds the same tokens
     (no pruned context); the sinks and window come on top. ``words`` ([N] word numbers,
     :func:`~uncomp_cli.contexts.words.word_ids`): each token first scores the most of its word's
     tokens, in layers that hold all N; ``shared_words``: the shared tokens are then extended to
     the whole words they touch (a word's tokens tie in votes, so the cut-off can fall inside one;
-    off, on trial: docs/results.md, "Whole words"); ``word_reach``: a token scores the most of its
-    word and that many words either side (on trial).
+    off, on trial: docs/results.md, "Whole words").
     """
     shared = SHARED_TOKENS if shared is None else shared
     share_power = SHARE_POWER if share_power is None else share_power
@@ -255,7 +257,7 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     for scores, share in zip(recorded, budgets):
         scores = scores[0].double()
         if words is not None and scores.shape[-1] == words.shape[0]:
-            scores = pool_over_words(scores, words, word_reach)
+            scores = pool_over_words(scores, words)
         if pool > 1:
             scores = torch.nn.functional.max_pool1d(scores[None], pool, stride=1, padding=pool // 2)[0]
         scores = scores * (share / mean).pow(share_power).to(scores.device)[:, None]  # [H_kv, N]
@@ -291,8 +293,9 @@ def _agreed_tokens(weighted: list[torch.Tensor], total: int, consensus: str) -> 
     if consensus == "votes":
         best = stacked.reshape(-1).topk(total).indices
         return torch.bincount(best % stacked.shape[-1], minlength=stacked.shape[-1]).double()
-    if consensus == "rank":
-        return stacked.argsort(dim=-1).argsort(dim=-1).double().mean(dim=0)
+    if consensus == "rank":  # at bfloat16 precision, ties by position: a recording's precision reorders no near-ties
+        coarse = stacked.to(torch.bfloat16)
+        return coarse.argsort(dim=-1, stable=True).argsort(dim=-1).double().mean(dim=0)
     raise ValueError(f"unknown consensus {consensus!r}")
 
 

@@ -37,15 +37,11 @@ def word_ids(tokenizer, ids: list[int]) -> torch.Tensor:
     return torch.tensor(words, dtype=torch.long)
 
 
-def pool_over_words(scores: torch.Tensor, words: torch.Tensor, reach: int = 0) -> torch.Tensor:
-    """``scores`` [..., N] with each token's replaced by the most of its word's (``words`` [N]);
-    with ``reach``, the most of its word's and the ``reach`` words either side of it."""
+def pool_over_words(scores: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """``scores`` [..., N] with each token's replaced by the most of its word's (``words`` [N])."""
     if words.numel() == 0:
         return scores
     index = words.to(scores.device).expand_as(scores)
     best = torch.full(scores.shape[:-1] + (int(words.max()) + 1,), -float("inf"), dtype=scores.dtype,
                       device=scores.device).scatter_reduce(-1, index, scores, "amax")
-    if reach > 0:
-        flat = best.reshape(-1, 1, best.shape[-1])
-        best = torch.nn.functional.max_pool1d(flat, 2 * reach + 1, stride=1, padding=reach).view(best.shape)
     return best.gather(-1, index)
