@@ -220,6 +220,22 @@ def test_global_allocation_weights_scores_by_budget_shares_to_the_given_power(lo
         assert len(first) > len(second) and set(second) <= set(first)
 
 
+def test_rank_consensus_ignores_differences_below_bfloat16_precision():
+    """Two recordings of the same context that differ only below bfloat16's precision (a float32
+    and a bfloat16 recording's near-ties) agree on every token's rank; exact ranks would not."""
+    from uncomp_cli.contexts.compress import _agreed_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.full((6, 64), 2.0 ** -9, dtype=torch.float64)  # many low scores, tied in bfloat16
+    base[:, 10:14] = 0.5
+    noisy = [base + torch.rand(base.shape, generator=generator, dtype=torch.float64) * 1e-9 for _ in range(2)]
+    first, second = (_agreed_tokens([scores], 0, "rank") for scores in noisy)
+    assert torch.equal(first, second)
+    assert first[10:14].min() > first[14:].max()  # the tokens every head scores high still come first
+    exact = [scores.argsort(dim=-1).argsort(dim=-1).double().mean(dim=0) for scores in noisy]
+    assert not torch.equal(*exact)  # the test would catch ranks taken at full precision
+
+
 @pytest.mark.parametrize("consensus", ["votes", "rank"])
 def test_global_allocation_shares_the_tokens_heads_agree_on_with_every_head(loaded, consensus):
     """shared=0.5: the tokens that many heads score highest are kept by every head, even by heads

@@ -67,15 +67,16 @@ CONTEXT_SCORERS = ("window", "reconstruct", "gate")
 SINKS = 4
 #: Share of the mean head budget that every head spends on the same tokens: those the heads agree
 #: on most (:data:`CONSENSUS`). An answer needs the needle in nearly every head, and a ranking by
-#: each head's own scores leaves it in few; a quarter, by votes, answered the most development
-#: needles (three wordings) at 5 % and 10 % (docs/results.md, "Tokens every head keeps").
+#: each head's own scores leaves it in few; a quarter (by votes, the consensus then) answered the
+#: most development needles (three wordings) at 5 % and 10 % (docs/results.md, "Tokens every head keeps").
 SHARED_TOKENS = 0.25
 #: How the heads' agreement on a token is measured: ``rank`` (its mean percentile in every head's
 #: scores, ranked at bfloat16 precision so that a recording's precision reorders no near-ties) or
 #: ``votes`` (how many heads the global ranking keeps it in). With four needles in a context, votes
 #: shared parts of one or two of them and the answers lost their keys; ranks kept 44 of the full
-#: cache's 59 development multi-query answers against 39, and as many single needles
-#: (docs/results.md, "Multi-query").
+#: cache's 59 development multi-query answers against 39, and as many single needles. Held out:
+#: 14 of 18 multi-query answers against 13, but 106 of 120 single needles against 109 — a trade,
+#: not a clear win (docs/results.md, "Multi-query").
 CONSENSUS = "rank"
 #: How much the method's own head budgets weight each head's re-reading scores in the global
 #: ranking: its share of the mean budget to this power. 0 (KVzip's plain ranking): the method sets
