@@ -242,7 +242,7 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     (no pruned context); the sinks and window come on top. ``words`` ([N] word numbers,
     :func:`~uncomp_cli.contexts.words.word_ids`): each token first scores the most of its word's
     tokens, in layers that hold all N; ``shared_words``: the shared tokens are then extended to
-    the whole words they touch (a word's tokens tie in votes, so the cut-off can fall inside one;
+    the whole words they touch (a word's tokens tie in agreement, so the cut-off can fall inside one;
     off, on trial: docs/results.md, "Whole words").
     """
     shared = SHARED_TOKENS if shared is None else shared

@@ -5,8 +5,8 @@ on its own, so a head may keep six digits of a seven-digit number, and the answe
 digit short (the most common miss at 5 %, docs/results.md). Scoring each token by the best of its
 word's tokens keeps a word whole wherever any of it is kept, at the cost of the words' other
 pieces — few, because most words are one token. (A word's tokens then tie, so a cut-off that
-falls inside one still splits it: the tokens every head keeps are chosen by votes, and the
-digits of a number can sit at their cut-off; docs/results.md, "Whole words".)
+falls inside one still splits it: the digits of a number can sit at the cut-off of the tokens
+every head keeps; docs/results.md, "Whole words".)
 """
 
 from __future__ import annotations
