@@ -107,6 +107,22 @@ VARIANTS["w-rank10"] = {"shared": 0.1, "consensus": "rank"}
 VARIANTS["w-shared0-floor25"] = {"shared": 0.0, "floor": 0.25}
 VARIANTS["w-shared0-floor50"] = {"shared": 0.0, "floor": 0.5}
 VARIANTS["w-rank25-floor25"] = {"consensus": "rank", "floor": 0.25}
+# Whole sentences shared (contexts/words.py sentence_ids): the sentences of the highest agreement
+# (by rank: their tokens' mean, most, or mean of the best four), as many as fit in the shared tokens.
+VARIANTS["s-mean25"] = {"consensus": "sentence-mean"}
+VARIANTS["s-max25"] = {"consensus": "sentence-max"}
+VARIANTS["s-top4-25"] = {"consensus": "sentence-top4"}
+VARIANTS["s-mean50"] = {"consensus": "sentence-mean", "shared": 0.5}
+VARIANTS["s-top4-50"] = {"consensus": "sentence-top4", "shared": 0.5}
+# Oracles (not selections: they know where the needles are): every head keeps the needles' whole
+# sentences, only their values' digits, or the sentences without the digits, on top of the default.
+VARIANTS["oracle-sentence"] = {"oracle": "sentence"}
+VARIANTS["oracle-value"] = {"oracle": "value"}
+VARIANTS["oracle-rest"] = {"oracle": "rest"}
+VARIANTS["w-rank25-floor50"] = {"consensus": "rank", "floor": 0.5}
+VARIANTS["w-rank25-floor10"] = {"consensus": "rank", "floor": 0.1}
+VARIANTS["w-rank10-floor25"] = {"consensus": "rank", "floor": 0.25, "shared": 0.1}
+VARIANTS["w-rank40-floor25"] = {"consensus": "rank", "floor": 0.25, "shared": 0.4}
 
 
 def with_copy_floor(allocate, copy: torch.Tensor, threshold: float, factor: float):
@@ -124,6 +140,35 @@ def with_copy_floor(allocate, copy: torch.Tensor, threshold: float, factor: floa
             floored.append(scores)
         return allocate(layers, floored, **kwargs)
     return allocate_with_floor
+
+
+def with_forced(allocate, positions: list[int]):
+    """``allocate`` after every head has marked ``positions`` as kept (an oracle)."""
+    def allocate_forced(layers, recorded, **kwargs):
+        forced = []
+        for scores in recorded:
+            scores = scores.clone()
+            scores[..., positions] = float("inf")
+            forced.append(scores)
+        return allocate(layers, forced, **kwargs)
+    return allocate_forced
+
+
+def needle_positions(tokenizer, ids: list[int], values: list[str], part: str) -> list[int]:
+    """Where the needles whose values are ``values`` lie in ``ids``: their sentences' tokens
+    (``sentence``), only the value's tokens (``value``), or the sentences without them (``rest``)."""
+    from uncomp_cli.contexts.words import sentence_ids
+    sentences = sentence_ids(tokenizer, ids)
+    positions = []
+    for number in sentences.unique().tolist():
+        tokens = (sentences == number).nonzero().flatten().tolist()
+        texts = [tokenizer.decode([ids[t]]) for t in tokens]
+        if not any(value in "".join(texts) for value in values):
+            continue
+        digits = [t for t, text in zip(tokens, texts) if text.strip().isdigit()]
+        value = set(digits) | {t - 1 for t in digits if not tokenizer.decode([ids[t - 1]]).strip()}
+        positions += {"sentence": tokens, "value": sorted(value), "rest": [t for t in tokens if t not in value]}[part]
+    return positions
 
 
 def examples_of(tokenizer, args) -> dict[str, list]:
@@ -198,6 +243,9 @@ def main() -> None:
                         kwargs = dict(VARIANTS[variant])
                         floor = kwargs.pop("copy_floor", None)
                         allocate = plain if floor is None else with_copy_floor(plain, copy, *floor)
+                        if (oracle := kwargs.pop("oracle", None)) is not None:
+                            allocate = with_forced(allocate, needle_positions(
+                                loaded.tokenizer, list(context_ids), [a for e in asked for a in e.answers], oracle))
                         compress.WHOLE_WORDS = kwargs.pop("words", whole_words)
                         compress.allocate_globally = functools.partial(allocate, **kwargs)
                         try:
