@@ -107,13 +107,8 @@ VARIANTS["w-rank10"] = {"shared": 0.1, "consensus": "rank"}
 VARIANTS["w-shared0-floor25"] = {"shared": 0.0, "floor": 0.25}
 VARIANTS["w-shared0-floor50"] = {"shared": 0.0, "floor": 0.5}
 VARIANTS["w-rank25-floor25"] = {"consensus": "rank", "floor": 0.25}
-# Whole sentences shared (contexts/words.py sentence_ids): the sentences of the highest agreement
-# (by rank: their tokens' mean, most, or mean of the best four), as many as fit in the shared tokens.
-VARIANTS["s-mean25"] = {"consensus": "sentence-mean"}
-VARIANTS["s-max25"] = {"consensus": "sentence-max"}
-VARIANTS["s-top4-25"] = {"consensus": "sentence-top4"}
-VARIANTS["s-mean50"] = {"consensus": "sentence-mean", "shared": 0.5}
-VARIANTS["s-top4-50"] = {"consensus": "sentence-top4", "shared": 0.5}
+# s-mean25, s-max25, s-top4-25, s-mean50, s-top4-50 (the shared tokens as whole sentences, by their
+# tokens' mean, most, or best four ranks) are at 306cde9.
 # Oracles (not selections: they know where the needles are): every head keeps the needles' whole
 # sentences, only their values' digits, or the sentences without the digits, on top of the default.
 VARIANTS["oracle-sentence"] = {"oracle": "sentence"}
@@ -154,10 +149,29 @@ def with_forced(allocate, positions: list[int]):
     return allocate_forced
 
 
+#: Tokens one sentence holds at most (:func:`sentence_ids`); a longer run starts a new one.
+MAX_SENTENCE_TOKENS = 40
+
+
+def sentence_ids(tokenizer, ids: list[int]) -> torch.Tensor:
+    """Each token's sentence number [N], rising: a token after one that ends a sentence (its text
+    ends in ``.``, ``?``, ``!`` or holds a newline) starts a new one, as does a sentence already
+    :data:`MAX_SENTENCE_TOKENS` long."""
+    texts = {token: tokenizer.decode([token]) for token in set(ids)}
+    sentences, sentence, length, ended = [], 0, 0, True
+    for token in ids:
+        if ended or length >= MAX_SENTENCE_TOKENS:
+            sentence, length = sentence + 1, 0
+        sentences.append(sentence)
+        length += 1
+        text = texts[token]
+        ended = "\n" in text or text.rstrip()[-1:] in (".", "?", "!")
+    return torch.tensor(sentences, dtype=torch.long)
+
+
 def needle_positions(tokenizer, ids: list[int], values: list[str], part: str) -> list[int]:
     """Where the needles whose values are ``values`` lie in ``ids``: their sentences' tokens
     (``sentence``), only the value's tokens (``value``), or the sentences without them (``rest``)."""
-    from uncomp_cli.contexts.words import sentence_ids
     sentences = sentence_ids(tokenizer, ids)
     positions = []
     for number in sentences.unique().tolist():

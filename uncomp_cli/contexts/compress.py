@@ -39,7 +39,7 @@ from transformers import Cache
 from uncomp_cli.contexts.gate import gate_for, predicting
 from uncomp_cli.contexts.reread import reread
 from uncomp_cli.contexts.store import BytesLRU
-from uncomp_cli.contexts.words import pool_over_words, sentence_ids, word_ids
+from uncomp_cli.contexts.words import pool_over_words, word_ids
 from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
 from uncomp_cli.engine.cache import cache_nbytes
 from uncomp_cli.engine.checkpoint import checkpoint, rollback
@@ -170,7 +170,6 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
     gate = gate_for(loaded) if deferred and scorer == "gate" else None  # its one-off training is no context's cost
     started = time.perf_counter()
     words = word_ids(loaded.tokenizer, ids) if deferred and WHOLE_WORDS and loaded.tokenizer is not None else None
-    sentences = sentence_ids(loaded.tokenizer, ids) if deferred and loaded.tokenizer is not None else None
     key = shared = None
     if deferred and readings is not None and (kind := policy.reading_key(loaded.model, mask)) is not None:
         key = (tuple(ids), tail, kind, scorer)
@@ -179,7 +178,7 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
         cache = policy.make_cache(loaded.model, mask)
         for layer, whole in zip(cache.layers, shared.layers):
             layer.adopt(whole)
-        allocate_globally(cache.layers, shared.recorded, words=words, sentences=sentences)
+        allocate_globally(cache.layers, shared.recorded, words=words)
     else:
         plan = policy.plan(loaded.model, mask)
         with (predicting(gate, loaded.model) if gate is not None else contextlib.nullcontext()) as predicted, \
@@ -190,7 +189,7 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
             recorded = predicted if gate is not None else reread(loaded, cache, policy, ids, tail)
             if key is not None:
                 readings.put(key, Reading(checkpoint(cache), recorded, time.perf_counter() - started))
-            allocate_globally(cache.layers, recorded, words=words, sentences=sentences)
+            allocate_globally(cache.layers, recorded, words=words)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize(loaded.device)
     seconds = time.perf_counter() - started + (0.0 if shared is None else shared.seconds)
@@ -224,8 +223,7 @@ def reading_store(limit_bytes: int) -> BytesLRU[Reading]:
 
 def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1, floor: float = 0.0,
                       share_power: float | None = None, shared: float | None = None, consensus: str | None = None,
-                      words: torch.Tensor | None = None, shared_words: bool = False,
-                      sentences: torch.Tensor | None = None) -> None:
+                      words: torch.Tensor | None = None, shared_words: bool = False) -> None:
     """KVzip's allocation: rank every layer's and KV head's entries together and keep the best.
 
     recorded: per layer [1, H_kv, N_l] scores. The method's own per-head budgets set the total and
@@ -276,11 +274,7 @@ def allocate_globally(layers: list, recorded: list[torch.Tensor], pool: int = 1,
     if shared > 0 and len(set(lengths)) == 1:
         agreement = _agreed_tokens(weighted, total, consensus)
         agreement[:SINKS] = agreement[-PRUNE_WINDOW:] = -1.0  # kept by every head already
-        count = min(int(shared * mean), lengths[0])
-        if sentences is not None and consensus.startswith("sentence"):
-            agreed = _agreed_sentences(agreement, sentences.to(agreement.device), count, consensus)
-        else:
-            agreed = agreement.topk(count).indices
+        agreed = agreement.topk(min(int(shared * mean), lengths[0])).indices
         if shared_words and words is not None and words.shape[0] == lengths[0]:
             touched = torch.zeros(int(words.max()) + 1, dtype=torch.bool, device=words.device)
             touched[words[agreed]] = True
@@ -300,41 +294,10 @@ def _agreed_tokens(weighted: list[torch.Tensor], total: int, consensus: str) -> 
     if consensus == "votes":
         best = stacked.reshape(-1).topk(total).indices
         return torch.bincount(best % stacked.shape[-1], minlength=stacked.shape[-1]).double()
-    if consensus == "rank" or consensus.startswith("sentence"):  # at bfloat16 precision, ties by position
-        # (a recording's precision reorders no near-ties)
+    if consensus == "rank":  # at bfloat16 precision, ties by position: a recording's precision reorders no near-ties
         coarse = stacked.to(torch.bfloat16)
         return coarse.argsort(dim=-1, stable=True).argsort(dim=-1).double().mean(dim=0)
     raise ValueError(f"unknown consensus {consensus!r}")
-
-
-def _agreed_sentences(agreement: torch.Tensor, sentences: torch.Tensor, count: int, consensus: str) -> torch.Tensor:
-    """Whole sentences ([N] numbers) of the highest agreement (their tokens' mean, or most, or the
-    mean of their best ``sentence-topK``), as many as fit in ``count`` tokens."""
-    n = int(sentences.max()) + 1
-    valid = agreement >= 0  # not the sinks or window
-    sizes = torch.bincount(sentences, minlength=n)
-    if consensus == "sentence-max":
-        score = torch.full((n,), -1.0, dtype=agreement.dtype).scatter_reduce(0, sentences, agreement, "amax")
-    elif consensus.startswith("sentence-top"):
-        k = int(consensus.removeprefix("sentence-top"))
-        score = torch.full((n,), -1.0, dtype=agreement.dtype)
-        for index in range(n):
-            mine = agreement[sentences == index]
-            score[index] = mine.topk(min(k, mine.numel())).values.mean()
-    else:
-        total = torch.zeros(n, dtype=agreement.dtype).scatter_add(0, sentences, agreement.clamp(min=0))
-        score = total / sizes.clamp(min=1)
-    score[torch.bincount(sentences[~valid], minlength=n) > 0] = -1.0
-    chosen, left = [], count
-    for index in score.argsort(descending=True).tolist():
-        if score[index] < 0 or left <= 0:
-            break
-        if sizes[index] <= left:
-            chosen.append(index)
-            left -= int(sizes[index])
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[chosen] = True
-    return mask[sentences].nonzero().flatten()
 
 
 def ask(loaded: LoadedModel, context: CompressedContext, question: str, settings: GenerationSettings | None = None,

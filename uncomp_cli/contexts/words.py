@@ -37,26 +37,6 @@ def word_ids(tokenizer, ids: list[int]) -> torch.Tensor:
     return torch.tensor(words, dtype=torch.long)
 
 
-#: Tokens one sentence holds at most (:func:`sentence_ids`); a longer run starts a new one.
-MAX_SENTENCE_TOKENS = 40
-
-
-def sentence_ids(tokenizer, ids: list[int]) -> torch.Tensor:
-    """Each token's sentence number [N], rising: a token after one that ends a sentence (its text
-    ends in ``.``, ``?``, ``!`` or holds a newline) starts a new one, as does a sentence already
-    :data:`MAX_SENTENCE_TOKENS` long."""
-    texts = {token: tokenizer.decode([token]) for token in set(ids)}
-    sentences, sentence, length, ended = [], 0, 0, True
-    for token in ids:
-        if ended or length >= MAX_SENTENCE_TOKENS:
-            sentence, length = sentence + 1, 0
-        sentences.append(sentence)
-        length += 1
-        text = texts[token]
-        ended = "\n" in text or text.rstrip()[-1:] in (".", "?", "!")
-    return torch.tensor(sentences, dtype=torch.long)
-
-
 def pool_over_words(scores: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """``scores`` [..., N] with each token's replaced by the most of its word's (``words`` [N])."""
     if words.numel() == 0:
