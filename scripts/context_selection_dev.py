@@ -118,6 +118,23 @@ VARIANTS["w-rank25-floor50"] = {"consensus": "rank", "floor": 0.5}
 VARIANTS["w-rank25-floor10"] = {"consensus": "rank", "floor": 0.1}
 VARIANTS["w-rank10-floor25"] = {"consensus": "rank", "floor": 0.25, "shared": 0.1}
 VARIANTS["w-rank40-floor25"] = {"consensus": "rank", "floor": 0.25, "shared": 0.4}
+# The default plus summary entries of the evicted tokens, biased to take their attention mass
+# (scripts/kv_summaries.py): one or eight per KV head, bias log(count) or calibrated (lse).
+VARIANTS["sum1-count"] = {"summaries": (1, "count")}
+VARIANTS["sum8-count"] = {"summaries": (8, "count")}
+VARIANTS["sum8-lse"] = {"summaries": (8, "lse")}
+VARIANTS["sum8-zero"] = {"summaries": (8, "zero")}  # the mass without the values
+VARIANTS["merge-nearest"] = {"summaries": (0, "nearest")}  # values merged into the nearest kept key's
+# Diagnostics (not selections: over the budget): the default, with these layers keeping every token.
+VARIANTS["whole-l0-1"] = {"whole_layers": (0, 2)}
+VARIANTS["whole-l0-4"] = {"whole_layers": (0, 5)}
+VARIANTS["whole-l10-14"] = {"whole_layers": (10, 15)}
+VARIANTS["whole-l25-29"] = {"whole_layers": (25, 30)}
+VARIANTS["whole-l0-14"] = {"whole_layers": (0, 15)}
+VARIANTS["whole-l15-29"] = {"whole_layers": (15, 30)}
+# The default, every head also keeping the context's first tokens (the chat template's header and more).
+VARIANTS["head32"] = {"first_tokens": 32}
+VARIANTS["head64"] = {"first_tokens": 64}
 
 
 def with_copy_floor(allocate, copy: torch.Tensor, threshold: float, factor: float):
@@ -135,6 +152,27 @@ def with_copy_floor(allocate, copy: torch.Tensor, threshold: float, factor: floa
             floored.append(scores)
         return allocate(layers, floored, **kwargs)
     return allocate_with_floor
+
+
+class _KeepingAll:
+    """A layer whose select() keeps every token whatever budgets it is given (a diagnostic)."""
+
+    def __init__(self, layer):
+        self._layer = layer
+
+    def __getattr__(self, name):
+        return getattr(self._layer, name)
+
+    def select(self, scores, window, budgets=None):
+        self._layer.select(scores, window, [scores.shape[-1]] * scores.shape[1])
+
+
+def with_whole_layers(allocate, span: tuple[int, int]):
+    """``allocate``, then layers ``span`` [start, stop) keep every token (over the budget)."""
+    def allocate_whole(layers, recorded, **kwargs):
+        wrapped = [_KeepingAll(layer) if span[0] <= i < span[1] else layer for i, layer in enumerate(layers)]
+        return allocate(wrapped, recorded, **kwargs)
+    return allocate_whole
 
 
 def with_forced(allocate, positions: list[int]):
@@ -243,6 +281,9 @@ def main() -> None:
     if any("copy_floor" in VARIANTS[v] for v in args.variants.split(",")):
         from needle_kept import copy_scores_of  # late: needle_kept imports this module
         copy = copy_scores_of(loaded, load_haystack(args.haystack))
+    if any("summaries" in VARIANTS[v] for v in args.variants.split(",")):
+        import kv_summaries
+        kv_summaries.install()
     scores: dict[tuple, list[float]] = defaultdict(list)
     for set_name, examples in sets.items():
         contexts: dict[tuple, list] = {}  # a context's ids -> its examples (several with --questions)
@@ -256,16 +297,25 @@ def main() -> None:
                     for variant in args.variants.split(","):
                         kwargs = dict(VARIANTS[variant])
                         floor = kwargs.pop("copy_floor", None)
+                        summaries = kwargs.pop("summaries", None)
                         allocate = plain if floor is None else with_copy_floor(plain, copy, *floor)
                         if (oracle := kwargs.pop("oracle", None)) is not None:
                             allocate = with_forced(allocate, needle_positions(
                                 loaded.tokenizer, list(context_ids), [a for e in asked for a in e.answers], oracle))
+                        if (first := kwargs.pop("first_tokens", None)) is not None:
+                            allocate = with_forced(allocate, list(range(first)))
+                        if (span := kwargs.pop("whole_layers", None)) is not None:
+                            allocate = with_whole_layers(allocate, span)
                         compress.WHOLE_WORDS = kwargs.pop("words", whole_words)
                         compress.allocate_globally = functools.partial(allocate, **kwargs)
+                        if summaries is not None:
+                            sys.modules["kv_summaries"].SETTINGS = summaries
                         try:
                             context = compress_ids(loaded, list(context_ids), policy, args.scorer, tail, readings)
                         finally:
                             compress.allocate_globally, compress.WHOLE_WORDS = plain, whole_words
+                            if summaries is not None:
+                                sys.modules["kv_summaries"].SETTINGS = None
                         for example in asked:
                             question = list(example.prompt_ids[example.context_tokens:])
                             answer = ask_ids(loaded, context, question,
