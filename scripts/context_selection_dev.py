@@ -135,6 +135,9 @@ VARIANTS["whole-l15-29"] = {"whole_layers": (15, 30)}
 # The default, every head also keeping the context's first tokens (the chat template's header and more).
 VARIANTS["head32"] = {"first_tokens": 32}
 VARIANTS["head64"] = {"first_tokens": 64}
+# The default with the kept keys and values rounded to 8 or 4 bits (scripts/kv_quant_sim.py, simulated).
+VARIANTS["q8"] = {"bits": 8}
+VARIANTS["q4"] = {"bits": 4}
 
 
 def with_copy_floor(allocate, copy: torch.Tensor, threshold: float, factor: float):
@@ -261,6 +264,7 @@ def main() -> None:
     parser.add_argument("--reread", default="whole", choices=("whole", "chunked-bfloat16"),
                         help="chunked-bfloat16: KVzip's 2,000-token chunks with bfloat16 products (cheaper), "
                              "to compare with the default: the whole context at once, in the model's dtype")
+    parser.add_argument("--kv-bits", type=int, default=None, help="8: compressed contexts rounded to 8 bits")
     args = parser.parse_args()
     unknown = [w for w in filter(None, args.wordings.split(",")) if w not in WORDINGS]
     if unknown:
@@ -306,12 +310,16 @@ def main() -> None:
                             allocate = with_forced(allocate, list(range(first)))
                         if (span := kwargs.pop("whole_layers", None)) is not None:
                             allocate = with_whole_layers(allocate, span)
+                        if (bits := kwargs.pop("bits", None)) is not None:
+                            from kv_quant_sim import with_quantised
+                            allocate = with_quantised(allocate, bits)
                         compress.WHOLE_WORDS = kwargs.pop("words", whole_words)
                         compress.allocate_globally = functools.partial(allocate, **kwargs)
                         if summaries is not None:
                             sys.modules["kv_summaries"].SETTINGS = summaries
                         try:
-                            context = compress_ids(loaded, list(context_ids), policy, args.scorer, tail, readings)
+                            context = compress_ids(loaded, list(context_ids), policy, args.scorer, tail, readings,
+                                                   kv_bits=None if method == "full" else args.kv_bits)
                         finally:
                             compress.allocate_globally, compress.WHOLE_WORDS = plain, whole_words
                             if summaries is not None:
