@@ -69,6 +69,8 @@ def test_memory_cap_mode_reports_the_largest_batch():
     (["--methods", "full,snapkv", "--sinks", "4"], "--sinks applies to streamingllm, not full, snapkv"),
     (["--context-scorer", "gate"], "--context-scorer is for --context-reuse"),
     (["--context-reuse", "--context-scorer", "oracle"], "window, reconstruct, gate"),
+    (["--kv-bits", "8"], "--kv-bits is for --context-reuse"),
+    (["--context-reuse", "--kv-bits", "4"], "--kv-bits must be 8 (or left out), got 4"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(args, message):
     base = ["--model-config", "tiny", "--lengths", "64", "--budgets", "40"]

@@ -69,6 +69,27 @@ def test_a_gate_scored_context_is_made_once_and_saved(tiny_model_dir, tmp_path):
     assert reused["text"] == direct["text"] and reused["kv_cache_bytes"] == direct["kv_cache_bytes"]
 
 
+def test_an_8_bit_context_file_answers_as_the_context_rounded_in_memory(tiny_model_dir, tmp_path):
+    doc, out = tmp_path / "doc.txt", tmp_path / "doc.uncomp"
+    doc.write_text(CONTEXT)
+    options = ["--method", "snapkv", "--budget", 24, "--window", 4, "--kernel", 3, "--kv-bits", 8]
+    summary = compress("-m", tiny_model_dir, "--context-file", doc, "--out", out, *options, "--json")
+    assert summary.exit_code == 0, summary.stderr
+    written = json.loads(summary.stdout)
+    plain = json.loads(compress("-m", tiny_model_dir, "--context-file", doc, "--out", tmp_path / "plain.uncomp",
+                                *options[:-2], "--json").stdout)
+    assert written["kv_bits"] == 8 and written["kv_cache_bytes"] < 0.5 * plain["kv_cache_bytes"]
+    direct = as_json(run("-m", tiny_model_dir, "--context-file", doc, "Where is item 12?", *options,
+                         "--max-new-tokens", 5, "--json"))
+    reused = as_json(run("-m", tiny_model_dir, "--context", out, "Where is item 12?", "--max-new-tokens", 5,
+                         "--json"))
+    assert reused["text"] == direct["text"] and reused["kv_cache_bytes"] == direct["kv_cache_bytes"]
+    refused = compress("-m", tiny_model_dir, "--context-file", doc, "--out", tmp_path / "f.uncomp", "--method",
+                       "full", "--kv-bits", 8)
+    assert refused.exit_code == 2 and "--kv-bits rounds a compressed cache" in refused.stderr
+    assert not (tmp_path / "f.uncomp").exists()
+
+
 def test_context_errors_are_one_line(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.uncomp"
     bad.write_text("not a context")
@@ -77,7 +98,11 @@ def test_context_errors_are_one_line(tiny_model_dir, tmp_path):
     for args, message in [
         (["--context", bad, "q?"], "is not a compressed context file"),
         (["--context", bad, "q?", "--method", "snapkv"], "a compressed context file brings its own method"),
-        (["-q", "q?", "hello"], "--question, --questions-file, --answer-prefix and --context-scorer are for a context"),
+        (["-q", "q?", "hello"], "--question, --questions-file, --answer-prefix, --context-scorer and --kv-bits are "
+                                "for a context"),
+        (["--kv-bits", 8, "hello"], "--context-scorer and --kv-bits are for a context"),
+        (["--context-file", doc, "q?", "--kv-bits", 4], "--kv-bits must be 8 (or left out), got 4"),
+        (["--context", bad, "q?", "--kv-bits", 8], "keeps the bits it was compressed with"),
         (["--context-file", doc], "no question for the context"),
         (["--context-file", doc, "q?", "--context-scorer", "magic"], "--context-scorer must be one of window, "
                                                                      "reconstruct, gate, got 'magic'"),

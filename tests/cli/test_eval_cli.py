@@ -107,6 +107,24 @@ def test_query_agnostic_results_are_resumed_only_under_the_same_context_selectio
     assert other["folder"] != first["folder"] and not any(run["skipped"] for run in other["runs"])
 
 
+def test_8_bit_contexts_get_their_own_folder_and_hold_fewer_bytes(tiny_model_dir, haystack_dir, tmp_path):
+    args = ["needle", "-m", tiny_model_dir, "--haystack", haystack_dir, *NEEDLE, "--methods", "full,snapkv",
+            "--budgets", "64", "--query-agnostic", "--out", tmp_path, "--json"]
+    plain = json.loads(invoke(*args).stdout)
+    rounded = json.loads(invoke(*args, "--kv-bits", 8).stdout)
+    assert rounded["folder"] != plain["folder"]
+    assert json.loads((Path(rounded["folder"]) / "config.json").read_text())["kv_bits"] == 8
+
+    def kv_bytes(summary: dict, run: str) -> float:
+        metrics = json.loads((Path(summary["folder"]) / run / "metrics.json").read_text())
+        return metrics["kv_cache_bytes_mean"]
+
+    assert kv_bytes(rounded, "full") == kv_bytes(plain, "full")  # the reference is never rounded
+    assert kv_bytes(rounded, "snapkv-64") < 0.5 * kv_bytes(plain, "snapkv-64")
+    refused = invoke(*[a for a in args if a != "--query-agnostic"], "--kv-bits", 8)
+    assert refused.exit_code == 2 and "--kv-bits is for --query-agnostic runs" in refused.stderr
+
+
 def test_a_changed_setting_gets_its_own_folder_and_a_new_budget_joins_the_old_one(first_run):
     args, out, result = first_run
     folder = json.loads(result.stdout)["folder"]

@@ -347,6 +347,31 @@ def test_reuse_mode_scores_contexts_with_the_scorer_asked_for(tiny, scorer):
     assert [row["context_scorer"] for row in rows] == [None, scorer or "reconstruct"]  # full scores nothing
 
 
+def test_reuse_mode_holds_8_bit_contexts_in_fewer_bytes_and_the_full_cache_as_it_is(tiny):
+    settings = BenchSettings(methods=["snapkv"], lengths=[64], budgets=["40"], warmup=0, repeats=1, reuse=True)
+    plain = run_bench(tiny, settings).to_dict()["reuse"]
+    settings.kv_bits = 8
+    report = run_bench(tiny, settings)
+    rounded = report.to_dict()["reuse"]
+    assert [row["kv_bits"] for row in rounded] == [None, 8] and [row["kv_bits"] for row in plain] == [None, None]
+    assert rounded[0]["kv_cache_bytes"] == plain[0]["kv_cache_bytes"]
+    assert rounded[1]["kv_cache_bytes"] < 0.5 * plain[1]["kv_cache_bytes"]
+    assert rounded[1]["file_bytes"] < plain[1]["file_bytes"]
+    from io import StringIO
+
+    from rich.console import Console
+
+    from uncomp_cli.bench.render import render_report
+
+    out = StringIO()
+    render_report(report, Console(file=out, width=220))
+    assert "8-bit contexts" in out.getvalue() and "KV MiB" in out.getvalue()
+    with pytest.raises(UncompError, match="^--kv-bits is for --context-reuse"):
+        BenchSettings(methods=["snapkv"], lengths=[64], kv_bits=8).validate()
+    with pytest.raises(UncompError, match="--kv-bits must be 8"):
+        BenchSettings(methods=["snapkv"], lengths=[64], reuse=True, kv_bits=2).validate()
+
+
 def test_a_context_scorer_needs_reuse_mode_and_a_known_name():
     with pytest.raises(UncompError, match="^--context-scorer is for --context-reuse"):
         BenchSettings(methods=["snapkv"], lengths=[64], context_scorer="gate").validate()

@@ -120,7 +120,7 @@ def test_bad_files_are_one_clear_error(loaded, tmp_path, tiny_model_dir):
     old = tmp_path / "old.uncomp"
     old.write_bytes(good)
     _rewrite_metadata(old, format_version="0")
-    with pytest.raises(UncompError, match="context format version 0; this uncomp reads version 1"):
+    with pytest.raises(UncompError, match="context format version 0; this uncomp reads versions 1 and 2"):
         load_context(loaded, old)
     profile_like = tmp_path / "profile.safetensors"
     profile_like.write_bytes(good)

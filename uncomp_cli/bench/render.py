@@ -28,15 +28,18 @@ def render_report(report: BenchReport, console) -> None:
              f"medians of {meta['repeats']}")
     if report.reuse:
         scorer = next((row.context_scorer for row in report.reuse if row.context_scorer), None)
+        bits = next((row.kv_bits for row in report.reuse if row.kv_bits), None)
         table = Table(title=f"{meta['model']} · {meta['device']} {meta['dtype']} · context reuse"
-                            f"{f' · scored by {scorer}' if scorer else ''} · medians of {meta['repeats']}",
+                            f"{f' · scored by {scorer}' if scorer else ''}{f' · {bits}-bit contexts' if bits else ''}"
+                            f" · medians of {meta['repeats']}",
                       title_justify="left")
-        for name in ("method", "budget", "length", "compress s", "make ×", "file MiB", "TTFT reuse s",
+        for name in ("method", "budget", "length", "compress s", "make ×", "KV MiB", "file MiB", "TTFT reuse s",
                      "TTFT full s", "TTFT ×"):
             table.add_column(name, justify="left" if name in ("method", "budget") else "right")
         for row in report.reuse:
             table.add_row(row.method, row.budget or "-", str(row.length), f"{row.compress_seconds:.2f}",
-                          _x(row.make_context_over_prefill), _mib(row.file_bytes), f"{row.ttft_reuse_seconds:.3f}",
+                          _x(row.make_context_over_prefill), _mib(row.kv_cache_bytes), _mib(row.file_bytes),
+                          f"{row.ttft_reuse_seconds:.3f}",
                           f"{row.ttft_full_seconds:.3f}", _x(row.ttft_vs_full))
     elif meta.get("memory_cap_bytes") is None:
         table = Table(title=title, title_justify="left")

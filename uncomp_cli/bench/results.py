@@ -33,6 +33,7 @@ class BenchSettings:
     max_batch: int = 1024
     reuse: bool = False  # context-reuse mode (bench.reuse) instead of the speed grid
     context_scorer: str | None = None  # reuse mode: how contexts are scored (None: the default scorer)
+    kv_bits: int | None = None  # reuse mode: compressed contexts rounded to 8 bits (the full cache never)
     method_options: dict = field(default_factory=dict)
 
     def cases(self) -> list[Cell]:
@@ -66,6 +67,12 @@ class BenchSettings:
             from uncomp_cli.contexts.compress import check_context_scorer
 
             check_context_scorer(self.context_scorer)
+        if self.kv_bits is not None:
+            if not self.reuse:
+                raise UncompError("--kv-bits is for --context-reuse")
+            from uncomp_cli.engine.quantise import check_kv_bits
+
+            check_kv_bits(self.kv_bits)
         if self.memory_cap is not None and self.memory_cap < 1:
             raise UncompError(f"--memory-cap must be positive, got {self.memory_cap}")
         if self.max_batch < 1:

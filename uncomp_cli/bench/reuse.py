@@ -51,6 +51,7 @@ class ReuseRow:
     ttft_vs_full: float | None = None
     make_context_over_prefill: float | None = None  # compress_seconds / prefill_full_seconds
     context_scorer: str | None = None  # how the context's tokens were scored (None: the method does not score)
+    kv_bits: int | None = None  # 8: the compressed context was held rounded to 8 bits
 
 
 def _question(loaded, prompts: PromptSource) -> list[int]:
@@ -95,7 +96,8 @@ def run_reuse(loaded, settings: BenchSettings, cases: Sequence[Cell], policies: 
             for case, policy in zip(cases, policies):
                 prefill_seconds = _seconds(prefill, device)
                 started = time.perf_counter()
-                compressed = compress_ids(loaded, context, policy, scorer)  # synchronises the device first
+                kv_bits = None if case.method == "full" else settings.kv_bits
+                compressed = compress_ids(loaded, context, policy, scorer, kv_bits=kv_bits)  # synchronises first
                 compress_seconds = time.perf_counter() - started
                 path = save_context(compressed, loaded, Path(folder) / f"{case.method}-{length}.uncomp")
 
@@ -116,6 +118,7 @@ def run_reuse(loaded, settings: BenchSettings, cases: Sequence[Cell], policies: 
                 row.ttft_vs_full = ratio(row.ttft_reuse_seconds, row.ttft_full_seconds)
                 row.make_context_over_prefill = ratio(compress_seconds, prefill_seconds)
                 row.context_scorer = compressed.stats.get("context_scorer")
+                row.kv_bits = kv_bits
                 rows.append(row)
                 done += 1
                 if on_progress is not None:

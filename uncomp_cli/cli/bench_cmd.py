@@ -66,6 +66,11 @@ class BenchModes:
         typer.Option(help=f"With --context-reuse: how context tokens are scored: {CONTEXT_SCORER_HELP}; a gate's "
                      "one-off training is not timed."),
     ] = None
+    kv_bits: Annotated[
+        int | None,
+        typer.Option(help="With --context-reuse: 8 holds each compressed context rounded to 8 bits (the full "
+                     "cache is not)."),
+    ] = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ def bench(
         max_batch=modes.max_batch,
         reuse=modes.context_reuse,
         context_scorer=modes.context_scorer,
+        kv_bits=modes.kv_bits,
         method_options=method_options,
     )
     settings.validate()  # before the model loads: bad input fails fast

@@ -70,6 +70,8 @@ GRID_OPTIONS = [
         "instead of the whole prompt with the question in it.")], False),
     option("context_scorer", Annotated[str | None, typer.Option(
         help=f"With --query-agnostic: how context tokens are scored: {CONTEXT_SCORER_HELP}.")]),
+    option("kv_bits", Annotated[int | None, typer.Option(
+        help="With --query-agnostic: 8 stores each compressed context rounded to 8 bits.")]),
 ]
 Seed = Annotated[int, typer.Option(help="Seed for the generated prompts (needles, numbers, keys).")]
 
@@ -134,11 +136,17 @@ def evaluate(
         if not grid["query_agnostic"]:
             raise UncompError("--context-scorer is for --query-agnostic runs")
         check_context_scorer(grid["context_scorer"])
+    if grid["kv_bits"] is not None:
+        from uncomp_cli.engine.quantise import check_kv_bits
+
+        if not grid["query_agnostic"]:
+            raise UncompError("--kv-bits is for --query-agnostic runs")
+        check_kv_bits(grid["kv_bits"])
     eval_settings = EvalSettings(
         suite, suite_settings=settings, methods=split_list(grid["methods"], "--methods"),
         budgets=split_list(grid["budgets"], "--budgets"), method_options=method_options, profile=profile,
         batch_size=batch_size, out=grid["out"], query_agnostic=grid["query_agnostic"],
-        context_scorer=grid["context_scorer"])
+        context_scorer=grid["context_scorer"], kv_bits=grid["kv_bits"])
     eval_settings.validate()  # before the model loads: a typo costs nothing
     if profile is not None and not profile.is_file():
         raise UncompError(f"profile not found: {profile}")

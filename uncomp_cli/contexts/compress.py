@@ -41,7 +41,7 @@ from uncomp_cli.contexts.reread import reread
 from uncomp_cli.contexts.store import BytesLRU
 from uncomp_cli.contexts.words import pool_over_words, word_ids
 from uncomp_cli.defaults import DEFAULT_CONTEXT_SCORER
-from uncomp_cli.engine.cache import cache_nbytes
+from uncomp_cli.engine.cache import GroupedKVCache, cache_nbytes
 from uncomp_cli.engine.checkpoint import checkpoint, rollback
 from uncomp_cli.engine.generation import (
     GenerationResult,
@@ -53,6 +53,7 @@ from uncomp_cli.engine.generation import (
     full_kv_cache_bytes,
     result_of,
 )
+from uncomp_cli.engine.quantise import check_kv_bits
 from uncomp_cli.engine.selection import PRUNE_WINDOW
 from uncomp_cli.engine.steps import feed, prompt_positions
 from uncomp_cli.errors import PromptError, UncompError
@@ -132,13 +133,14 @@ class CompressedContext:
 
 def compress_context(loaded: LoadedModel, context: str, policy: CachePolicy | None = None,
                      system: str | None = None, raw: bool = False,
-                     scorer: str = DEFAULT_CONTEXT_SCORER) -> CompressedContext:
+                     scorer: str = DEFAULT_CONTEXT_SCORER, kv_bits: int | None = None) -> CompressedContext:
     """Prefill ``context`` (chat-templated as the start of a user message, unless ``raw``) under
     ``policy`` (default: the full cache) and keep what it keeps, scoring tokens by ``scorer``
     (``window``, ``reconstruct`` or ``gate``, see the module docstring; methods that do not choose by
-    attention ignore it)."""
+    attention ignore it); ``kv_bits`` 8: hold what is kept rounded to 8 bits
+    (:mod:`uncomp_cli.engine.quantise`)."""
     ids, tail = context_prompt(loaded.tokenizer, context, system=system, raw=raw)
-    return compress_ids(loaded, ids, policy, scorer, tail)
+    return compress_ids(loaded, ids, policy, scorer, tail, kv_bits=kv_bits)
 
 
 def check_context_scorer(scorer: str) -> str:
@@ -149,16 +151,18 @@ def check_context_scorer(scorer: str) -> str:
 
 def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None = None,
                  scorer: str = DEFAULT_CONTEXT_SCORER, tail: str = "",
-                 readings: BytesLRU[Reading] | None = None) -> CompressedContext:
+                 readings: BytesLRU[Reading] | None = None, kv_bits: int | None = None) -> CompressedContext:
     """:func:`compress_context` for a context already tokenised (template included): ``ids``.
 
     ``readings``: re-readings (or the gate's predictions) kept for other policies and budgets on the
     same model (an evaluation grid). A policy whose
     :meth:`~uncomp_cli.policies.base.CachePolicy.reading_key` matches one kept for these ids and
     this scorer selects from it instead of prefilling and scoring again; its ``prefill_seconds``
-    still count the shared reading's cost, as if it had paid it.
+    still count the shared reading's cost, as if it had paid it. ``kv_bits``: as for
+    :func:`compress_context`.
     """
     check_context_scorer(scorer)
+    check_kv_bits(kv_bits)
     policy = (policy or FullCachePolicy()).for_context()
     limit = context_length(loaded.model.config)
     if len(ids) >= limit:
@@ -190,10 +194,18 @@ def compress_ids(loaded: LoadedModel, ids: list[int], policy: CachePolicy | None
             if key is not None:
                 readings.put(key, Reading(checkpoint(cache), recorded, time.perf_counter() - started))
             allocate_globally(cache.layers, recorded, words=words)
+    if kv_bits is not None:
+        if not isinstance(cache, GroupedKVCache):
+            raise UncompError(f"--kv-bits rounds a compressed cache; method {policy.name!r} keeps the model's "
+                              "own cache")
+        for layer in cache.layers:
+            layer.quantise(kv_bits)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize(loaded.device)
     seconds = time.perf_counter() - started + (0.0 if shared is None else shared.seconds)
     stats = policy.stats(cache) | {"context_scorer": scorer if policy.selects_by_attention else None}
+    if kv_bits is not None:
+        stats["kv_bits"] = kv_bits
     if deferred:  # the global ranking spread the method's budgets anew: report what each head keeps
         kept = [b for layer in cache.layers for b in layer.budgets]
         stats |= {"kv_budget_tokens_mean": round(sum(kept) / len(kept), 2), "kv_budget_tokens_min": min(kept),

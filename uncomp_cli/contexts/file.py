@@ -29,7 +29,10 @@ from uncomp_cli.files import atomic_write
 from uncomp_cli.profile.file import model_fingerprint
 
 CONTEXT_FORMAT = "uncomp-context"
-FORMAT_VERSION = 1
+#: Version 2: some head groups hold 8-bit keys and values (``--kv-bits 8``); a file without them is
+#: still written as version 1, which older versions read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -61,7 +64,7 @@ def save_context(context: CompressedContext, loaded, path: str | os.PathLike[str
     settings = context.policy.describe()
     metadata = {
         "format": CONTEXT_FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION) if '"bits"' in json.dumps(layers) else "1",
         "model": loaded.name,
         "model_fingerprint": model_fingerprint(loaded.model.config),
         "weights_fingerprint": weights_fingerprint(loaded.model),
@@ -122,7 +125,7 @@ def load_context(loaded, path: str | os.PathLike[str]) -> CompressedContext:
             for index, _ in enumerate(layers):
                 cache.update(tensors[f"layers.{index}.keys"], tensors[f"layers.{index}.values"], index)
         else:
-            cache = _grouped_cache(policy, layers, tensors, json.loads(metadata["stats"]))
+            cache = _grouped_cache(policy, layers, tensors, json.loads(metadata["stats"]), loaded.dtype)
         context_tokens = int(metadata["context_tokens"])
     except (KeyError, ValueError, TypeError) as exc:
         raise UncompError(f"{path} is damaged: {type(exc).__name__} {exc}") from None
@@ -148,8 +151,9 @@ def _check(path: Path, metadata: dict[str, str], loaded) -> None:
     if kind != CONTEXT_FORMAT:
         raise UncompError(f"{path} is not a compressed context file (no '{CONTEXT_FORMAT}' format in its metadata)")
     version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
-        raise UncompError(f"{path} is context format version {version}; this uncomp reads version {FORMAT_VERSION} "
+    if version not in READABLE_VERSIONS:
+        raise UncompError(f"{path} is context format version {version}; this uncomp reads versions "
+                          f"{' and '.join(READABLE_VERSIONS)} "
                           "(compress the context again)")
     if metadata.get("model_fingerprint") != model_fingerprint(loaded.model.config):
         raise UncompError(f"{path} was compressed with {metadata.get('model', 'another model')}, not with "
@@ -163,11 +167,12 @@ def _check(path: Path, metadata: dict[str, str], loaded) -> None:
                           f"({metadata.get('model', 'unknown')}); compress the context again with this model")
 
 
-def _grouped_cache(policy, layers: list[dict], tensors: dict[str, torch.Tensor], stats: dict) -> GroupedKVCache:
+def _grouped_cache(policy, layers: list[dict], tensors: dict[str, torch.Tensor], stats: dict,
+                   dtype: torch.dtype) -> GroupedKVCache:
     """The cache a file holds: each layer restored with the budgets it saved and the policy's
     scorer and eviction (what decoding needs; the prefill's choices are already made)."""
     restored = []
     for index, spec in enumerate(layers):
         plan = LayerPlan(tuple(spec["budgets"]), policy.scorer, policy.decode_evict)
-        restored.append(GroupedKVLayer.restore(plan, spec, layer_tensors(tensors, index)))
+        restored.append(GroupedKVLayer.restore(plan, spec, layer_tensors(tensors, index), dtype))
     return GroupedKVCache(CachePlan(tuple(layer.plan for layer in restored), stats=stats), restored)

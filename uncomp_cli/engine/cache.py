@@ -290,6 +290,12 @@ class GroupedKVLayer(LayerState, CacheLayerMixin):
         self._keep(whole.keys, whole.values, whole.valid[:, 0], whole.positions[:, 0], scores, window,
                    allocate=budgets is None)
 
+    def quantise(self, bits: int) -> None:
+        """Hold every group's keys and values rounded to ``bits`` bits from now on
+        (:mod:`uncomp_cli.engine.quantise`): a compressed context's, once its selection is made."""
+        for group in self.groups:
+            group.quantise(bits)
+
     def adopt(self, whole: GroupedKVLayer) -> None:
         """Take over the whole context another policy's layer holds after a deferred prefill (one
         re-reading shared by several policies), keeping this layer's plan; :meth:`select` follows."""

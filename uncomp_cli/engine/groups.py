@@ -1,9 +1,11 @@
 """The KV heads of a layer that share a budget: their stored tokens and selection (their attention:
 :mod:`uncomp_cli.engine.attend`).
 
-A group stores one dense tensor for K and one for V, ``[B, heads_in_group, T_group, head_dim]``,
-holding only its kept tokens, per **KV head** (never repeated per query head), with the per-row
-validity of each stored token. Used by :class:`~uncomp_cli.engine.cache.GroupedKVLayer`.
+A group stores one dense tensor for K and one for V, ``[B, heads_in_group, T_group, head_dim]``
+(or, for a compressed context held at 8 bits, their codes with per-token steps:
+:mod:`uncomp_cli.engine.quantise`), holding only its kept tokens, per **KV head** (never repeated
+per query head), with the per-row validity of each stored token. Used by
+:class:`~uncomp_cli.engine.cache.GroupedKVLayer`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from uncomp_cli.engine.quantise import QuantisedBuffer
 from uncomp_cli.engine.selection import select_tokens, select_tokens_per_row
 from uncomp_cli.errors import UncompError
 
@@ -48,8 +51,11 @@ class HeadGroup:
         #: [B, h] tokens each row keeps when rows differ (AdaKV); ``budget`` is then their max, and a
         #: row's surplus entries are invalid fillers.
         self.row_budgets: torch.Tensor | None = None
-        self._keys: torch.Tensor | None = None  # [B, h, C, d], C >= length
-        self._values: torch.Tensor | None = None  # [B, h, C, d]
+        #: 8: keys and values are stored rounded to 8 bits (:mod:`uncomp_cli.engine.quantise`) and read
+        #: back dequantised; None: as given.
+        self.bits: int | None = None
+        self._keys: torch.Tensor | QuantisedBuffer | None = None  # [B, h, C, d], C >= length
+        self._values: torch.Tensor | QuantisedBuffer | None = None  # [B, h, C, d]
         self._valid: torch.Tensor | None = None  # [B, h, C] bool; False = padding, never attended
         self._positions: torch.Tensor | None = None  # [B, h, C] int64: each stored token's original position
         self._length = 0
@@ -58,12 +64,12 @@ class HeadGroup:
     @property
     def keys(self) -> torch.Tensor | None:
         """[B, h, T, d]"""
-        return None if self._keys is None else self._keys[:, :, :self._length]
+        return None if self._keys is None else _read(self._keys, self._length)
 
     @property
     def values(self) -> torch.Tensor | None:
         """[B, h, T, d]"""
-        return None if self._values is None else self._values[:, :, :self._length]
+        return None if self._values is None else _read(self._values, self._length)
 
     @property
     def valid(self) -> torch.Tensor | None:
@@ -82,19 +88,22 @@ class HeadGroup:
         return 0 if self._keys is None else self._keys.shape[2]
 
     def nbytes(self) -> int:
-        """Bytes of the stored tokens' K and V: B × h × length × d × 2 × dtype size."""
+        """Bytes of the stored tokens' K and V: B × h × length × d × 2 × dtype size (8 bits: a byte per
+        number, with each token's minima and steps)."""
         if self._keys is None:
             return 0
-        return (self.keys.numel() * self._keys.element_size() + self.values.numel() * self._values.element_size())
+        return _nbytes(self._keys, self._length) + _nbytes(self._values, self._length)
 
     def reserved_nbytes(self) -> int:
         """Bytes of the K and V buffers, slack included: the memory the group holds."""
         if self._keys is None:
             return 0
-        return self._keys.numel() * self._keys.element_size() + self._values.numel() * self._values.element_size()
+        return _nbytes(self._keys) + _nbytes(self._values)
 
     def store(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> None:
         """Hold exactly these tokens (no slack): keys/values [B, h, T, d], valid/positions [B, h, T]."""
+        if self.bits is not None:
+            keys, values = QuantisedBuffer.of(keys), QuantisedBuffer.of(values)
         self._keys, self._values, self._valid, self._positions = keys, values, valid, positions
         self._length = keys.shape[2]
         self.all_valid = bool(valid.all())
@@ -107,8 +116,12 @@ class HeadGroup:
         if start + count > self.capacity():
             self._grow(start + count + max(MIN_GROWTH, (start + count) // GROWTH_DIVISOR))
         end = start + count
-        self._keys[:, :, start:end] = keys
-        self._values[:, :, start:end] = values
+        if self.bits is not None:
+            self._keys.write(start, keys)
+            self._values.write(start, values)
+        else:
+            self._keys[:, :, start:end] = keys
+            self._values[:, :, start:end] = values
         self._valid[:, :, start:end] = valid
         self._positions[:, :, start:end] = positions
         self._length = end
@@ -116,7 +129,12 @@ class HeadGroup:
 
     def _grow(self, capacity: int) -> None:
         """New buffers of ``capacity`` tokens holding what is stored (the old ones stay as they were)."""
-        def grown(buffer: torch.Tensor) -> torch.Tensor:
+        def grown(buffer: torch.Tensor | QuantisedBuffer) -> torch.Tensor | QuantisedBuffer:
+            if isinstance(buffer, QuantisedBuffer):
+                bigger = QuantisedBuffer.empty_like(buffer, capacity)
+                for name, tensor in buffer.tensors().items():
+                    getattr(bigger, name)[:, :, :self._length] = tensor[:, :, :self._length]
+                return bigger
             shape = list(buffer.shape)
             shape[2] = capacity
             bigger = buffer.new_empty(shape)
@@ -131,16 +149,43 @@ class HeadGroup:
         append reallocates, so neither copy ever writes what the other can see."""
         clone = copy.copy(self)
         if self._keys is not None:
-            clone._keys, clone._values, clone._valid, clone._positions = self.keys, self.values, self.valid, \
-                self.positions
+            clone._keys, clone._values = _cut(self._keys, self._length), _cut(self._values, self._length)
+            clone._valid, clone._positions = self.valid, self.positions
         return clone
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (a function of a tensor over the batch dimension) to every stored tensor."""
-        if self._keys is not None:
+        if isinstance(self._keys, QuantisedBuffer):  # the codes themselves: nothing rounded again
+            self._keys, self._values = (QuantisedBuffer(*(fn(t) for t in _cut(buffer, self._length).tensors().values()),
+                                                        buffer.dtype) for buffer in (self._keys, self._values))
+            self._valid, self._positions = fn(self.valid), fn(self.positions)
+        elif self._keys is not None:
             self.store(fn(self.keys), fn(self.values), fn(self.valid), fn(self.positions))
         if self.row_budgets is not None:
             self.row_budgets = fn(self.row_budgets)
+
+    def quantised_tensors(self) -> dict[str, torch.Tensor]:
+        """An 8-bit group's stored parts by name (``keys.codes``, ``keys.low``, … ``values.step``; views)."""
+        return {f"{name}.{part}": tensor for name, buffer in (("keys", self._keys), ("values", self._values))
+                for part, tensor in _cut(buffer, self._length).tensors().items()}
+
+    def restore_quantised(self, bits: int, keys: dict, values: dict, valid: torch.Tensor, positions: torch.Tensor,
+                          dtype: torch.dtype) -> None:
+        """Hold 8-bit keys and values as :meth:`QuantisedBuffer.tensors` gave them (from a file)."""
+        self.bits = bits
+        self._keys = QuantisedBuffer.from_tensors(keys, dtype)
+        self._values = QuantisedBuffer.from_tensors(values, dtype)
+        if self._keys.shape != self._values.shape or self._keys.shape[:3] != valid.shape \
+                or valid.shape != positions.shape:
+            raise ValueError("8-bit keys, values, validity and positions of different shapes")
+        self._valid, self._positions, self._length = valid, positions, valid.shape[2]
+        self.all_valid = bool(valid.all())
+
+    def quantise(self, bits: int) -> None:
+        """From now on hold keys and values rounded to ``bits`` bits (those held now included)."""
+        self.bits = bits
+        if self._keys is not None and not isinstance(self._keys, QuantisedBuffer):
+            self.store(self.keys, self.values, self.valid, self.positions)
 
     def take(self, index: torch.Tensor, kept: torch.Tensor | None = None) -> None:
         """Keep the stored tokens at ``index`` [B, h, T'] (ascending); ``kept`` False marks fillers."""
@@ -155,6 +200,21 @@ class HeadGroup:
         if self.row_budgets is None:
             return select_tokens(scores, self.budget, window), None
         return select_tokens_per_row(scores, self.row_budgets, window)
+
+
+def _read(buffer: torch.Tensor | QuantisedBuffer, length: int) -> torch.Tensor:
+    return buffer.read(length) if isinstance(buffer, QuantisedBuffer) else buffer[:, :, :length]
+
+
+def _cut(buffer: torch.Tensor | QuantisedBuffer, length: int) -> torch.Tensor | QuantisedBuffer:
+    return buffer.cut(length) if isinstance(buffer, QuantisedBuffer) else buffer[:, :, :length]
+
+
+def _nbytes(buffer: torch.Tensor | QuantisedBuffer, length: int | None = None) -> int:
+    if isinstance(buffer, QuantisedBuffer):
+        return buffer.nbytes(length)
+    held = buffer if length is None else buffer[:, :, :length]
+    return held.numel() * buffer.element_size()
 
 
 def take_heads(tensor: torch.Tensor, heads: list[int], per_head: int = 1) -> torch.Tensor:

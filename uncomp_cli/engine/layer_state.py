@@ -30,10 +30,14 @@ class LayerState:
         tensors: dict[str, torch.Tensor] = {}
         groups = []
         for g, group in enumerate(self.groups):
-            tensors |= {f"groups.{g}.{name}": getattr(group, name) for name in ("keys", "values", "valid", "positions")}
+            names = ("valid", "positions") if group.bits is not None else ("keys", "values", "valid", "positions")
+            tensors |= {f"groups.{g}.{name}": getattr(group, name) for name in names}
+            if group.bits is not None:  # the codes, minima and steps: the file keeps the saving
+                tensors |= {f"groups.{g}.{name}": t for name, t in group.quantised_tensors().items()}
             if group.row_budgets is not None:
                 tensors[f"groups.{g}.row_budgets"] = group.row_budgets
-            groups.append({"heads": group.heads, "budget": group.budget})
+            groups.append({"heads": group.heads, "budget": group.budget}
+                          | ({"bits": group.bits} if group.bits is not None else {}))
         if self._query_window is not None:  # decode_evict's rolling score
             tensors["query_window"], tensors["query_valid"] = self._query_window, self._query_valid
         spec = {"seen": self.seen, "skipped": self.skipped, "prefill_tokens": self.prefill_tokens,
@@ -46,14 +50,22 @@ class LayerState:
         return spec, tensors
 
     @classmethod
-    def restore(cls, plan: LayerPlan, spec: dict, tensors: dict[str, torch.Tensor]) -> LayerState:
+    def restore(cls, plan: LayerPlan, spec: dict, tensors: dict[str, torch.Tensor],
+                dtype: torch.dtype = torch.float32) -> LayerState:
         """A layer holding what :meth:`export` wrote, decoding by ``plan`` (KeyError or TypeError when
-        something is missing)."""
+        something is missing, ValueError when 8-bit parts do not fit); ``dtype``: what 8-bit keys
+        and values are read back in (the model's)."""
         layer = cls(plan)
         layer.groups = []
         for g, group_spec in enumerate(spec["groups"]):
             group = HeadGroup(list(group_spec["heads"]), group_spec["budget"])
-            group.store(*(tensors[f"groups.{g}.{name}"] for name in ("keys", "values", "valid", "positions")))
+            if group_spec.get("bits") is not None:
+                group.restore_quantised(group_spec["bits"], *(
+                    {part: tensors[f"groups.{g}.{name}.{part}"] for part in ("codes", "low", "step")}
+                    for name in ("keys", "values")), tensors[f"groups.{g}.valid"], tensors[f"groups.{g}.positions"],
+                    dtype)
+            else:
+                group.store(*(tensors[f"groups.{g}.{name}"] for name in ("keys", "values", "valid", "positions")))
             group.row_budgets = tensors.get(f"groups.{g}.row_budgets")
             layer.groups.append(group)
         first = layer.groups[0].keys

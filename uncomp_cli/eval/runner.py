@@ -63,6 +63,7 @@ class EvalSettings:
     out: str | Path = DEFAULT_OUT
     query_agnostic: bool = False
     context_scorer: str | None = None
+    kv_bits: int | None = None  # query-agnostic: compressed contexts rounded to 8 bits (the full cache is not)
 
     def runs(self) -> list[Cell]:
         """Every method × budget in the order given, ``full`` once (:func:`~uncomp_cli.policies.grid.plan_runs`)."""
@@ -268,13 +269,14 @@ def _generate_rows(loaded, policy, batch: Sequence[Example], scorers, eos: list[
 
 
 def _context_rows(loaded, policy, examples: Sequence[Example], scorers, context_scorer: str,
-                  on_row: Callable[[int], None] | None = None, readings=None) -> list[dict]:
+                  on_row: Callable[[int], None] | None = None, readings=None, kv_bits: int | None = None) -> list[dict]:
     """Query-agnostic: compress each distinct context (the examples' leading ``context_tokens``)
     once, before any question, then answer each of its examples on it. Prefill time is the
     context's (shared by its questions) plus the question's; bytes are those held after answering.
     ``readings``: re-readings shared with the grid's other runs (see :func:`run_eval`). The
     re-reading's repeat prompt ends the user turn as ``uncomp compress`` and the server do (the
-    template's tail), so a grid measures what they keep."""
+    template's tail), so a grid measures what they keep. ``kv_bits``: compressed caches rounded to
+    that many bits (the full cache, the reference, never)."""
     from uncomp_cli.contexts.compress import ask_ids, compress_ids
     from uncomp_cli.engine.generation import GenerationSettings
     from uncomp_cli.models.prompting import template_tail
@@ -287,7 +289,7 @@ def _context_rows(loaded, policy, examples: Sequence[Example], scorers, context_
     rows = []
     for context_ids, asked in by_context.items():
         context = compress_ids(loaded, list(context_ids), policy, context_scorer, template_tail(loaded.tokenizer),
-                               readings=readings)
+                               readings=readings, kv_bits=None if policy.name == "full" else kv_bits)
         for example in asked:
             result = ask_ids(loaded, context, list(example.prompt_ids[example.context_tokens:]),
                              GenerationSettings(max_new_tokens=example.max_new_tokens))
@@ -351,6 +353,8 @@ def run_eval(
         context_scorer = context_scorer or DEFAULT_CONTEXT_SCORER
         identity |= {"query_agnostic": True, "context_scorer": context_scorer,
                      "context_selection": selection_settings()}
+        if settings.kv_bits is not None:  # only then: earlier folders keep their names
+            identity["kv_bits"] = settings.kv_bits
     folder = results_folder(settings.out, suite, loaded.name, identity)
     finished_runs: list[RunResult] = []
     pending: list[tuple[Cell, object]] = []
@@ -374,7 +378,7 @@ def run_eval(
                   "examples_digest": identity["examples"], "tasks": sorted({e.task for e in examples}),
                   "machine": _machine(loaded), "versions": _versions(),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        config |= {key: identity[key] for key in ("query_agnostic", "context_scorer", "context_selection")
+        config |= {key: identity[key] for key in ("query_agnostic", "context_scorer", "context_selection", "kv_bits")
                    if key in identity}
         atomic_write(config_path, json.dumps(config, indent=2) + "\n")
     result = EvalResult(folder, config, finished_runs)
@@ -398,7 +402,8 @@ def run_eval(
         for batch in _batches(examples, len(examples) if query_agnostic else batch_size):
             if query_agnostic:  # one batch: the questions of a context must meet its one compression
                 on_row = None if progress is None else functools.partial(progress, run, total=len(examples))
-                rows += _context_rows(loaded, policy, batch, scorers, context_scorer, on_row, readings)
+                rows += _context_rows(loaded, policy, batch, scorers, context_scorer, on_row, readings,
+                                      settings.kv_bits)
             else:
                 rows += _generate_rows(loaded, policy, batch, scorers, eos, pad_id)
             if progress is not None:
