@@ -3,11 +3,12 @@
 A compressed context that several questions share loses answers to its budget more than to what
 it keeps (docs/results.md, "Multi-query"): 20 % of the tokens keep what 10 % loses. Rounded to
 8 bits (a byte a number, and a float16 minimum and step per token and 32 channels: 72 bytes for a
-64-channel vector against 128 in bfloat16, 256 in float32), 20 % of the tokens hold 11.3 % of a
-bfloat16 full cache's bytes (5.6 % of a float32 one). A simulation on the multi-query development
-set (``scripts/kv_quant_sim.py``: keys rounded per channel as KIVI does, values per token) answered
-at 8 bits as the unrounded 20 % did (52 of the full cache's 59 answers kept, both) and at 4 bits
-lost 9 of them, so only 8 is offered; held-out numbers for this scheme: docs/results.md.
+64-channel vector against 128 in bfloat16, 256 in float32), 20 % of the tokens hold about 11.3 % of
+a bfloat16 full cache's bytes (5.6 % of a float32 one; a little more with the sinks and the
+window). A simulation on the multi-query development set (``scripts/kv_quant_sim.py``: keys
+rounded per channel as KIVI does, values per token) answered at 8 bits as the unrounded 20 % did
+(52 of the full cache's 59 answers kept, both) and at 4 bits lost 9 of them, so only 8 is offered;
+held-out numbers for this scheme: docs/results.md.
 
 The scheme is KIVI's and KVQuant's asymmetric integer rounding, per token: each stored vector's
 channels in groups of :data:`GROUP` (the whole vector when the head size is not a multiple) share
