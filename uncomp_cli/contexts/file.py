@@ -62,9 +62,10 @@ def save_context(context: CompressedContext, loaded, path: str | os.PathLike[str
         for index, layer in enumerate(context.cache.layers):
             tensors[f"layers.{index}.keys"], tensors[f"layers.{index}.values"] = layer.keys, layer.values
     settings = context.policy.describe()
+    rounded = any(group.get("bits") for layer in layers for group in layer.get("groups", []))
     metadata = {
         "format": CONTEXT_FORMAT,
-        "format_version": str(FORMAT_VERSION) if '"bits"' in json.dumps(layers) else "1",
+        "format_version": str(FORMAT_VERSION) if rounded else "1",
         "model": loaded.name,
         "model_fingerprint": model_fingerprint(loaded.model.config),
         "weights_fingerprint": weights_fingerprint(loaded.model),
