@@ -175,7 +175,7 @@ class GroupedKVLayer(LayerState, CacheLayerMixin):
         self._scaling = scaling
         if valid is not None and bool(valid.all()):
             valid = None
-        if self.groups[0].keys is None:
+        if not self.groups[0].holds_tokens():
             out = self._prefill(query, keys, values, valid, scaling, positions)
         else:
             out = self._decode(query, keys, values, valid, scaling, positions)
@@ -266,7 +266,7 @@ class GroupedKVLayer(LayerState, CacheLayerMixin):
 
     def holds_whole_context(self) -> bool:
         """Whether the layer holds every token of a prefill whose selection is deferred, nothing added."""
-        return self._deferred and len(self.groups) == 1 and self.groups[0].keys is not None
+        return self._deferred and len(self.groups) == 1 and self.groups[0].holds_tokens()
 
     def start_recording(self) -> None:
         """From now on, record in :attr:`recorded` how new queries attend to the tokens held."""

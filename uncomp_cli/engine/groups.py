@@ -84,6 +84,10 @@ class HeadGroup:
     def length(self) -> int:
         return self._length
 
+    def holds_tokens(self) -> bool:
+        """Whether anything was stored yet (cheaper than ``keys``, which reads 8-bit keys back)."""
+        return self._keys is not None
+
     def capacity(self) -> int:
         return 0 if self._keys is None else self._keys.shape[2]
 

@@ -63,8 +63,9 @@ class QuantisedBuffer:
         codes = self.codes[:, :, :length]
         batch, heads, tokens, dim = codes.shape
         size = group_size(dim)
-        grouped = codes.reshape(batch, heads, tokens, dim // size, size).float()
-        values = grouped * self.step[:, :, :length, :, None].float() + self.low[:, :, :length, :, None].float()
+        grouped = codes.reshape(batch, heads, tokens, dim // size, size)
+        values = torch.addcmul(self.low[:, :, :length, :, None].float(), grouped,  # one pass: low + code × step
+                               self.step[:, :, :length, :, None].float())
         return values.reshape(batch, heads, tokens, dim).to(self.dtype)
 
     def write(self, start: int, values: torch.Tensor) -> None:
