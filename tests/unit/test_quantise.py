@@ -65,12 +65,18 @@ def test_an_8_bit_group_holds_a_byte_a_number_and_its_steps():
     assert (group.keys - keys).abs().max() < 0.05 and group.keys.dtype == torch.float32
 
 
-def test_appends_to_an_8_bit_group_grow_it_and_a_snapshot_keeps_what_it_held():
-    torch.manual_seed(1)
-    group = HeadGroup([0], 4)
-    group.store(torch.randn(1, 1, 4, 32), torch.randn(1, 1, 4, 32), torch.ones(1, 1, 4, dtype=torch.bool),
-                torch.arange(4).expand(1, 1, 4))
+def _rounded_group(batch: int, tokens: int, seed: int) -> HeadGroup:
+    """One KV head of ``tokens`` random 32-channel keys and values per row, held at 8 bits."""
+    torch.manual_seed(seed)
+    group = HeadGroup([0], tokens)
+    group.store(torch.randn(batch, 1, tokens, 32), torch.randn(batch, 1, tokens, 32),
+                torch.ones(batch, 1, tokens, dtype=torch.bool), torch.arange(tokens).expand(batch, 1, tokens))
     group.quantise(8)
+    return group
+
+
+def test_appends_to_an_8_bit_group_grow_it_and_a_snapshot_keeps_what_it_held():
+    group = _rounded_group(batch=1, tokens=4, seed=1)
     saved = group.snapshot()
     before = saved.keys.clone()
     new_keys, new_values = torch.randn(1, 1, 40, 32), torch.randn(1, 1, 40, 32)
@@ -85,11 +91,7 @@ def test_appends_to_an_8_bit_group_grow_it_and_a_snapshot_keeps_what_it_held():
 
 
 def test_an_8_bit_group_maps_its_codes_over_the_batch_without_rounding_again():
-    torch.manual_seed(2)
-    group = HeadGroup([0], 4)
-    group.store(torch.randn(2, 1, 5, 32), torch.randn(2, 1, 5, 32), torch.ones(2, 1, 5, dtype=torch.bool),
-                torch.arange(5).expand(2, 1, 5))
-    group.quantise(8)
+    group = _rounded_group(batch=2, tokens=5, seed=2)
     keys, values, held = group.keys, group.values, group.nbytes()
     group.map_batch(lambda t: t.index_select(0, torch.tensor([1, 1, 0])))  # beam search's reordering
     assert torch.equal(group.keys, keys[[1, 1, 0]]) and torch.equal(group.values, values[[1, 1, 0]])

@@ -135,10 +135,7 @@ class HeadGroup:
         """New buffers of ``capacity`` tokens holding what is stored (the old ones stay as they were)."""
         def grown(buffer: torch.Tensor | QuantisedBuffer) -> torch.Tensor | QuantisedBuffer:
             if isinstance(buffer, QuantisedBuffer):
-                bigger = QuantisedBuffer.empty_like(buffer, capacity)
-                for name, tensor in buffer.tensors().items():
-                    getattr(bigger, name)[:, :, :self._length] = tensor[:, :, :self._length]
-                return bigger
+                return buffer.grown(capacity, self._length)
             shape = list(buffer.shape)
             shape[2] = capacity
             bigger = buffer.new_empty(shape)
@@ -160,8 +157,8 @@ class HeadGroup:
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (a function of a tensor over the batch dimension) to every stored tensor."""
         if isinstance(self._keys, QuantisedBuffer):  # the codes themselves: nothing rounded again
-            self._keys, self._values = (QuantisedBuffer(*(fn(t) for t in _cut(buffer, self._length).tensors().values()),
-                                                        buffer.dtype) for buffer in (self._keys, self._values))
+            self._keys = self._keys.cut(self._length).map(fn)
+            self._values = self._values.cut(self._length).map(fn)
             self._valid, self._positions = fn(self.valid), fn(self.positions)
         elif self._keys is not None:
             self.store(fn(self.keys), fn(self.values), fn(self.valid), fn(self.positions))

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from uncomp_cli.errors import UncompError
+
 #: Channels sharing a minimum and a step.
 GROUP = 32
 #: What ``--kv-bits`` accepts (None: the model's dtype).
@@ -46,13 +48,19 @@ class QuantisedBuffer:
         """``values`` [B, h, T, d] rounded to 8 bits."""
         return cls(*_quantise(values), values.dtype)
 
-    @classmethod
-    def empty_like(cls, other: QuantisedBuffer, capacity: int) -> QuantisedBuffer:
+    def grown(self, capacity: int, length: int) -> QuantisedBuffer:
+        """A new buffer of ``capacity`` tokens holding this one's first ``length`` (this one unchanged)."""
         def resized(tensor: torch.Tensor) -> torch.Tensor:
             shape = list(tensor.shape)
             shape[2] = capacity
-            return tensor.new_empty(shape)
-        return cls(resized(other.codes), resized(other.low), resized(other.step), other.dtype)
+            bigger = tensor.new_empty(shape)
+            bigger[:, :, :length] = tensor[:, :, :length]
+            return bigger
+        return QuantisedBuffer(resized(self.codes), resized(self.low), resized(self.step), self.dtype)
+
+    def map(self, fn) -> QuantisedBuffer:
+        """``fn`` applied to the codes, minima and steps (a function over the batch dimension)."""
+        return QuantisedBuffer(fn(self.codes), fn(self.low), fn(self.step), self.dtype)
 
     @property
     def shape(self) -> torch.Size:
@@ -112,8 +120,6 @@ def _quantise(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def check_kv_bits(bits: int | None) -> int | None:
-    from uncomp_cli.errors import UncompError
-
     if bits is not None and bits not in KV_BITS:
         raise UncompError(f"--kv-bits must be {' or '.join(map(str, KV_BITS))} (or left out), got {bits}")
     return bits
